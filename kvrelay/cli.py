@@ -1,0 +1,244 @@
+"""The `kvrelay` command line. Errors are one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvrelay.worker.config import DTYPES
+
+log = logging.getLogger("kvrelay")
+
+# Fields a prompts-file line may carry besides its prompt, and their JSON types.
+_SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "max_tokens": int,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": int,
+    "min_p": (int, float),
+    "seed": int,
+    "stop": list,
+    "stop_token_ids": list,
+    "ignore_eos": bool,
+    "logprobs": int,
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="tiny", help="local Hugging Face-format model dir, or 'tiny' (built in)"
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrelay", description="kvrelay: LLM serving on a Ray worker pool")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from prompts (in this process, or against a server)")
+    g.add_argument("--server", default=None, help="HOST:PORT of a running kvrelay server")
+    _add_engine_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="a text prompt")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompts-file", type=Path, help="JSONL: {'text': ...} or {'prompt_ids': [...]} a line")
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="one JSON object a line, in input order")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    be = bench.add_parser("engine", help="offline engine throughput (prefill and decode)")
+    _add_engine_args(be)
+    be.add_argument(
+        "--batch-sizes", default=None, help="decode batch sizes (CPU default 1,8,32; GPU 1,8,32,64,128,256)"
+    )
+    be.add_argument("--contexts", default="512,2048", help="GPU: decode context lengths")
+    be.add_argument(
+        "--models", default=None, help="GPU: models to run (default random:llama-3.2-1b,random:llama-3.1-8b)"
+    )
+    be.add_argument("--prompt-len", type=int, default=128, help="CPU: prompt length")
+    be.add_argument("--decode-steps", type=int, default=32)
+    be.add_argument("--no-hf", action="store_true", help="GPU: skip the transformers static-cache baseline")
+    be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
+    be.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    be.add_argument("--json", type=Path, default=None, help="write results here")
+    return parser
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from kvrelay.worker.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=getattr(args, "enforce_eager", False),
+    )
+
+
+def _parse_ids(text: str, where: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CliError(f"{where}: expected comma-separated integers, got {text!r}") from None
+
+
+def _read_prompts_file(path: Path) -> list[tuple[str | list[int], dict[str, Any]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise CliError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
+    prompts: list[tuple[str | list[int], dict[str, Any]]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise CliError(f"{where}: expected a JSON object")
+        if ("text" in obj) == ("prompt_ids" in obj):
+            raise CliError(f"{where}: give exactly one of 'text' or 'prompt_ids'")
+        prompt = obj.pop("text", None) if "text" in obj else obj.pop("prompt_ids")
+        if isinstance(prompt, list):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise CliError(f"{where}: 'prompt_ids' must be a list of integers")
+        elif not isinstance(prompt, str):
+            raise CliError(f"{where}: 'text' must be a string")
+        for key, value in obj.items():
+            want = _SAMPLING_FIELDS.get(key)
+            if want is None:
+                raise CliError(
+                    f"{where}: unknown field {key!r} (allowed: text, prompt_ids, {', '.join(_SAMPLING_FIELDS)})"
+                )
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise CliError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
+        prompts.append((prompt, obj))
+    if not prompts:
+        raise CliError(f"--prompts-file: {path} holds no prompts")
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvrelay.worker.engine import Engine
+    from kvrelay.worker.sampling_params import SamplingParams
+
+    if args.server is not None:
+        raise CliError(
+            "--server: the gRPC server is not part of this release yet; omit --server to run in-process"
+        )
+    defaults: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "ignore_eos": args.ignore_eos,
+        "logprobs": args.logprobs,
+    }
+    if args.prompts_file is not None:
+        items = _read_prompts_file(args.prompts_file)
+    elif args.prompt_ids is not None:
+        items = [(_parse_ids(args.prompt_ids, "--prompt-ids"), {})]
+    else:
+        items = [(args.prompt, {})]
+    params = []
+    for i, (_, overrides) in enumerate(items):
+        fields = {**defaults, **overrides}
+        fields["stop"] = tuple(fields["stop"])
+        fields["stop_token_ids"] = tuple(fields.get("stop_token_ids", ()))
+        try:
+            params.append(SamplingParams(**fields))
+        except ValueError as e:
+            raise CliError(f"prompt {i + 1}: {e}") from None
+    engine = Engine(_engine_config(args))
+    outputs = engine.generate([p for p, _ in items], params)
+    for out in outputs:
+        if args.json:
+            print(json.dumps(out.to_json(), ensure_ascii=False))
+        else:
+            print(out.text)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvrelay.worker.bench_engine import run_engine_bench
+    from kvrelay.worker.config import resolve_device
+
+    on_gpu = resolve_device(args.device).type == "cuda"
+    default_batches = "1,8,32,64,128,256" if on_gpu else "1,8,32"
+    config = _engine_config(args)
+    run_engine_bench(
+        config,
+        models=args.models.split(",") if args.models else None,
+        batch_sizes=_parse_ids(args.batch_sizes or default_batches, "--batch-sizes"),
+        contexts=_parse_ids(args.contexts, "--contexts"),
+        prompt_len=args.prompt_len,
+        decode_steps=args.decode_steps,
+        hf=not args.no_hf,
+        hf_batches=_parse_ids(args.hf_batches, "--hf-batches"),
+        json_path=args.json,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "generate":
+            return _cmd_generate(args)
+        return _cmd_bench(args)
+    except (CliError, ValueError) as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # anything else is our bug: one line for the user, the traceback with -v
+        log.debug("unhandled error", exc_info=True)
+        print(
+            f"kvrelay: internal error: {type(e).__name__}: {e} (rerun with -v for details)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark of kvrelay in one call, for the lent GPU machines (device tool).
+# Full logs and JSON go to $OUT (or ./out); a short table is printed last.
+#   scripts/gpu_check.sh            # GPU tests + engine bench (1B and 8B shapes)
+#   scripts/gpu_check.sh tests      # GPU tests only
+#   scripts/gpu_check.sh bench      # engine bench only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-out}"; mkdir -p "$out"
+what="${1:-all}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+declare -A status
+if [[ "$what" == all || "$what" == tests ]]; then
+  python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests 2>&1 | tee "$out/gpu_tests.log"
+  status[tests]=${PIPESTATUS[0]}
+fi
+if [[ "$what" == all || "$what" == bench ]]; then
+  python3 -m kvrelay.cli bench engine --json "$out/bench_engine.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench_engine.log"
+  status[bench]=${PIPESTATUS[0]}
+fi
+echo
+echo "== summary"
+[[ -n "${status[tests]:-}" ]] && echo "gpu tests: exit ${status[tests]} ($(tail -n 1 "$out/gpu_tests.log"))"
+[[ -n "${status[bench]:-}" ]] && { echo "bench engine: exit ${status[bench]}"; sed -n '/^kvrelay bench engine on/,$p' "$out/bench_engine.log"; }
+rc=0; for s in "${status[@]}"; do [[ "$s" == 0 ]] || rc=1; done
+exit $rc

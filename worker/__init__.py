@@ -1,0 +1,1 @@
+"""One worker's engine: model, paged KV cache, scheduler, sampler."""

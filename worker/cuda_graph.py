@@ -1,0 +1,152 @@
+"""CUDA-graph decode: one graph per padded batch-size bucket, all in one shared memory pool.
+
+A decode step launches a few hundred small kernels; at small batch the GPU idles between
+them while Python issues the next. Capturing the step once per bucket and replaying it
+removes that launch overhead. The graphs read the model runner's static input buffers
+(token ids, positions, slot mapping, block tables, sequence lengths) in place, so a replay
+needs only those buffers refilled. A batch of B sequences runs the graph of the smallest
+bucket >= B; rows B.. are padding: slot -1 (the KV write skips it), sequence length 0 (the
+attention kernel reads nothing and writes zeros), token 0 at position 0.
+
+The graph ends at the final norm and copies the hidden states into one static buffer shared
+by all buckets; the lm_head and the sampler run eagerly on the first B rows. Why: a graph's
+output tensor stays alive with the graph, so per-bucket [B, vocab] logits would pin
+gigabytes of the shared pool (sum over buckets of B x vocab x 4 bytes), while one hidden
+buffer costs max_bucket x hidden.
+
+Buckets are captured largest first: the largest needs the most activation memory and the
+smaller ones reuse it from the shared pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from kvrelay.worker.attention.metadata import AttentionMetadata
+from kvrelay.worker.model.llama import LlamaForCausalLM
+
+log = logging.getLogger("kvrelay")
+
+
+def default_buckets(max_bucket: int = 256) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to max_bucket (at most 512)."""
+    if not 1 <= max_bucket <= 512:
+        raise ValueError(f"max_graph_batch_size must be in [1, 512], got {max_bucket}")
+    small = [b for b in (1, 2, 4) if b <= max_bucket]
+    return small + list(range(8, max_bucket + 1, 8))
+
+
+class CudaGraphRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: Sequence[torch.Tensor],
+        *,
+        input_ids: torch.Tensor,  # [>= max bucket] int64: the model runner's static buffers
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        buckets: Sequence[int],
+        hidden_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.kv_caches = list(kv_caches)
+        self.buckets = sorted(set(buckets))
+        self.max_bucket = self.buckets[-1]
+        assert input_ids.shape[0] >= self.max_bucket and block_tables.shape[0] >= self.max_bucket
+        self.input_ids, self.positions, self.slot_mapping = input_ids, positions, slot_mapping
+        self.query_start_loc, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
+        self.hidden = torch.zeros(self.max_bucket, hidden_size, dtype=dtype, device=input_ids.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: tuple[int, int] | None = None
+        self.num_replays = 0
+        self.capture_seconds = 0.0
+        self.graph_memory_bytes = 0
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest captured batch size >= num_seqs, or None (run eagerly)."""
+        for b in self.buckets:
+            if b >= num_seqs:
+                return b
+        return None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_seqs=bs,
+            num_tokens=bs,
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[0] * bs,  # eager-only field: unknown at capture, never read by the decode kernel
+            max_query_len=1,
+            max_seq_len=0,
+        )
+
+    def _forward(self, bs: int) -> None:
+        h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        self.hidden[:bs].copy_(h)
+
+    def _fill_padding(self) -> None:
+        """Every row a padding row: the state warm-up and capture run in (writes nothing to the cache)."""
+        n = self.max_bucket
+        self.input_ids[:n].zero_()
+        self.positions[:n].zero_()
+        self.slot_mapping[:n].fill_(-1)
+        self.seq_lens[:n].zero_()
+        self.block_tables[:n].zero_()
+        self.query_start_loc[: n + 1].copy_(
+            torch.arange(n + 1, dtype=torch.int32, device=self.input_ids.device)
+        )
+
+    @torch.inference_mode()
+    def capture(self, progress: bool = True) -> None:
+        device = self.input_ids.device
+        self._fill_padding()
+        torch.cuda.synchronize(device)
+        free_before = torch.cuda.mem_get_info(device)[0]
+        t0 = time.perf_counter()
+        self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        for bs in tqdm(
+            sorted(self.buckets, reverse=True),
+            desc="capturing CUDA graphs",
+            unit="graph",
+            disable=not progress,
+        ):
+            with torch.cuda.stream(stream):
+                for _ in range(
+                    2
+                ):  # warm-up: Triton autotune/compile and cuBLAS workspaces, outside the graph
+                    self._forward(bs)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                self._forward(bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(device)
+        self.capture_seconds = time.perf_counter() - t0
+        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])
+        log.info(
+            "captured %d CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB",
+            len(self.graphs),
+            self.buckets[0],
+            self.max_bucket,
+            self.capture_seconds,
+            self.graph_memory_bytes / 2**20,
+        )
+
+    def replay(self, num_seqs: int, bucket: int) -> torch.Tensor:
+        """Replay the bucket's graph over the filled static inputs; returns [num_seqs, hidden]."""
+        self.graphs[bucket].replay()
+        self.num_replays += 1
+        return self.hidden[:num_seqs]

@@ -1,0 +1,393 @@
+"""The engine one worker owns: schedule, run, sample, update; one `step()` at a time.
+
+Not thread-safe: one thread drives `step()` (the worker actor's loop, or `generate`), and
+requests are added and aborted from that same thread between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.worker.attention.backend import AttentionBackend
+from kvrelay.worker.attention.torch_backend import TorchPagedAttention
+from kvrelay.worker.config import EngineConfig, resolve_device, resolve_dtype
+from kvrelay.worker.cuda_graph import default_buckets
+from kvrelay.worker.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
+from kvrelay.worker.kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
+from kvrelay.worker.model.config import ModelConfig
+from kvrelay.worker.model.loader import load_model, resolve_model
+from kvrelay.worker.model.presets import is_random_model, random_model
+from kvrelay.worker.model_runner import ModelRunner
+from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
+from kvrelay.worker.sampler import Sampler, TokenLogprobs
+from kvrelay.worker.sampling_params import SamplingParams
+from kvrelay.worker.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from kvrelay.worker.tokenizer import Tokenizer
+
+log = logging.getLogger("kvrelay")
+_DEFAULT_PARAMS = SamplingParams()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_used_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    num_steps: int
+    num_graph_replays: int
+    num_eager_steps: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer: Tokenizer | None = None
+        if is_random_model(config.model):
+            self.model, self.model_config = random_model(
+                config.model, self.dtype, self.device, self._attention_backend()
+            )
+        else:
+            model_dir = resolve_model(config.model)
+            self.model, self.model_config = load_model(
+                model_dir, self.dtype, self.device, self._attention_backend()
+            )
+            if (model_dir / "tokenizer.json").exists():
+                self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.max_model_len = self._max_model_len(self.model_config)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+
+        spec = KVCacheSpec(
+            num_layers=self.model_config.num_hidden_layers,
+            num_kv_heads=self.model_config.num_key_value_heads,
+            head_dim=self.model_config.head_dim,
+            block_size=config.block_size,
+            dtype=self.dtype,
+        )
+        num_blocks = self._plan_kv_blocks(spec)
+        kv_caches = spec.allocate(num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.allocator,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            kv_caches,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            device=self.device,
+        )
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(
+                default_buckets(min(config.max_graph_batch_size, config.max_num_seqs)),
+                hidden_size=self.model_config.hidden_size,
+                dtype=self.dtype,
+            )
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def _attention_backend(self) -> AttentionBackend:
+        name = self.config.attention_backend
+        if name == "auto":
+            name = "triton" if self.device.type == "cuda" else "torch"
+        if name == "torch":
+            return TorchPagedAttention()
+        from kvrelay.worker.attention.triton_backend import TritonPagedAttention
+
+        return TritonPagedAttention()
+
+    def _max_model_len(self, mc: ModelConfig) -> int:
+        limit = mc.max_model_len
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {self.config.max_model_len} exceeds the model's limit of {limit} tokens"
+            )
+        return self.config.max_model_len
+
+    def _plan_kv_blocks(self, spec: KVCacheSpec) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        graph_reserve = 0
+        if self.device.type == "cuda":
+            self._profile_peak_memory(spec)
+            if not self.config.enforce_eager:
+                graph_reserve = self._estimate_graph_memory(spec)
+        budget = kv_budget_bytes(
+            self.device,
+            kv_cache_memory=self.config.kv_cache_memory,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            reserved_bytes=graph_reserve,
+        )
+        # More blocks than every sequence at full length can use is wasted memory.
+        useful = self.config.max_num_seqs * -(-self.max_model_len // spec.block_size)
+        return plan_num_blocks(spec, budget, max_useful_blocks=useful)
+
+    def _profile_peak_memory(self, spec: KVCacheSpec) -> None:
+        """Run the largest step once against a scratch pool so the peak activation memory is known."""
+        n = self.config.max_num_batched_tokens
+        blocks = -(-n // spec.block_size) + 1
+        scratch = spec.allocate(blocks, self.device)
+        alloc = BlockAllocator(blocks, spec.block_size, enable_prefix_caching=False)
+        runner = ModelRunner(
+            self.model,
+            scratch,
+            block_size=spec.block_size,
+            max_num_batched_tokens=n,
+            max_num_seqs=1,
+            max_model_len=max(n, self.max_model_len),
+            device=self.device,
+        )
+        req = Request("__profile__", [0] * n, SamplingParams(max_tokens=1))
+        alloc.allocate_slots(req.request_id, n)
+        sched = SchedulerOutput(scheduled=[ScheduledRequest(req, 0, n)])
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.execute(runner.prepare(sched, alloc))
+        torch.cuda.synchronize(self.device)
+        del scratch, runner
+        torch.cuda.empty_cache()
+
+    def _estimate_graph_memory(self, spec: KVCacheSpec) -> int:
+        """Capture the largest bucket against a scratch pool; what it takes, plus margin, is reserved.
+
+        Buckets share one pool and the largest needs the most, so the smaller ones add little; the
+        margin covers that and the per-graph bookkeeping. The real capture logs what it took.
+        """
+        largest = min(self.config.max_graph_batch_size, self.config.max_num_seqs)
+        blocks = 4
+        scratch = spec.allocate(blocks, self.device)
+        runner = ModelRunner(
+            self.model,
+            scratch,
+            block_size=spec.block_size,
+            max_num_batched_tokens=largest,
+            max_num_seqs=largest,
+            max_model_len=self.max_model_len,
+            device=self.device,
+        )
+        graphs = runner.capture_cuda_graphs(
+            [largest], hidden_size=self.model_config.hidden_size, dtype=self.dtype
+        )
+        measured = graphs.graph_memory_bytes
+        del graphs, runner, scratch
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        reserve = int(measured * 1.25) + (64 << 20)
+        log.info(
+            "CUDA graphs: reserving %.0f MiB (largest bucket took %.0f MiB)",
+            reserve / 2**20,
+            measured / 2**20,
+        )
+        return reserve
+
+    # ---- requests ---------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "prompt: this model has no tokenizer.json, so text prompts are refused; send token ids"
+            )
+        return self.tokenizer.encode(text)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError naming the field and the limit when it cannot be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(ids, params)
+        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, deadline=deadline)
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt: must hold at least 1 token, got an empty prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        capacity = self.allocator.num_blocks * self.allocator.block_size
+        if total > capacity:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"KV cache capacity of {capacity} tokens"
+            )
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be <= the vocabulary size {vocab}, got {params.top_k}")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self.scheduler.remove(req)
+        return self._finish(req, FinishReason.ABORT, [], "", [])
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; returns an output per request that advanced."""
+        sched = self.scheduler.schedule()
+        outputs = [self._finish(r, FinishReason.ABORT, [], "", []) for r in sched.expired]
+        if sched.is_empty:
+            return outputs
+        self.num_steps += 1
+        inp = self.runner.prepare(sched, self.allocator)
+        logits = self.runner.execute(inp)  # [S, vocab] float32
+        sampling = [s for s in sched.scheduled if s.samples]
+        sampled = self.sampler(
+            logits,
+            [s.request.params for s in sampling],
+            [s.request.generator or self._default_generator for s in sampling],
+        )
+        token_ids = sampled.token_ids.tolist()
+        for s in sched.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
+            outputs.append(self._append_token(s.request, tok, lp))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.all_token_ids.append(token)
+        logprobs = [lp] if lp is not None else []
+        text, reason, stopped_on_text = "", None, False
+        if req.detokenizer is not None:
+            delta = req.detokenizer.add_tokens([token])
+            text, stopped_on_text = delta.new_text, delta.stopped
+            if stopped_on_text:
+                reason = FinishReason.STOP
+        if reason is None:
+            if token in req.params.stop_token_ids or (
+                token in req.eos_token_ids and not req.params.ignore_eos
+            ):
+                reason = FinishReason.STOP
+            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is None:
+            return self._output(req, [token], text, logprobs, None)
+        if req.detokenizer is not None and not stopped_on_text:
+            text += req.detokenizer.flush()  # text held back as a possible stop-string start
+        self.scheduler.remove(req)
+        return self._finish(req, reason, [token], text, logprobs)
+
+    def _finish(
+        self, req: Request, reason: FinishReason, tokens: list[int], text: str, logprobs: list[TokenLogprobs]
+    ) -> RequestOutput:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+        return self._output(req, tokens, text, logprobs, reason)
+
+    def _output(
+        self,
+        req: Request,
+        tokens: list[int],
+        text: str,
+        logprobs: list[TokenLogprobs],
+        reason: FinishReason | None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            logprobs=logprobs,
+            finish_reason=reason,
+            prompt_tokens=req.num_prompt_tokens,
+            completion_tokens=req.num_output_tokens,
+            cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0),
+        )
+
+    # ---- offline use ------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = _DEFAULT_PARAMS,
+    ) -> list[CompletionOutput]:
+        """Submit every prompt at once (so they batch), step until all finish; outputs in input order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        ids = [f"gen-{self.num_steps}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+            self.add_request(rid, prompt, p)
+        acc: dict[str, CompletionOutput] = {
+            rid: CompletionOutput(rid, [], "", FinishReason.ABORT, 0, 0) for rid in ids
+        }
+        while self.has_unfinished_requests():
+            for out in self.step():
+                c = acc[out.request_id]
+                c.token_ids += out.new_token_ids
+                c.text += out.new_text
+                c.logprobs += out.logprobs
+                c.prompt_tokens = out.prompt_tokens
+                c.cached_prompt_tokens = out.cached_prompt_tokens
+                if out.finish_reason is not None:
+                    c.finish_reason = out.finish_reason
+        return [acc[rid] for rid in ids]
+
+    # ---- introspection ----------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        a = self.allocator
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=a.num_blocks,
+            num_used_blocks=a.num_used_blocks,
+            num_free_blocks=a.num_free_blocks,
+            kv_usage=a.usage,
+            prefix_cache_queries=a.prefix_cache_queries,
+            prefix_cache_hits=a.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
+            num_eager_steps=self.runner.num_eager_steps,
+        )
+
+    def check_integrity(self) -> None:
+        """Allocator invariants, plus: every block in use belongs to a live request."""
+        self.allocator.check_integrity()
+        if not self.has_unfinished_requests() and self.allocator.num_used_blocks:
+            raise RuntimeError(f"{self.allocator.num_used_blocks} KV blocks in use with no request live")

@@ -1,0 +1,192 @@
+"""Turns a SchedulerOutput into model inputs, runs the forward pass, returns the logits to sample.
+
+Inputs are written into persistent buffers (host staging, pinned on a GPU, plus device
+tensors) sized once for the largest step, so a step allocates no new input tensors and the
+decode path can later be replayed by a CUDA graph that reads the same device buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvrelay.worker.attention.metadata import AttentionMetadata
+from kvrelay.worker.cuda_graph import CudaGraphRunner
+from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
+from kvrelay.worker.model.llama import LlamaForCausalLM
+from kvrelay.worker.scheduler import SchedulerOutput
+
+
+class InputBuffers:
+    """Static per-step inputs: host staging arrays and the device tensors they are copied to."""
+
+    def __init__(
+        self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device
+    ) -> None:
+        pin = device.type == "cuda"
+
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            dev = host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+            return host, dev
+
+        self.device = device
+        self.input_ids_h, self.input_ids = pair((max_num_tokens,), torch.int64)  # [T]
+        self.positions_h, self.positions = pair((max_num_tokens,), torch.int64)  # [T]
+        self.slot_mapping_h, self.slot_mapping = pair((max_num_tokens,), torch.int64)  # [T]
+        self.query_start_loc_h, self.query_start_loc = pair((max_num_seqs + 1,), torch.int32)  # [B+1]
+        self.seq_lens_h, self.seq_lens = pair((max_num_seqs,), torch.int32)  # [B]
+        self.block_tables_h, self.block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
+        # numpy views of the host staging, written in place each step
+        self.np_input_ids = self.input_ids_h.numpy()
+        self.np_positions = self.positions_h.numpy()
+        self.np_slot_mapping = self.slot_mapping_h.numpy()
+        self.np_query_start_loc = self.query_start_loc_h.numpy()
+        self.np_seq_lens = self.seq_lens_h.numpy()
+        self.np_block_tables = self.block_tables_h.numpy()
+
+    def upload(self, num_tokens: int, num_seqs: int) -> None:
+        """Copy the filled prefix of each staging buffer to the device (no-op on the CPU)."""
+        if self.device.type == "cpu":
+            return
+        for h, d, n in (
+            (self.input_ids_h, self.input_ids, num_tokens),
+            (self.positions_h, self.positions, num_tokens),
+            (self.slot_mapping_h, self.slot_mapping, num_tokens),
+            (self.query_start_loc_h, self.query_start_loc, num_seqs + 1),
+            (self.seq_lens_h, self.seq_lens, num_seqs),
+            (self.block_tables_h, self.block_tables, num_seqs),
+        ):
+            d[:n].copy_(h[:n], non_blocking=True)
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    # [S] int64 indices into the T rows: the last row of every sequence that samples this step.
+    sample_rows: torch.Tensor
+    # The CUDA graph bucket this decode step replays (rows num_seqs.. are padding), or None: eager.
+    graph_bucket: int | None = None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: Sequence[torch.Tensor],
+        *,
+        block_size: int,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = list(kv_caches)
+        self.block_size = block_size
+        self.device = device
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
+        self.graphs: CudaGraphRunner | None = None
+        self._graph_rows = torch.empty(0, dtype=torch.int64, device=device)  # unused: graphs sample every row
+        self.num_eager_steps = 0
+
+    def capture_cuda_graphs(
+        self, buckets: list[int], *, hidden_size: int, dtype: torch.dtype
+    ) -> CudaGraphRunner:
+        """Capture decode graphs over this runner's static buffers (buckets past max_num_seqs dropped)."""
+        buf = self.buffers
+        usable = [b for b in buckets if b <= buf.seq_lens.shape[0]]
+        assert usable, f"no CUDA graph bucket fits max_num_seqs={buf.seq_lens.shape[0]}"
+        self.graphs = CudaGraphRunner(
+            self.model,
+            self.kv_caches,
+            input_ids=buf.input_ids,
+            positions=buf.positions,
+            slot_mapping=buf.slot_mapping,
+            query_start_loc=buf.query_start_loc,
+            seq_lens=buf.seq_lens,
+            block_tables=buf.block_tables,
+            buckets=usable,
+            hidden_size=hidden_size,
+            dtype=dtype,
+        )
+        self.graphs.capture()
+        return self.graphs
+
+    def prepare(self, sched: SchedulerOutput, allocator: BlockAllocator) -> ModelInput:
+        buf, bs = self.buffers, self.block_size
+        num_seqs = len(sched.scheduled)
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        t = 0
+        buf.np_query_start_loc[0] = 0
+        for i, s in enumerate(sched.scheduled):
+            n, start = s.num_new_tokens, s.start
+            end = start + n
+            blocks = np.asarray(allocator.get_block_ids(s.request.request_id), dtype=np.int64)
+            assert len(blocks) * bs >= end, f"{s.request.request_id}: {len(blocks)} blocks for {end} tokens"
+            pos = np.arange(start, end, dtype=np.int64)
+            buf.np_input_ids[t : t + n] = s.request.all_token_ids[start:end]
+            buf.np_positions[t : t + n] = pos
+            buf.np_slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
+            buf.np_block_tables[i, : len(blocks)] = blocks
+            buf.np_block_tables[i, len(blocks) :] = 0
+            buf.np_seq_lens[i] = end
+            t += n
+            buf.np_query_start_loc[i + 1] = t
+            query_lens.append(n)
+            seq_lens.append(end)
+            if s.samples:
+                sample_rows.append(t - 1)
+        bucket = None
+        if self.graphs is not None and t == num_seqs:  # decode only: one token per sequence
+            bucket = self.graphs.bucket_for(num_seqs)
+        if bucket is not None:
+            self._pad_rows(num_seqs, bucket)
+            buf.upload(bucket, bucket)
+        else:
+            buf.upload(t, num_seqs)
+        meta = AttentionMetadata(
+            num_seqs=num_seqs,
+            num_tokens=t,
+            query_start_loc=buf.query_start_loc[: num_seqs + 1],
+            seq_lens=buf.seq_lens[:num_seqs],
+            block_tables=buf.block_tables[:num_seqs],
+            slot_mapping=buf.slot_mapping[:t],
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+        )
+        if bucket is not None:  # every decode row samples: no index tensor needed
+            return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, self._graph_rows, bucket)
+        rows = torch.tensor(sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, rows)
+
+    def _pad_rows(self, start: int, end: int) -> None:
+        """Host rows start..end-1 become padding a graph can run: no KV write, empty context."""
+        buf = self.buffers
+        buf.np_input_ids[start:end] = 0
+        buf.np_positions[start:end] = 0
+        buf.np_slot_mapping[start:end] = -1
+        buf.np_seq_lens[start:end] = 0
+        buf.np_block_tables[start:end] = 0
+        buf.np_query_start_loc[start + 1 : end + 1] = np.arange(start + 1, end + 1)
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        """Run the model; returns [S, vocab] float32 logits of the sampling rows."""
+        if inp.graph_bucket is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.replay(inp.meta.num_seqs, inp.graph_bucket)  # [B, hidden]
+            return self.model.compute_logits(hidden)
+        self.num_eager_steps += 1
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        return self.model.compute_logits(hidden[inp.sample_rows])
