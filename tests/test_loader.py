@@ -17,7 +17,7 @@ from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.model.config import ModelConfig
 from kvrelay.worker.model.llama import LlamaForCausalLM
 from kvrelay.worker.model.loader import load_model, resolve_model
-from kvrelay.worker.model.tiny import BOS_ID, EOS_ID, tiny_model_dir, tiny_weights
+from kvrelay.worker.model.tiny import BOS_ID, EOS_ID, TINY_NAME, tiny_model_dir, tiny_weights
 
 CPU = torch.device("cpu")
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -250,7 +250,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_tiny_model_resolves_and_loads(cache_dir: Path) -> None:
     model_dir = resolve_model("tiny")
-    assert model_dir == cache_dir / "tiny-v1"
+    assert model_dir == cache_dir / TINY_NAME
     model, config = _load(model_dir)
     assert (config.architecture, config.hidden_size, config.num_hidden_layers) == ("LlamaForCausalLM", 256, 4)
     assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (8, 4, 320)
@@ -268,7 +268,7 @@ def test_tiny_model_resolves_and_loads(cache_dir: Path) -> None:
 def test_tiny_model_written_once_even_when_racing(cache_dir: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         dirs = list(pool.map(lambda _: tiny_model_dir(), range(3)))
-    assert dirs == [cache_dir / "tiny-v1"] * 3
+    assert dirs == [cache_dir / TINY_NAME] * 3
     assert sorted(p.name for p in cache_dir.iterdir()) == ["tiny-v1"]  # no temp dirs left
     mtime = (dirs[0] / "model.safetensors").stat().st_mtime_ns
     assert tiny_model_dir() == dirs[0]

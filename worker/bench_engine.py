@@ -145,21 +145,21 @@ def hf_static_decode(
     except ImportError:
         return "transformers not installed: HF baseline skipped"
     mc = model_config
-    cfg = LlamaConfig(
-        vocab_size=mc.vocab_size,
-        hidden_size=mc.hidden_size,
-        intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_hidden_layers,
-        num_attention_heads=mc.num_attention_heads,
-        num_key_value_heads=mc.num_key_value_heads,
-        head_dim=mc.head_dim,
-        rms_norm_eps=mc.rms_norm_eps,
-        rope_theta=mc.rope_theta,
-        max_position_embeddings=mc.max_position_embeddings,
-        tie_word_embeddings=mc.tie_word_embeddings,
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": mc.vocab_size,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.intermediate_size,
+        "num_hidden_layers": mc.num_hidden_layers,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_key_value_heads,
+        "head_dim": mc.head_dim,
+        "rms_norm_eps": mc.rms_norm_eps,
+        "max_position_embeddings": mc.max_position_embeddings,
+        "tie_word_embeddings": mc.tie_word_embeddings,
+    }
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        model: Any = LlamaForCausalLM(LlamaConfig(**fields))
+    model = model.to(dtype).eval()
     out: dict[tuple[int, int], float] = {}
     for batch, context in points:
         ids = torch.randint(0, mc.vocab_size, (batch, context), device=device)

@@ -220,6 +220,8 @@ class Engine:
         """Queue a request; raises ValueError naming the field and the limit when it cannot be served."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt: text must not be empty")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(ids, params)
         req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, deadline=deadline)
@@ -309,7 +311,7 @@ class Engine:
         if reason is None:
             return self._output(req, [token], text, logprobs, None)
         if req.detokenizer is not None and not stopped_on_text:
-            text += req.detokenizer.flush()  # text held back as a possible stop-string start
+            text += req.detokenizer.flush().new_text  # text held back as a possible stop-string start
         self.scheduler.remove(req)
         return self._finish(req, reason, [token], text, logprobs)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-TINY_NAME = "tiny-v1"  # bump when the weights or files change, so stale caches are not reused
+TINY_NAME = "tiny-v2"  # bump when the weights or files change, so stale caches are not reused
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
 BOS_ID, EOS_ID = 256, 257  # ids 0..255 are the bytes themselves
 
@@ -124,6 +124,13 @@ def tiny_weights() -> dict[str, torch.Tensor]:
             weights[name] = torch.ones(shape)
         else:
             weights[name] = torch.empty(shape).normal_(0.0, 0.02, generator=gen)
+    # Random weights emit random bytes, mostly invalid UTF-8. A demo should print readable
+    # gibberish: zero the output rows of every id but printable ASCII and EOS, and scale
+    # those up, so they win greedy decoding always and sampling at temperature 1 nearly always.
+    readable = torch.zeros(c["vocab_size"], dtype=torch.bool)
+    readable[32:127] = True
+    readable[EOS_ID] = True
+    weights["lm_head.weight"] = torch.where(readable[:, None], weights["lm_head.weight"] * 10, 0.0)
     return weights
 
 

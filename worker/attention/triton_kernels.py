@@ -1,0 +1,544 @@
+"""Triton kernels of the paged-attention backend, and the launchers that size their grids.
+
+Three jobs, each one launch (decode: two):
+
+* ``write_kv``: stores this step's K and V at ``slot_mapping`` (slot < 0: padding, skipped).
+* ``decode_attention``: flash-decoding over the paged cache. A program owns one
+  (sequence, KV head, split) and all ``num_heads // num_kv_heads`` query heads of that KV
+  head as one [GROUP_PAD, D] tile, so each K/V tile is read once per KV head and QK^T is a
+  real ``tl.dot``. Split ``j`` covers tokens ``[j * L, (j + 1) * L)`` with ``L`` derived from
+  the sequence length *inside* the kernel, so the grid depends only on (batch, heads,
+  splits) and the launch can be captured in a CUDA graph. Each program writes a partial
+  (normalized output, base-2 log-sum-exp) and a second kernel merges the splits.
+* ``prefill_attention``: varlen flash attention over packed queries with the cached prefix
+  read through the block table. Query rows are tiled as BLOCK_Q tokens x GROUP_PAD heads of
+  one KV head; the flat tile index is mapped back to its sequence by a binary search over
+  ``query_start_loc``, so the grid (``num_tokens // BLOCK_Q + num_seqs``) is static too.
+
+All softmax math is float32 in base 2 (``qk_scale`` already holds ``scale * log2(e)``).
+Cache addresses are computed in int64: ``block_id * stride`` overflows int32 on large caches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Float32 inputs would otherwise run the tensor cores in TF32 (10-bit mantissa): 1e-3 error.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, kv_cache.shape
+    assert kv_cache.stride(-1) == 1, kv_cache.stride()
+    block_size = kv_cache.shape[2]
+    assert block_size >= 8 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim} must be a power of two"
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 two interpreter gaps need a detour (compiled code keeps the
+    fast form): loaded scalars are 1-element arrays, which numpy 2 refuses as range() bounds,
+    so loops become while loops (only scf.for gets software-pipelined on the GPU); and its
+    tl.dot multiplies bfloat16's raw uint16 bits, so dot operands are upcast to float32."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [M, D] in the cache dtype
+    m_i,  # [M] float32 running max (base 2)
+    l_i,  # [M] float32 running sum
+    acc,  # [M, D] float32 running numerator
+    q_pos,  # [M] absolute query positions (read only when CAUSAL)
+    n0,
+    kv_end,
+    k_base,
+    v_base,
+    table,  # this sequence's block-table row
+    qk_scale,
+    stride_cb,
+    stride_ct,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Online-softmax update with keys n0 .. n0 + BLOCK_N - 1 (those < kv_end)."""
+    d = tl.arange(0, HEAD_DIM)
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n < kv_end
+    block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    off = block * stride_cb + (n % BLOCK_SIZE) * stride_ct  # [BLOCK_N]
+    k = tl.load(k_base + off[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
+    if INTERPRET:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
+    if CAUSAL:
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+    else:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
+    if INTERPRET:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_range(
+    q,
+    q_pos,
+    start,
+    end,
+    k_base,
+    v_base,
+    table,
+    qk_scale,
+    stride_cb,
+    stride_ct,
+    M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Attends q over keys [start, end): -> (max, sum, numerator); sum is 0 if the range is empty."""
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    if INTERPRET:
+        q = q.to(tl.float32)
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, q_pos, n0, end, k_base, v_base, table, qk_scale, stride_cb,
+                stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, INTERPRET,
+            )  # fmt: skip
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, q_pos, n0, end, k_base, v_base, table, qk_scale, stride_cb,
+                stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, INTERPRET,
+            )  # fmt: skip
+    return m_i, l_i, acc
+
+
+# --------------------------------------------------------------------------- KV write
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ckv,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_HD: tl.constexpr,  # next power of two >= NUM_KV_HEADS * HEAD_DIM
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_HD)
+    head = i // HEAD_DIM
+    d = i % HEAD_DIM
+    # A negative slot is a padding row: the whole program stores nothing.
+    mask = (i < NUM_KV_HEADS * HEAD_DIM) & (slot >= 0)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head * stride_ch + d
+    k = tl.load(k_ptr + t * stride_kt + head * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + head * stride_vh + d, mask=mask)
+    tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + stride_ckv + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] (any token/head strides); token t goes to flat slot ``slot_mapping[t]``."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and kv_cache.shape[3:] == (num_kv_heads, head_dim), (k.shape, kv_cache.shape)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, (k.stride(), v.stride())
+    assert slot_mapping.shape == (num_tokens,), (slot_mapping.shape, num_tokens)
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim),
+        num_warps=4,
+    )
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,  # [B, H, D]
+    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    part_out_ptr,  # [B, H, NUM_SPLITS, D] float32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] float32
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ckv,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Splits are whole BLOCK_N tiles; trailing splits of a short sequence get nothing.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None])
+    q = q.to(cache_ptr.dtype.element_ty)  # [GROUP_PAD, D]
+    k_base = cache_ptr + kv_head * stride_ch
+    v_base = k_base + stride_ckv
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i, l_i, acc = _attend_range(
+        q, q, start, end, k_base, v_base, table, qk_scale, stride_cb, stride_ct,
+        GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, INTERPRET,
+    )  # fmt: skip
+
+    # An empty split (or a seq_len 0 padding row) leaves l_i == 0: output 0, weight 2^-inf.
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    row = (seq * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,  # [B, H, NUM_SPLITS, D] float32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] float32
+    out_ptr,  # [B, H, D]
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row)  # [NUM_SPLITS]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: every weight is 2^-inf = 0
+    w = tl.exp2(lse - m)
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :])  # [NUM_SPLITS, D]
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_block_n(block_size: int, head_dim: int) -> int:
+    """Tokens per decode loop step: several cache blocks, and the same bytes per tile across
+    head dims (64 tokens of D=128 or 128 of D=64: 16 KiB of K in bf16)."""
+    return max(block_size, 8192 // head_dim)
+
+
+def decode_scratch_numel(num_seqs: int, num_heads: int, num_splits: int, head_dim: int) -> int:
+    """Float32 elements of the split partials: outputs [B, H, S, D] then log-sum-exps [B, H, S]."""
+    return num_seqs * num_heads * num_splits * (head_dim + 1)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    num_splits: int,
+    scratch: torch.Tensor,  # flat float32, >= decode_scratch_numel(...) elements
+    out: torch.Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """One query token per sequence. The launch reads no tensor contents on the host and
+    allocates nothing data-dependent, so it is safe inside CUDA-graph capture."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    _check_cache(kv_cache, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, f"num_splits {num_splits}"
+    assert q.stride(-1) == 1 and block_tables.stride(-1) == 1, (q.stride(), block_tables.stride())
+    assert seq_lens.shape == (num_seqs,) and block_tables.shape[0] == num_seqs
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_n = block_n or decode_block_n(block_size, head_dim)
+    assert block_n % block_size == 0, (block_n, block_size)
+    rows = num_seqs * num_heads * num_splits
+    assert scratch.dtype == torch.float32 and scratch.numel() >= rows * (head_dim + 1), scratch.shape
+    part_out = scratch[: rows * head_dim]
+    part_lse = scratch[rows * head_dim : rows * (head_dim + 1)]
+    _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=group,
+        # tl.dot needs M >= 16: pad the head group with masked rows.
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(kv_cache.dtype),
+        INTERPRET=_interpreting(),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        num_warps=4 if head_dim * num_splits >= 4096 else 2,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    # The largest s with query_start_loc[s] // BLOCK_Q + s <= tile. That key is strictly
+    # increasing in s and leaves each sequence >= cdiv(query_len, BLOCK_Q) tile slots.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, H, D]
+    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    out_ptr,  # [T, H, D]
+    qk_scale,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_ckv,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_PAD
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_heads = tl.num_programs(1) * GROUP
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    t0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if t0 >= q_len:  # a spare tile slot of this sequence
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # absolute position of query row 0
+
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // GROUP_PAD  # query row within the sequence
+    g = r % GROUP_PAD
+    row_mask = (t < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    token = (q_start + t).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_mask[:, None]
+    )
+    q = q.to(cache_ptr.dtype.element_ty)  # [BLOCK_M, D]
+    q_pos = prefix + t  # [BLOCK_M]; rows past q_len have q_pos >= seq_len and are never stored
+    kv_end = tl.minimum(seq_len, prefix + t0 + BLOCK_Q)  # one past the tile's last visible key
+    k_base = cache_ptr + kv_head * stride_ch
+    v_base = k_base + stride_ckv
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    # Every row sees key 0, so no row's running max stays -inf past the first tile.
+    m_i, l_i, acc = _attend_range(
+        q, q_pos, 0, kv_end, k_base, v_base, table, qk_scale, stride_cb, stride_ct,
+        BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, INTERPRET,
+    )  # fmt: skip
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal varlen attention: query row i of sequence s sits at position
+    ``seq_lens[s] - query_len[s] + i``. The grid needs only T and num_seqs."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    _check_cache(kv_cache, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert q.stride(-1) == 1 and block_tables.stride(-1) == 1, (q.stride(), block_tables.stride())
+    num_seqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, block_m // group_pad)
+    block_n = max(block_n, block_size)
+    assert block_n % block_size == 0, (block_n, block_size)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
+        scale * _LOG2E,
+        num_seqs,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_q * group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(kv_cache.dtype),
+        INTERPRET=_interpreting(),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def num_decode_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int, max_splits: int
+) -> int:
+    """Splits per sequence from static shapes only (never the live context lengths), so a
+    CUDA graph captured at a batch size keeps a valid grid: enough (sequence, KV head, split)
+    programs to give every SM ~8 of them, a power of two, and no more than the longest
+    possible context has BLOCK_N tiles."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = triton.next_power_of_2(max(1, math.ceil(8 * num_sms / programs)))
+    tiles = triton.next_power_of_2(max(1, math.ceil(max_context / block_n)))
+    return max(1, min(want, tiles, max_splits))

@@ -1,0 +1,183 @@
+"""Turns one batch of next-token logits into token ids (greedy, temperature, top-k/top-p/min-p) and logprobs.
+
+Determinism contract: a row's token depends only on its own logits, its own params and the state of its
+own generator. Every sampled row draws exactly V exponentials per step from its generator (seeded rows
+from the request's, unseeded rows from a sampler-owned one) and picks `argmax(probs / q)` (the exponential
+race, equivalent to drawing from `probs`), so a seeded request gets the same tokens whatever else is in
+the batch and in whatever order. Greedy rows draw nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.worker.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int  # the sampled token
+    logprob: float  # its logprob under the raw (pre-temperature, pre-filter) distribution
+    top: tuple[tuple[int, float], ...]  # top-N (token id, logprob), highest first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64, on CPU
+    logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs == 0
+
+
+class Sampler:
+    """Stateless apart from the default generators used for unseeded rows (one per device)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        # seed=None: the default generators are seeded from the OS entropy source.
+        self._seed = seed
+        self._default_generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        n, _ = _check_inputs(logits, params, generators)
+        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if len(sampled_rows) == n:
+            token_ids = self._sample(logits, params, generators)
+        else:
+            token_ids = logits.argmax(dim=-1)  # [N]; the common all-greedy batch stops here
+            if sampled_rows:
+                rows = torch.tensor(sampled_rows, device=logits.device)
+                token_ids[rows] = self._sample(
+                    logits[rows], [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows]
+                )
+        logprobs = _gather_logprobs(logits, params, token_ids)
+        return SamplerOutput(token_ids=token_ids.to("cpu", torch.int64), logprobs=logprobs)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """logits: [M, V] rows that all sample (temperature > 0). Returns [M] token ids on logits.device."""
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+        x = logits.float() / temps.unsqueeze(1)  # [M, V], a fresh tensor the filters may overwrite
+        x = _apply_filters(x, params)
+        probs = x.softmax(dim=-1)  # [M, V]; filtered tokens are exp(-inf) = exactly 0
+        q = self._exponential_noise(probs, generators)
+        return probs.div_(q).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, probs: torch.Tensor, generators: Sequence[torch.Generator | None]
+    ) -> torch.Tensor:
+        """[M, V] Exp(1) noise; row i comes from generators[i] (or the default generator when None)."""
+        q = torch.empty_like(probs)
+        default = self._default_generator(probs.device)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if len(unseeded) == len(generators):
+            q.exponential_(generator=default)
+        else:
+            if unseeded:
+                rows = torch.tensor(unseeded, device=probs.device)
+                noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
+                q[rows] = noise.exponential_(generator=default)
+            for i, g in enumerate(generators):
+                if g is None:
+                    continue
+                if g.device == q.device:
+                    q[i].exponential_(generator=g)
+                else:  # generators are device-bound: draw where the generator lives, then move
+                    q[i] = torch.empty(probs.shape[1], device=g.device).exponential_(generator=g)
+        # exponential_ may return exactly 0; 0/0 would be NaN, which argmax prefers over every real
+        # value and could pick a filtered-out token.
+        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        g = self._default_generators.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            if self._seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self._seed)
+            self._default_generators[device] = g
+        return g
+
+
+def _check_inputs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> tuple[int, int]:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a 2-D float tensor [N, V], got {tuple(logits.shape)} {logits.dtype}"
+        )
+    n, vocab = logits.shape
+    if len(params) != n or len(generators) != n:
+        raise ValueError(f"logits has {n} rows but got {len(params)} params and {len(generators)} generators")
+    return n, vocab
+
+
+def _apply_filters(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p, each on the distribution the previous one left (the order of
+    vLLM's v0 sampler and of HF generate). x: [M, V] temperature-scaled logits, overwritten; filtered
+    tokens become -inf. One ascending sort serves all three filters for the whole batch."""
+    vocab = x.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    need_k = any(k < vocab for k in top_k)
+    need_p = any(p.top_p < 1.0 for p in params)
+    need_min_p = any(p.min_p > 0.0 for p in params)
+    if not (need_k or need_p or need_min_p):
+        return x
+    device = x.device
+    sorted_x, order = torch.sort(x, dim=-1)  # [M, V] ascending: the most likely token is last
+    if need_k:
+        k = torch.tensor(top_k, device=device)
+        kth_largest = sorted_x.gather(1, (vocab - k).unsqueeze(1))  # [M, 1]
+        # Compare by value, so tokens tied with the k-th largest all stay (as vLLM does).
+        sorted_x.masked_fill_(sorted_x < kth_largest, float("-inf"))
+    if need_p:
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        # Ascending cumsum: drop the least likely tokens while their total mass is <= 1 - top_p, i.e. keep
+        # the smallest most-likely set whose mass reaches top_p. Summing from the small end keeps the tail
+        # accurate, so top_p = 1 drops nothing with nonzero probability.
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # [M, V]
+        drop = cum <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # the top token always survives
+        sorted_x.masked_fill_(drop, float("-inf"))
+    if need_min_p:
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        probs = sorted_x.softmax(dim=-1)  # [M, V]
+        sorted_x.masked_fill_(probs < probs[:, -1:] * min_p.unsqueeze(1), float("-inf"))
+    return x.scatter_(1, order, sorted_x)
+
+
+def _gather_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], token_ids: torch.Tensor
+) -> list[TokenLogprobs | None]:
+    """Logprobs of the raw logits (before temperature and filters, vLLM's default), only for rows
+    that ask. One device-to-host copy for the whole batch."""
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs > 0]
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = logits[index].float().log_softmax(dim=-1)  # [R, V]
+    max_n = min(max(params[i].logprobs for i in rows), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(max_n, dim=-1)  # [R, max_n], sorted highest first
+    chosen_ids = token_ids[index]  # [R]
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)  # [R]
+    top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
+    chosen_l, chosen_ids_l = chosen.tolist(), chosen_ids.tolist()
+    for r, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = TokenLogprobs(
+            token_id=chosen_ids_l[r],
+            logprob=chosen_l[r],
+            top=tuple(zip(top_ids_l[r][:n], top_values_l[r][:n], strict=True)),
+        )
+    return out
