@@ -269,7 +269,7 @@ def test_tiny_model_written_once_even_when_racing(cache_dir: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         dirs = list(pool.map(lambda _: tiny_model_dir(), range(3)))
     assert dirs == [cache_dir / TINY_NAME] * 3
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["tiny-v1"]  # no temp dirs left
+    assert sorted(p.name for p in cache_dir.iterdir()) == [TINY_NAME]  # no temp dirs left
     mtime = (dirs[0] / "model.safetensors").stat().st_mtime_ns
     assert tiny_model_dir() == dirs[0]
     assert (dirs[0] / "model.safetensors").stat().st_mtime_ns == mtime
