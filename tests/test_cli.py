@@ -1,0 +1,93 @@
+"""`kvrelay generate` as a user runs it: prompts file, --json output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from engine_helpers import hf_greedy, random_prompts
+
+from kvrelay.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prompts_file_matches_transformers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama")
+    prompts = random_prompts(4, [3, 29, 11, 64], 300, seed=11)
+    lines = [
+        json.dumps({"prompt_ids": p, "max_tokens": 6 + i, "ignore_eos": True}) for i, p in enumerate(prompts)
+    ]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, _ = run_cli(
+        [
+            "generate",
+            "--model",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--prompts-file",
+            str(tmp_path / "prompts.jsonl"),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    assert [r["token_ids"] for r in rows] == [hf_greedy(hf, p, 6 + i) for i, p in enumerate(prompts)]
+    for row, p in zip(rows, prompts, strict=True):
+        assert set(row) == {"token_ids", "text", "finish_reason", "prompt_tokens", "cached_prompt_tokens"}
+        assert row["finish_reason"] == "length"
+        assert row["prompt_tokens"] == len(p)
+
+
+def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["generate", "--prompt", "Hello", "--max-tokens", "8", "--json"], capsys)
+    assert code == 0
+    row = json.loads(out)
+    assert len(row["token_ids"]) == 8 or row["finish_reason"] == "stop"
+    assert row["prompt_tokens"] == 6  # <s> + 5 bytes
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"text": "a", "prompt_ids": [1]}'], "line 1: give exactly one of 'text' or 'prompt_ids'"),
+        (["not json"], "line 1: not valid JSON"),
+        (['{"text": "a"}', '{"text": "b", "temprature": 1}'], "line 2: unknown field 'temprature'"),
+        (['{"prompt_ids": [1, "x"]}'], "line 1: 'prompt_ids' must be a list of integers"),
+        (['{"text": "a", "top_p": 0}'], "prompt 1: top_p must be in (0, 1], got 0"),
+        (['{"prompt_ids": [1, 100000]}'], "token id 100000 is outside the vocabulary [0, 320)"),
+    ],
+)
+def test_generate_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[str], message: str
+) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli(["generate", "--prompts-file", str(f)], capsys)
+    assert code == 2
+    assert out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kvrelay: error: ") and message in last
+    assert "Traceback" not in err
+
+
+def test_generate_bad_model_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], capsys)
+    assert code == 2
+    assert "is not 'tiny' nor an existing directory" in err
