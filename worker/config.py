@@ -54,6 +54,9 @@ class EngineConfig:
     max_graph_batch_size: int = 256  # largest CUDA-graph bucket (1, 2, 4, 8, then steps of 8)
     attention_backend: str = "auto"  # auto (triton on a GPU, torch on the CPU), triton, torch
     seed: int = 0  # default generator of unseeded sampling
+    # Detokenize outputs and match stop strings in the engine. Served workers turn it off: the
+    # router owns text, so tokens alone cross the wire.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -227,7 +227,7 @@ class Engine:
         req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, deadline=deadline)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.config.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -269,7 +269,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns an output per request that advanced."""
         sched = self.scheduler.schedule()
-        outputs = [self._finish(r, FinishReason.ABORT, [], "", []) for r in sched.expired]
+        outputs = [self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired]
         if sched.is_empty:
             return outputs
         self.num_steps += 1
@@ -316,12 +316,21 @@ class Engine:
         return self._finish(req, reason, [token], text, logprobs)
 
     def _finish(
-        self, req: Request, reason: FinishReason, tokens: list[int], text: str, logprobs: list[TokenLogprobs]
+        self,
+        req: Request,
+        reason: FinishReason,
+        tokens: list[int],
+        text: str,
+        logprobs: list[TokenLogprobs],
+        *,
+        deadline_exceeded: bool = False,
     ) -> RequestOutput:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
-        return self._output(req, tokens, text, logprobs, reason)
+        out = self._output(req, tokens, text, logprobs, reason)
+        out.deadline_exceeded = deadline_exceeded
+        return out
 
     def _output(
         self,

@@ -97,6 +97,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    deadline_exceeded: bool = False  # finished as ABORT because its deadline passed
 
     @property
     def finished(self) -> bool:

@@ -1,3 +1,5 @@
+# Kernel parameters are Triton-typed (pointers, constexprs), not Python-typed.
+# mypy: disable-error-code="no-untyped-def"
 """Triton kernels of the paged-attention backend, and the launchers that size their grids.
 
 Three jobs, each one launch (decode: two):
@@ -219,9 +221,12 @@ def _decode_partial_kernel(
     seq_lens_ptr,  # [B] int32
     part_out_ptr,  # [B, H, NUM_SPLITS, D] float32
     part_lse_ptr,  # [B, H, NUM_SPLITS] float32
+    out_ptr,  # [B, H, D]: written here directly when NUM_SPLITS == 1
     qk_scale,
     stride_qt,
     stride_qh,
+    stride_ot,
+    stride_oh,
     stride_ckv,
     stride_cb,
     stride_ct,
@@ -265,9 +270,13 @@ def _decode_partial_kernel(
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    row = (seq * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=g_mask)
+    if NUM_SPLITS == 1:  # nothing to merge: skip the reduce launch
+        o_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        row = (seq * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
 @triton.jit
@@ -294,6 +303,10 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+
+
 def decode_block_n(block_size: int, head_dim: int) -> int:
     """Tokens per decode loop step: several cache blocks, and the same bytes per tile across
     head dims (64 tokens of D=128 or 128 of D=64: 16 KiB of K in bf16)."""
@@ -316,8 +329,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     *,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. The launch reads no tensor contents on the host and
     allocates nothing data-dependent, so it is safe inside CUDA-graph capture."""
@@ -335,8 +348,12 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_n = block_n or decode_block_n(block_size, head_dim)
     assert block_n % block_size == 0, (block_n, block_size)
+    num_warps = num_warps or DECODE_NUM_WARPS
+    num_stages = num_stages or DECODE_NUM_STAGES
     rows = num_seqs * num_heads * num_splits
-    assert scratch.dtype == torch.float32 and scratch.numel() >= rows * (head_dim + 1), scratch.shape
+    # One split writes the output directly and needs no scratch.
+    assert num_splits == 1 or scratch.numel() >= rows * (head_dim + 1), (scratch.shape, rows)
+    assert scratch.dtype == torch.float32, scratch.dtype
     part_out = scratch[: rows * head_dim]
     part_lse = scratch[rows * head_dim : rows * (head_dim + 1)]
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -346,9 +363,12 @@ def decode_attention(
         seq_lens,
         part_out,
         part_lse,
+        out,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         kv_cache.stride(0),
         kv_cache.stride(1),
         kv_cache.stride(2),
@@ -366,6 +386,8 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits == 1:
+        return out
     _decode_reduce_kernel[(num_seqs, num_heads)](
         part_out,
         part_lse,
@@ -386,8 +408,10 @@ def decode_attention(
 def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     # The largest s with query_start_loc[s] // BLOCK_Q + s <= tile. That key is strictly
     # increasing in s and leaves each sequence >= cdiv(query_len, BLOCK_Q) tile slots.
-    lo = 0
-    hi = num_seqs
+    # Annotated: loop-carried values must be int32 tensors even when num_seqs arrives as
+    # the constexpr 1 (Triton specializes integer arguments equal to 1).
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
@@ -428,7 +452,6 @@ def _prefill_kernel(
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    num_heads = tl.num_programs(1) * GROUP
     seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -456,7 +479,7 @@ def _prefill_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     # Every row sees key 0, so no row's running max stays -inf past the first tile.
-    m_i, l_i, acc = _attend_range(
+    _, l_i, acc = _attend_range(
         q, q_pos, 0, kv_end, k_base, v_base, table, qk_scale, stride_cb, stride_ct,
         BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, INTERPRET,
     )  # fmt: skip

@@ -1,0 +1,70 @@
+"""Messages between the router and a worker actor: the whole router-to-worker interface.
+
+Everything here crosses a Ray call, so it is small plain data (slotted dataclasses of ints,
+floats and strings). Both directions are batched: the router submits every request bound
+for one worker in one call, and a worker returns every request's progress since the last
+poll in one `StepBatch` (one message per engine step at most, never one call per token).
+
+Text never crosses: the router tokenizes prompts and detokenizes outputs (stop strings
+included: when one matches, the router aborts the request on its worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvrelay.worker.request import FinishReason
+from kvrelay.worker.sampler import TokenLogprobs
+from kvrelay.worker.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class WorkRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # with stop=() : stop strings are matched by the router
+    # Seconds left when the router sent it (the worker turns it into its own monotonic deadline,
+    # so clocks of different hosts never meet); None = no deadline.
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    """One request's progress since the last poll (several engine steps may be merged)."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    finish_reason: FinishReason | None
+    # True when the finish was the deadline passing (finish_reason is then ABORT).
+    deadline_exceeded: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """What the router balances on; sent with every poll."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # used blocks / total blocks
+    num_free_blocks: int
+    # Tokens still to be produced or computed by admitted requests (prompt left + max_tokens left).
+    outstanding_tokens: int
+    # Cumulative engine counters, for ServerStats and Prometheus.
+    num_kv_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_graph_replays: int = 0
+    num_eager_steps: int = 0
+
+
+@dataclass(slots=True)
+class StepBatch:
+    deltas: list[TokenDelta] = field(default_factory=list)
+    load: WorkerLoad | None = None
+    # Requests the worker refused at submit time (request_id -> message naming the field and limit).
+    rejected: dict[str, str] = field(default_factory=dict)
