@@ -38,8 +38,9 @@ def test_every_bucket_replay_equals_eager() -> None:
     for bucket in graphs.buckets:
         for n in sorted({bucket, max(1, bucket - 3)}):  # exact fit, and padded rows
             for i, p in enumerate(random_prompts(n, [3, 20, 47], 256, seed=bucket + n)):
-                engine.add_request(f"b{bucket}-{n}-{i}", p, SamplingParams(max_tokens=4, ignore_eos=True))
-            engine.step()  # prefill, eager
+                engine.add_request(f"b{bucket}-{n}-{i}", p, SamplingParams(max_tokens=16, ignore_eos=True))
+            while any(r.num_output_tokens == 0 for r in engine.requests.values()):
+                engine.step()  # prefill (chunked over the token budget), eager
             sched = engine.scheduler.schedule()
             inp = runner.prepare(sched, engine.allocator)
             assert inp.graph_bucket == graphs.bucket_for(n)

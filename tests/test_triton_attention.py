@@ -206,8 +206,9 @@ def test_decode_split_count_does_not_change_result() -> None:
 def test_prefill_matches_reference(
     prefill_impl: str, block_size: int, group: int, head_dim: int, dtype: torch.dtype
 ) -> None:
-    # A fresh prompt, a decode row, chunks on unaligned and block-aligned cached prefixes.
-    seqs = [(21, 21), (1, 40), (19, 70), (9, 9 + 2 * block_size)]
+    # A fresh prompt, a decode row, chunks on unaligned and block-aligned cached prefixes,
+    # and a prefix long enough for the kernel's unmasked phase.
+    seqs = [(21, 21), (1, 40), (19, 70), (9, 9 + 2 * block_size), (5, 150)]
     batch = PagedBatch(
         seqs,
         num_heads=group * 2,
@@ -227,8 +228,9 @@ def test_num_decode_splits_depends_on_shapes_only() -> None:
     # Many programs already: one split. Few: as many as the SMs want, capped.
     assert tk.num_decode_splits(256, 8, 4096, 64, num_sms=132, max_splits=32) == 1
     assert tk.num_decode_splits(1, 8, 32768, 64, num_sms=132, max_splits=32) == 32
-    assert tk.num_decode_splits(1, 8, 128, 64, num_sms=132, max_splits=32) == 2  # 2 tiles at most
-    assert tk.num_decode_splits(64, 8, 4096, 64, num_sms=132, max_splits=32) == 4
+    assert tk.num_decode_splits(1, 8, 160, 64, num_sms=132, max_splits=32) == 2  # 3 tiles at most
+    assert tk.num_decode_splits(8, 8, 4096, 64, num_sms=132, max_splits=32) == 8
+    assert tk.num_decode_splits(64, 8, 4096, 64, num_sms=132, max_splits=32) == 1
 
 
 def test_rejects_bad_prefill_impl() -> None:
@@ -254,6 +256,9 @@ def _sweep_batches(batch: int) -> list[list[tuple[int, int]]]:
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_sweep_gpu(block_size: int, group: int, head_dim: int) -> None:
     # 2 KV heads keep the largest batch (256 rows, mean context ~2.1k) near 0.6 GB of cache.
+    # One block-table width for all, as the engine sizes it from max_model_len: the split
+    # count then depends on the batch size alone.
+    max_blocks = max(SWEEP_CONTEXTS) // block_size
     backend = TritonPagedAttention()
     scale = head_dim**-0.5
     for batch_size in (1, 7, 64, 256):
@@ -266,6 +271,7 @@ def test_decode_sweep_gpu(block_size: int, group: int, head_dim: int) -> None:
                 block_size=block_size,
                 dtype=torch.bfloat16,
                 seed=batch_size + i,
+                max_blocks=max_blocks,
             )
             err = rel_err(run_backend(batch, backend, scale), batch.reference(scale))
             assert err <= 1e-2, (batch_size, seqs[0], err)
@@ -289,8 +295,15 @@ def test_decode_fp32_gpu(block_size: int, group: int, head_dim: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("block_size", "group", "head_dim"), [(16, 4, 128), (32, 1, 64), (16, 8, 64)])
+@pytest.mark.parametrize(
+    ("block_size", "group", "head_dim", "dtype"),
+    [
+        (16, 4, 128, torch.bfloat16),
+        (32, 1, 64, torch.bfloat16),
+        (16, 8, 64, torch.bfloat16),
+        (32, 4, 128, torch.float32),
+    ],
+)
 def test_prefill_gpu(block_size: int, group: int, head_dim: int, dtype: torch.dtype) -> None:
     seqs = [(1000, 1000), (300, 1500), (1, 2049), (64, 96), (17, 117), (1, 1), (130, 130 + 4 * block_size)]
     batch = PagedBatch(

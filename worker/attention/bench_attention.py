@@ -126,10 +126,10 @@ def bench_prefill_attention(
     block_size: int = 16,
     dtype: torch.dtype = torch.bfloat16,
     iters: int = 10,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> dict[str, float]:
     """Fresh causal prompts through the Triton varlen kernel: achieved TFLOP/s (causal
     half of 4 * L^2 * H * D per sequence), next to a dense ``is_causal`` SDPA on the same
