@@ -186,7 +186,11 @@ def test_bf16_on_cuda_tracks_float32_on_cpu(tmp_path: Path, monkeypatch: pytest.
     assert model.lm_head.weight.device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.rotary_emb.cos_sin_cache.dtype == torch.float32
     expected, got = _greedy_steps(ref, config, torch.device("cpu")), _greedy_steps(model, config, cuda)
-    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+    # bf16 keeps ~3 significant digits through every layer: bound the error by the logits' scale
+    # (the tiny model's output rows are scaled up), and the mean error much tighter than the max.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=0.02 * scale, rtol=0.05)
+    assert (got - expected).abs().mean().item() < 0.002 * scale
 
 
 @pytest.mark.gpu

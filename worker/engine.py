@@ -269,7 +269,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns an output per request that advanced."""
         sched = self.scheduler.schedule()
-        outputs = [self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired]
+        outputs = [
+            self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired
+        ]
         if sched.is_empty:
             return outputs
         self.num_steps += 1

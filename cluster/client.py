@@ -1,0 +1,480 @@
+"""Python client for a kvrelay server (the `kvrelay.v1.Generation` gRPC service), sync and asyncio.
+
+    with KvrelayClient("127.0.0.1:50051") as client:
+        print(client.generate("Hello", max_tokens=8).text)
+        for chunk in client.stream([1, 2, 3], max_tokens=64, timeout=10.0):
+            print(chunk.token_ids, chunk.text)
+
+    async with AsyncKvrelayClient("127.0.0.1:50051", token="s3cret") as client:
+        async for chunk in client.stream("Hello"):
+            ...
+
+Every gRPC failure surfaces as a `KvrelayError` subclass carrying the status code and the server's
+message, never a raw `grpc.RpcError`. A `timeout` (seconds) becomes the call's gRPC deadline, which
+the server enforces too. Leaving a stream early (break, close, garbage collection) cancels the call,
+so the server frees the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Coroutine, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import grpc
+import grpc.aio
+
+from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# Explicit rather than gRPC's defaults (4 MiB receive, unlimited send): long token-id prompts and
+# logprob-heavy streams fit, and an oversized message fails at once as ResourceExhausted.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_UINT32 = 2**32
+_UINT64 = 2**64
+
+StreamT = TypeVar("StreamT")  # a generator of StreamChunk (sync) or an async generator of them
+ResultT = TypeVar("ResultT")  # GenerationResult (sync) or a coroutine of one (async)
+
+FinishReason = Literal["stop", "length", "abort"]
+_FINISH_REASONS: dict[int, FinishReason] = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+class KvrelayError(Exception):
+    """A call failed; `code` is the gRPC status, `details` the server's (or gRPC's) message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(KvrelayError):
+    """The request was refused as malformed; `details` names the field and the limit."""
+
+
+class ResourceExhausted(KvrelayError):
+    """Admission is full, or a message passed the size limit: retry later or send less."""
+
+
+class Unavailable(KvrelayError):
+    """No server, no worker able to take it, a worker died mid-stream, or the server is draining."""
+
+
+class DeadlineExceeded(KvrelayError):
+    """The call's timeout passed before the generation finished."""
+
+
+class Cancelled(KvrelayError):
+    """The call was cancelled (by this client or by the server)."""
+
+
+class Unauthenticated(KvrelayError):
+    """The server requires a token and this one is missing or wrong."""
+
+
+class InternalError(KvrelayError):
+    """The server failed (INTERNAL, UNKNOWN, DATA_LOSS) or broke the protocol."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[KvrelayError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+}
+
+
+def error_from_rpc(err: grpc.RpcError) -> KvrelayError:
+    """The typed error for a failed call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return _ERRORS.get(code, KvrelayError)(code, details or "")
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int  # the generated token
+    logprob: float  # under the model, before sampling filters
+    top: tuple[TopLogprob, ...]  # the N most likely tokens, most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One server message: what one engine step added to the request."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new since the previous chunk
+    text: str  # new since the previous chunk; never splits a UTF-8 character
+    logprobs: tuple[TokenLogprob, ...]  # one per token in token_ids when asked for, else empty
+    finish_reason: FinishReason | None  # None on every chunk but the last
+    usage: Usage | None  # set on the last chunk
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class _Collector:
+    """Concatenates a stream's chunks into one GenerationResult."""
+
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: FinishReason | None = None
+        self.usage: Usage | None = None
+
+    def add(self, chunk: StreamChunk) -> None:
+        self.request_id = chunk.request_id or self.request_id
+        self.token_ids.extend(chunk.token_ids)
+        self.text.append(chunk.text)
+        self.logprobs.extend(chunk.logprobs)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.usage = chunk.usage or self.usage
+
+    def result(self) -> GenerationResult:
+        if self.finish_reason is None or self.usage is None:
+            raise InternalError(
+                grpc.StatusCode.INTERNAL,
+                f"stream of request {self.request_id!r} ended without a finish_reason and usage",
+            )
+        return GenerationResult(
+            self.request_id,
+            tuple(self.token_ids),
+            "".join(self.text),
+            tuple(self.logprobs),
+            self.finish_reason,
+            self.usage,
+        )
+
+
+def _chunk(resp: pb.GenerateResponse) -> StreamChunk:
+    logprobs = tuple(
+        TokenLogprob(lp.token_id, lp.logprob, tuple(TopLogprob(t.token_id, t.logprob) for t in lp.top))
+        for lp in resp.logprobs
+    )
+    usage = None
+    if resp.HasField("usage"):
+        u = resp.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return StreamChunk(
+        resp.request_id,
+        tuple(resp.token_ids),
+        resp.text,
+        logprobs,
+        _FINISH_REASONS.get(resp.finish_reason),
+        usage,
+    )
+
+
+def _check_uint(field: str, value: int, bound: int = _UINT32) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+        raise ValueError(f"{field} must be an integer in [0, {bound}), got {value!r}")
+    return value
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    logprobs: int = 0,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """The GenerateRequest for these arguments. Only what protobuf cannot carry is checked here
+    (wrong types, negative counts); the server validates values against the model's limits."""
+    if isinstance(prompt, bytes | bytearray):
+        raise ValueError("prompt must be a str or a sequence of token ids, got bytes")
+    if isinstance(stop, str):
+        raise ValueError(f"stop must be a sequence of strings, got the string {stop!r}")
+    sampling = pb.SamplingParams(
+        max_tokens=_check_uint("max_tokens", max_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=_check_uint("top_k", top_k),
+        min_p=float(min_p),
+        seed=None if seed is None else _check_uint("seed", seed, _UINT64),
+        stop=list(stop),
+        stop_token_ids=[_check_uint("stop_token_ids[]", t) for t in stop_token_ids],
+        ignore_eos=bool(ignore_eos),
+        logprobs=_check_uint("logprobs", logprobs),
+    )
+    if isinstance(prompt, str):
+        return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
+    ids = [_check_uint("prompt token id", t) for t in prompt]
+    return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+
+
+class _ClientBase(Generic[StreamT, ResultT]):
+    """What the sync and async clients share: arguments, validation, and the two generation calls,
+    whose return types differ (iterator vs async iterator, result vs awaitable result)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls_root_cert: str | Path | bytes | None = None,
+        tls: bool = False,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if not target:
+            raise ValueError("target must be HOST:PORT, got an empty string")
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        _check_uint("max_message_bytes", max_message_bytes, 2**31)
+        self.target = target
+        self.timeout = timeout
+        self._credentials: Any = None  # grpc.ChannelCredentials; None: plaintext
+        if tls_root_cert is not None:
+            pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=pem)
+        elif tls:
+            self._credentials = grpc.ssl_channel_credentials()  # the system's root certificates
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._open()
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> ResultT:
+        """Runs one generation to its end and returns everything it produced (async: awaitable)."""
+        request = build_request(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            logprobs=logprobs, request_id=request_id,
+        )  # fmt: skip
+        return self._generate(request, self._deadline(timeout))
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> StreamT:
+        """The chunks as the server sends them (async: an async iterator). The call starts at the
+        first chunk asked for; closing the iterator early (break, close, aclose) cancels it."""
+        request = build_request(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            logprobs=logprobs, request_id=request_id,
+        )  # fmt: skip
+        return self._stream(request, self._deadline(timeout))
+
+    def _open(self) -> None:
+        """Opens the channel (sync) or prepares to open it in the event loop (async)."""
+        raise NotImplementedError
+
+    def _generate(self, request: pb.GenerateRequest, timeout: float | None) -> ResultT:
+        raise NotImplementedError
+
+    def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> StreamT:
+        raise NotImplementedError
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _unavailable(self, timeout: float) -> Unavailable:
+        why = f"no server reachable at {self.target} within {timeout} s"
+        return Unavailable(grpc.StatusCode.UNAVAILABLE, why)
+
+
+class KvrelayClient(_ClientBase[Generator[StreamChunk, None, None], GenerationResult]):
+    """Blocking client. `timeout` is the default per-call deadline in seconds (None: none);
+    `tls_root_cert` (PEM bytes or a file path) or `tls=True` (system roots) turns on TLS;
+    `token` is sent as `authorization: Bearer <token>`."""
+
+    def _open(self) -> None:
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def _generate(self, request: pb.GenerateRequest, timeout: float | None) -> GenerationResult:
+        collector = _Collector()
+        for chunk in self._stream(request, timeout):
+            collector.add(chunk)
+        return collector.result()
+
+    def _stream(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> Generator[StreamChunk, None, None]:
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        try:
+            for resp in call:
+                yield _chunk(resp)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended; otherwise tells the server to stop
+
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def server_stats(self, *, timeout: float | None = None) -> pb.ServerStats:
+        return self._unary(self._stub.GetServerStats, pb.GetServerStatsRequest(), timeout)
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    def wait_ready(self, timeout: float) -> None:
+        """Blocks until the channel connects; Unavailable if it has not within timeout seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise self._unavailable(timeout) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KvrelayClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncKvrelayClient(
+    _ClientBase[AsyncGenerator[StreamChunk, None], Coroutine[Any, Any, GenerationResult]]
+):
+    """The asyncio twin of KvrelayClient (same arguments): `await client.generate(...)`,
+    `async for chunk in client.stream(...)`. The channel opens on first use, inside the running
+    event loop, and belongs to that loop."""
+
+    def _open(self) -> None:
+        self._channel: Any = None  # grpc.aio.Channel, made by _ensure_stub inside the event loop
+        self._stub: Any = None
+
+    def _ensure_stub(self) -> Any:
+        if self._stub is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            self._stub = pb_grpc.GenerationStub(self._channel)
+        return self._stub
+
+    async def _generate(self, request: pb.GenerateRequest, timeout: float | None) -> GenerationResult:
+        collector = _Collector()
+        async for chunk in self._stream(request, timeout):
+            collector.add(chunk)
+        return collector.result()
+
+    async def _stream(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncGenerator[StreamChunk, None]:
+        call = self._ensure_stub().Generate(request, timeout=timeout, metadata=self._metadata)
+        try:
+            async for resp in call:
+                yield _chunk(resp)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
+
+    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return await self._unary("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+
+    async def server_stats(self, *, timeout: float | None = None) -> pb.ServerStats:
+        return await self._unary("GetServerStats", pb.GetServerStatsRequest(), timeout)
+
+    async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        rpc = getattr(self._ensure_stub(), method)
+        try:
+            return await rpc(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Waits until the channel connects; Unavailable if it has not within timeout seconds."""
+        self._ensure_stub()
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise self._unavailable(timeout) from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def __aenter__(self) -> AsyncKvrelayClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,399 @@
+"""`WorkerPool` over Ray: one `WorkerActor` per placement-group bundle (one per GPU, or N CPUs).
+
+Each worker has one asyncio task on the router's event loop that keeps exactly one `poll` in
+flight (a threaded actor runs concurrent calls in any order, so two polls could reorder
+deltas). A poll returns as soon as the worker has progress, so a busy worker answers about
+once per engine step and an idle one every `poll_timeout_s`.
+
+Health: a poll that fails because the actor died (RayActorError), that raises inside the actor
+(the engine loop broke), or that does not answer within `stall_timeout_s` marks the worker down
+and calls `on_worker_down` once. A broken or stalled actor is killed so Ray restarts it empty
+(bounded by `max_restarts`); the task then probes `ready()` until the new incarnation answers
+and calls `on_worker_up`. Ray restarts an actor with its creation arguments, so the restarted
+worker serves the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.worker.actor import WorkerActor
+from kvrelay.worker.config import EngineConfig
+from kvrelay.worker.engine import EngineStats
+from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkRequest
+
+log = logging.getLogger("kvrelay")
+
+# Each actor's environment: every GPU of the node visible (CUDA IPC between actors needs it), and
+# NVLink multicast off (see shared/device/README.md).
+_GPU_ENV = {
+    "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+# poll, submit, abort and a ready/stats/check call can all be in flight at once.
+_ACTOR_CONCURRENCY = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolTimeouts:
+    poll_s: float = 0.1  # how long one poll waits on an idle worker
+    stall_s: float = 3.0  # a poll unanswered this long marks the worker down
+    probe_interval_s: float = 0.5  # how often a down worker is asked whether it is back
+    start_s: float = 600.0  # placement group + every worker's first ready() (model load, graphs)
+    call_s: float = 30.0  # stats / check_integrity / shutdown of one worker
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                raise ValueError(f"timeouts.{f.name} must be > 0 seconds, got {value}")
+        if self.poll_s >= self.stall_s:
+            raise ValueError(f"timeouts.poll_s ({self.poll_s}) must be < timeouts.stall_s ({self.stall_s})")
+
+
+class RayWorkerClient:
+    """One worker as the router sees it (`cluster.interfaces.WorkerClient`)."""
+
+    def __init__(self, rank: int, actor: Any, load: WorkerLoad) -> None:
+        self.rank = rank
+        self.actor = actor  # the Ray ActorHandle; tests kill it through this
+        self._healthy = True
+        self._load = load
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def load(self) -> WorkerLoad:
+        return self._load
+
+    async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
+        """Raises ConnectionError when the worker is down or dies during the call (UNAVAILABLE)."""
+        import ray.exceptions
+
+        if not self._healthy:
+            raise ConnectionError(f"worker {self.rank} is unavailable")
+        try:
+            rejected: dict[str, str] = await self.actor.submit.remote(list(requests))
+        except ray.exceptions.RayError as e:
+            log.warning("submit to worker %d failed: %s", self.rank, e)
+            raise ConnectionError(f"worker {self.rank} is unavailable") from None
+        return rejected
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        """Best effort: a down worker's requests are already gone."""
+        import ray.exceptions
+
+        if not self._healthy or not request_ids:
+            return
+        try:
+            await self.actor.abort.remote(list(request_ids))
+        except ray.exceptions.RayError as e:
+            log.info("abort on worker %d failed (it is going down): %s", self.rank, e)
+
+
+class RayWorkerPool:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        num_workers: int,
+        device: str,
+        ray_address: str | None = None,
+        max_restarts: int = 3,
+        *,
+        timeouts: PoolTimeouts | None = None,
+        log_to_driver: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        self._config = dataclasses.replace(engine_config, device=device)
+        self._num_workers = num_workers
+        self._device = device
+        self._ray_address = ray_address
+        self._max_restarts = max_restarts
+        self._timeouts = timeouts or PoolTimeouts()
+        self._log_to_driver = log_to_driver
+        self._env = dict(env or {})
+        self._owns_ray = False
+        self._pg: Any = None
+        self._actors: list[Any] = []  # by rank; kept apart from _workers to clean up a failed start
+        self._workers: list[RayWorkerClient] = []
+        self._model: ModelDescription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def workers(self) -> Sequence[RayWorkerClient]:
+        return self._workers
+
+    @property
+    def model(self) -> ModelDescription:
+        if self._model is None:
+            raise RuntimeError("the pool is not started")
+        return self._model
+
+    # ---- start / stop -------------------------------------------------------------------
+    async def start(
+        self,
+        on_deltas: Callable[[int, list[TokenDelta]], None],
+        on_worker_down: Callable[[int, str], None],
+        on_worker_up: Callable[[int], None],
+    ) -> None:
+        import ray
+
+        if self._model is not None:
+            raise RuntimeError("the pool is already started")
+        self._init_ray()
+        try:
+            self._actors = await self._create_actors()
+            descs = await self._await_all([a.ready.remote() for a in self._actors], "start")
+            for rank, d in enumerate(descs):
+                if not _same_model(d, descs[0]):
+                    raise RuntimeError(f"worker {rank} serves {d}, but worker 0 serves {descs[0]}")
+        except BaseException:
+            await self._teardown()
+            raise
+        self._model = descs[0]
+        self._workers = [RayWorkerClient(rank, a, self._empty_load()) for rank, a in enumerate(self._actors)]
+        callbacks = _Callbacks(on_deltas, on_worker_down, on_worker_up)
+        self._tasks = [
+            asyncio.create_task(self._watch(w, callbacks), name=f"kvrelay-poll-{w.rank}")
+            for w in self._workers
+        ]
+        log.info("pool of %d %s workers ready (ray %s)", self._num_workers, self._device, ray.__version__)
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": self._log_to_driver}
+        if self._ray_address is None and self._device == "cpu":
+            # A local cluster's CPU count is only a scheduling token: N CPU workers should start
+            # even on a machine with fewer cores (the driver keeps one for itself).
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, self._num_workers + 1)
+        ray.init(address=self._ray_address, **kwargs)
+        self._owns_ray = True
+
+    async def _create_actors(self) -> list[Any]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpu = self._device == "cuda"
+        bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": 1.0}
+        self._pg = placement_group([dict(bundle) for _ in range(self._num_workers)], strategy="PACK")
+        try:
+            await asyncio.wait_for(_future(self._pg.ready()), self._timeouts.start_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(
+                f"cannot place {self._num_workers} workers of {bundle} each within "
+                f"{self._timeouts.start_s:.0f} s; the cluster has {ray.cluster_resources()}"
+            ) from None
+        env = {k: v for k, v in os.environ.items() if k.startswith("KVRELAY_")}
+        env.update(_GPU_ENV if gpu else {})
+        env.update(self._env)
+        remote_cls = ray.remote(WorkerActor)
+        return [
+            remote_cls.options(
+                num_cpus=1,
+                num_gpus=1 if gpu else 0,
+                max_restarts=self._max_restarts,
+                max_task_retries=0,
+                max_concurrency=_ACTOR_CONCURRENCY,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=rank
+                ),
+                runtime_env={"env_vars": env} if env else None,
+            ).remote(self._config, rank, gpu)
+            for rank in range(self._num_workers)
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the poll tasks, shut every actor down, free the placement group (and Ray, if ours)."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        actors, self._actors = self._actors, []
+        if actors:
+            # A graceful shutdown first, so each engine loop aborts its requests and logs it.
+            await asyncio.wait(
+                [asyncio.ensure_future(a.shutdown.remote()) for a in actors], timeout=self._timeouts.call_s
+            )
+            for a in actors:
+                ray.kill(a, no_restart=True)
+        self._workers = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)  # also kills actors of a failed start
+            self._pg = None
+        self._model = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ---- health -------------------------------------------------------------------------
+    async def _watch(self, w: RayWorkerClient, cb: _Callbacks) -> None:
+        """Poll one worker for as long as the pool runs; take it down and back up as it fails."""
+        while not self._stopping:
+            batch, why = await self._poll_once(w)
+            if batch is None:
+                assert why is not None
+                w._healthy = False
+                cb.call(cb.on_worker_down, w.rank, why)
+                await self._wait_until_back(w)
+                w._load = self._empty_load()
+                w._healthy = True
+                log.info("worker %d is serving again", w.rank)
+                cb.call(cb.on_worker_up, w.rank)
+                continue
+            if batch.load is not None:
+                w._load = batch.load
+            if batch.deltas:
+                cb.call(cb.on_deltas, w.rank, batch.deltas)
+
+    async def _poll_once(self, w: RayWorkerClient) -> tuple[StepBatch | None, str | None]:
+        """One poll: (batch, None), or (None, why) when the worker must be taken down."""
+        import ray
+        import ray.exceptions
+
+        t = self._timeouts
+        try:
+            batch: StepBatch = await asyncio.wait_for(_future(w.actor.poll.remote(t.poll_s)), t.stall_s)
+            return batch, None
+        except ray.exceptions.RayActorError as e:
+            log.warning("worker %d died: %s", w.rank, e)
+            return None, f"worker {w.rank} died"
+        except asyncio.TimeoutError:
+            why = f"worker {w.rank} did not answer a poll within {t.stall_s:g} s"
+        except ray.exceptions.RayError as e:  # the poll raised inside the actor: its engine broke
+            log.error("worker %d failed: %s", w.rank, e)
+            why = f"worker {w.rank} failed"
+        log.warning("%s; restarting it", why)
+        ray.kill(w.actor, no_restart=False)  # a restart brings it back with an empty engine
+        return None, why
+
+    async def _wait_until_back(self, w: RayWorkerClient) -> None:
+        """Keep one ready() in flight (it queues while Ray restarts the actor) until one answers."""
+        import ray.exceptions
+
+        interval = self._timeouts.probe_interval_s
+        probe: asyncio.Future[ModelDescription] | None = None
+        while True:
+            if probe is None:
+                probe = _future(w.actor.ready.remote())
+            done, _ = await asyncio.wait([probe], timeout=interval)
+            if not done:
+                continue
+            try:
+                desc = probe.result()
+            except ray.exceptions.RayError as e:
+                # Not restarted yet, or out of restarts (then it never comes back).
+                log.debug("worker %d not back yet: %s", w.rank, e)
+                probe = None
+                await asyncio.sleep(interval)
+                continue
+            if not _same_model(desc, self.model):
+                raise RuntimeError(f"worker {w.rank} came back serving {desc}, not {self._model}")
+            try:
+                # A worker that was only unreachable still holds the requests the router failed.
+                await asyncio.wait_for(_future(w.actor.reset.remote()), self._timeouts.call_s)
+            except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+                log.info("reset of worker %d failed: %s", w.rank, e)
+                probe = None
+                continue
+            return
+
+    # ---- introspection ------------------------------------------------------------------
+    async def stats(self) -> list[EngineStats | None]:
+        """Each worker's engine counters, by rank; None where the worker is down or did not answer."""
+        import ray.exceptions
+
+        async def one(w: RayWorkerClient) -> EngineStats | None:
+            if not w.healthy:
+                return None
+            try:
+                s: EngineStats = await asyncio.wait_for(
+                    _future(w.actor.stats.remote()), self._timeouts.call_s
+                )
+                return s
+            except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+                log.info("stats of worker %d: %s", w.rank, e)
+                return None
+
+        return list(await asyncio.gather(*(one(w) for w in self._workers)))
+
+    async def check_integrity(self) -> None:
+        """Every healthy worker's engine invariants; RuntimeError naming the first that fails."""
+        healthy = [w for w in self._workers if w.healthy]
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(_future(w.actor.check_integrity.remote()), self._timeouts.call_s)
+                for w in healthy
+            ),
+            return_exceptions=True,
+        )
+        for w, r in zip(healthy, results, strict=True):
+            if isinstance(r, BaseException):
+                cause = getattr(r, "cause", None) or r
+                raise RuntimeError(f"worker {w.rank}: {type(cause).__name__}: {cause}") from r
+
+    async def _await_all(self, refs: list[Any], what: str) -> list[Any]:
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*map(_future, refs)), self._timeouts.start_s))
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"workers did not {what} within {self._timeouts.start_s:.0f} s") from None
+
+    def _empty_load(self) -> WorkerLoad:
+        blocks = self.model.kv_capacity_tokens // self.model.block_size
+        return WorkerLoad(0, 0, 0.0, blocks, 0, num_kv_blocks=blocks)
+
+    def actor_handle(self, rank: int) -> Any:
+        """The Ray actor of a rank (operational tools and tests kill or inspect it)."""
+        return self._workers[rank].actor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Callbacks:
+    on_deltas: Callable[[int, list[TokenDelta]], None]
+    on_worker_down: Callable[[int, str], None]
+    on_worker_up: Callable[[int], None]
+
+    @staticmethod
+    def call(fn: Callable[..., None], *args: Any) -> None:
+        """The router's bug must not stop the poll task: log it and keep polling."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("pool callback %s%r raised", getattr(fn, "__name__", fn), args[:1])
+
+
+def _same_model(a: ModelDescription, b: ModelDescription) -> bool:
+    """Equal but for model_dir: a directory's path may differ between nodes."""
+    return dataclasses.replace(a, model_dir=None) == dataclasses.replace(b, model_dir=None)
+
+
+def _future(ref: Any) -> asyncio.Future[Any]:
+    """A Ray ObjectRef as an asyncio future of this loop (so it can be waited on, shielded, timed)."""
+    return asyncio.wrap_future(ref.future())

@@ -1,0 +1,103 @@
+"""The worker actor: a thin Ray shell over one `EngineLoop` (build the engine, delegate).
+
+A plain class, so importing it needs no Ray; `cluster/pool.py` wraps it with `ray.remote` as a
+threaded actor, so a `poll` blocked waiting for progress never holds up `submit` or `abort`.
+
+Only our own dataclasses (`worker/protocol.py`) cross its methods: the router converts what a
+client sent into them, so nothing a client sent is ever unpickled here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.worker.config import EngineConfig
+from kvrelay.worker.engine import Engine, EngineStats
+from kvrelay.worker.engine_loop import EngineLoop
+from kvrelay.worker.model.loader import resolve_model
+from kvrelay.worker.model.presets import is_random_model
+from kvrelay.worker.protocol import StepBatch, WorkRequest
+
+log = logging.getLogger("kvrelay")
+
+
+def pick_device(config: EngineConfig, rank: int) -> EngineConfig:
+    """This worker's GPU: the one Ray assigned it, else (outside Ray) the rank's, round robin.
+
+    Actors see every GPU of their node (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, so CUDA
+    IPC between them works), so `ray.get_gpu_ids()` holds physical indices, valid as `cuda:N`.
+    """
+    if config.device == "cpu" or config.device.startswith("cuda:"):
+        return config
+    import torch
+
+    if not torch.cuda.is_available():
+        if config.device == "cuda":
+            raise ValueError(f"device='cuda' but worker {rank} sees no CUDA GPU")
+        return dataclasses.replace(config, device="cpu")
+    gpu: int | None = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ids = ray.get_gpu_ids()
+            gpu = int(ids[0]) if ids else None
+    except ImportError:
+        pass
+    if gpu is None:
+        gpu = rank % torch.cuda.device_count()
+    torch.cuda.set_device(gpu)
+    return dataclasses.replace(config, device=f"cuda:{gpu}")
+
+
+class WorkerActor:
+    def __init__(self, engine_config: EngineConfig, rank: int, pick_device_by_rank: bool = True) -> None:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        config = pick_device(engine_config, rank) if pick_device_by_rank else engine_config
+        self.rank = rank
+        engine = Engine(config)
+        self._model = ModelDescription(
+            model=config.model,
+            vocab_size=engine.model_config.vocab_size,
+            max_model_len=engine.max_model_len,
+            eos_token_ids=tuple(sorted(engine.eos_token_ids)),
+            block_size=config.block_size,
+            kv_capacity_tokens=engine.allocator.num_blocks * engine.allocator.block_size,
+            model_dir=None if is_random_model(config.model) else str(resolve_model(config.model)),
+        )
+        self._loop = EngineLoop(engine, name=f"kvrelay-engine-{rank}")
+        log.info(
+            "worker %d ready on %s: %d KV blocks of %d tokens",
+            rank,
+            engine.device,
+            engine.allocator.num_blocks,
+            config.block_size,
+        )
+
+    def ready(self) -> ModelDescription:
+        return self._model
+
+    def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
+        return self._loop.submit(requests)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self._loop.abort(request_ids)
+
+    def poll(self, timeout_s: float) -> StepBatch:
+        return self._loop.poll(timeout_s)
+
+    def reset(self) -> None:
+        self._loop.reset()
+
+    def stats(self) -> EngineStats:
+        return self._loop.stats()
+
+    def check_integrity(self) -> None:
+        self._loop.check_integrity()
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()

@@ -1,0 +1,356 @@
+"""One engine driven by its own thread: the worker's step loop, with no Ray in it.
+
+The engine is not thread-safe, so only the loop thread ever touches it. Every other thread
+talks to the loop through two places guarded by one condition variable:
+
+- the inbox: calls to run on the loop thread between two steps (add requests, abort, stats,
+  integrity check), each with a `Future` the caller may wait on; FIFO, so a `check_integrity`
+  queued after an `abort` sees the abort applied;
+- the outbox: per-request `TokenDelta`s published after each step, merged until a poller takes
+  them (so a slow poller gets one message per request, never one per token).
+
+The loop sleeps on the condition variable when it has no live request and an empty inbox, and
+`submit`/`abort`/`shutdown` wake it. A step that raises fails every in-flight request with an
+ABORT delta; the loop keeps serving if the engine is still consistent, else it is marked broken
+(`poll` and `submit` then raise `EngineLoopBroken`, and the pool restarts the worker).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+
+from kvrelay.worker.engine import Engine, EngineStats
+from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.request import FinishReason, RequestOutput
+
+log = logging.getLogger("kvrelay")
+T = TypeVar("T")
+# A call run on the loop thread between steps; it may append final outputs (aborts) to the list.
+_Call = Callable[[list[RequestOutput]], T]
+
+# Consecutive failed steps after which the engine is presumed broken even if it looks consistent
+# (a poisoned CUDA context fails every step the same way).
+MAX_CONSECUTIVE_FAILURES = 3
+# When requests are live but a step scheduled nothing (none fits yet), wait this long before
+# retrying rather than spin; deadlines are checked at the next schedule.
+_STALLED_STEP_WAIT_S = 0.005
+
+
+class EngineLoopBroken(RuntimeError):
+    """The engine raised and is no longer consistent, or the loop was shut down."""
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, *, name: str = "kvrelay-engine-loop") -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        # Guarded by _cond:
+        self._inbox: list[tuple[_Call[Any], Future[Any]]] = []
+        self._outbox: dict[str, TokenDelta] = {}
+        self._load = self._compute_load()
+        self._stopping = False
+        self._broken: str | None = None
+        # Touched by the loop thread only: requests added to the engine whose final delta is not
+        # yet published, with their latest counts. A step that raises fails exactly these (the
+        # engine may already have dropped some of them mid-step).
+        self._live: dict[str, RequestOutput] = {}
+        self._consecutive_failures = 0
+        self.num_wakeups = 0  # loop iterations; tests read it to prove the idle loop sleeps
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- API for other threads ----------------------------------------------------------
+    def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
+        """Queue requests (applied between steps); returns the refused ones: id -> message."""
+        arrival = time.monotonic()
+        batch = list(requests)
+        return self._call(lambda _: self._add_all(batch, arrival))
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop requests within one step; each live one gets a final ABORT delta. Does not wait."""
+        ids = list(request_ids)
+        self._enqueue(lambda outputs: self._abort_all(ids, outputs))
+
+    def reset(self) -> None:
+        """Abort every live request and drop unread output: the worker is then empty.
+
+        For a worker taken back after it was presumed lost: the router already failed its requests.
+        """
+        self._call(lambda _: self._reset())
+
+    def poll(self, timeout_s: float) -> StepBatch:
+        """Wait up to timeout_s for progress; returns every delta since the last poll, merged."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        with self._cond:
+            while not self._outbox and self._broken is None and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if not self._outbox and self._broken is not None:
+                raise EngineLoopBroken(self._broken)
+            deltas = list(self._outbox.values())
+            self._outbox.clear()
+            return StepBatch(deltas=deltas, load=self._load)
+
+    def stats(self) -> EngineStats:
+        return self._call(lambda _: self._engine.stats())
+
+    def check_integrity(self) -> None:
+        """The engine's invariants, plus: every live request of the engine is known to the loop."""
+        self._call(lambda _: self._check_integrity())
+
+    @property
+    def broken(self) -> str | None:
+        """Why the loop stopped serving (None while it serves)."""
+        with self._cond:
+            return self._broken
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort every live request (their final deltas stay pollable) and stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> EngineLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _enqueue(self, fn: _Call[T]) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._cond:
+            if self._broken is not None:
+                raise EngineLoopBroken(self._broken)
+            if self._stopping:
+                raise EngineLoopBroken("the engine loop is shut down")
+            self._inbox.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def _call(self, fn: _Call[T]) -> T:
+        assert threading.current_thread() is not self._thread, "the loop thread would wait on itself"
+        fut = self._enqueue(fn)
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                # The loop fails pending calls when it breaks, but check in case it died otherwise.
+                if not self._thread.is_alive() and not fut.done():
+                    raise EngineLoopBroken(self.broken or "the engine loop thread exited") from None
+
+    # ---- the loop thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except BaseException as e:  # a bug in the loop itself: nothing it holds can be trusted
+            log.exception("engine loop crashed")
+            self._mark_broken(f"the engine loop crashed: {type(e).__name__}: {e}")
+            return
+        self._drain_on_shutdown()
+
+    def _iterate(self) -> bool:
+        """One wake-up: apply the inbox, run one step if anything is live. False = stop."""
+        engine = self._engine
+        with self._cond:
+            while not self._inbox and not engine.has_unfinished_requests() and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            inbox, self._inbox = self._inbox, []
+        self.num_wakeups += 1
+        outputs: list[RequestOutput] = []
+        for fn, fut in inbox:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(outputs))
+                except BaseException as e:
+                    fut.set_exception(e)
+        if engine.has_unfinished_requests():
+            steps = engine.num_steps
+            stepped = self._step()
+            if self._broken is not None:
+                return False
+            if not stepped and engine.num_steps == steps:
+                time.sleep(_STALLED_STEP_WAIT_S)
+            outputs += stepped
+        self._publish(outputs)
+        return True
+
+    def _add_all(self, requests: list[WorkRequest], arrival: float) -> dict[str, str]:
+        rejected: dict[str, str] = {}
+        for r in requests:
+            try:
+                self._add(r, arrival)
+            except ValueError as e:
+                rejected[r.request_id] = str(e)
+        return rejected
+
+    def _add(self, r: WorkRequest, arrival: float) -> None:
+        if r.request_id in self._live:
+            raise ValueError(f"request_id {r.request_id!r} is already in use")
+        with self._cond:
+            unpolled = self._outbox.get(r.request_id)
+        if unpolled is not None:  # finished, but its final delta would merge with the new one
+            raise ValueError(f"request_id {r.request_id!r} is already in use (its last output is unread)")
+        deadline = None
+        if r.timeout_s is not None:
+            if not math.isfinite(r.timeout_s):
+                raise ValueError(f"timeout_s must be a finite number of seconds, got {r.timeout_s}")
+            deadline = arrival + r.timeout_s  # <= now: expires at the next schedule, never runs
+        self._engine.add_request(r.request_id, r.prompt_token_ids, r.params, deadline=deadline)
+        self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
+
+    def _abort_all(self, ids: list[str], outputs: list[RequestOutput]) -> None:
+        outputs += [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
+
+    def _reset(self) -> None:
+        for rid in list(self._live):
+            self._engine.abort_request(rid)
+        self._live.clear()
+        with self._cond:
+            self._outbox.clear()
+
+    def _check_integrity(self) -> None:
+        self._engine.check_integrity()
+        unknown = set(self._engine.requests) - set(self._live)
+        if unknown:
+            raise RuntimeError(f"engine holds requests the loop does not know: {sorted(unknown)[:5]}")
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            outputs = self._engine.step()
+        except Exception as e:
+            return self._fail_step(e)
+        self._consecutive_failures = 0
+        return outputs
+
+    def _fail_step(self, error: Exception) -> list[RequestOutput]:
+        """Fail every in-flight request; keep serving only if the engine is still consistent."""
+        log.exception("engine step failed; failing %d in-flight requests", len(self._live))
+        self._consecutive_failures += 1
+        outputs: list[RequestOutput] = []
+        why: str | None = None
+        try:
+            for rid in list(self._live):
+                out = self._engine.abort_request(rid)
+                if out is None:  # dropped by the engine mid-step: it still gets its final delta
+                    last = self._live[rid]
+                    out = RequestOutput(
+                        rid,
+                        [],
+                        "",
+                        [],
+                        None,
+                        last.prompt_tokens,
+                        last.completion_tokens,
+                        last.cached_prompt_tokens,
+                    )
+                outputs.append(out)
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            self._engine.check_integrity()
+            if self._engine.allocator.num_used_blocks:
+                raise RuntimeError(f"{self._engine.allocator.num_used_blocks} KV blocks still in use")
+        except Exception as e:
+            log.exception("engine is inconsistent after a failed step")
+            why = f"engine inconsistent after a failed step: {type(e).__name__}: {e}"
+        if why is None and self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            why = f"{self._consecutive_failures} engine steps failed in a row; last: {type(error).__name__}"
+        for out in outputs:
+            out.finish_reason = FinishReason.ABORT
+        self._publish(outputs)
+        if why is not None:
+            self._mark_broken(why)
+        return []
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._live.pop(out.request_id, None)
+            else:
+                self._live[out.request_id] = out
+        load = self._compute_load()
+        with self._cond:
+            for out in outputs:
+                _merge(self._outbox, out)
+            self._load = load
+            if outputs:
+                self._cond.notify_all()
+
+    def _compute_load(self) -> WorkerLoad:
+        s = self._engine.stats()
+        outstanding = 0
+        for req in self._engine.requests.values():
+            outstanding += req.num_tokens_to_compute + req.params.max_tokens - req.num_output_tokens
+        return WorkerLoad(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_usage=s.kv_usage,
+            num_free_blocks=s.num_free_blocks,
+            outstanding_tokens=outstanding,
+            num_kv_blocks=s.num_kv_blocks,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            num_graph_replays=s.num_graph_replays,
+            num_eager_steps=s.num_eager_steps,
+        )
+
+    def _mark_broken(self, why: str) -> None:
+        with self._cond:
+            self._broken = why
+            pending, self._inbox = self._inbox, []
+            self._cond.notify_all()
+        for _, fut in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineLoopBroken(why))
+
+    def _drain_on_shutdown(self) -> None:
+        """Abort what is live so pollers see every request end, then refuse further calls."""
+        outputs = [out for rid in list(self._live) if (out := self._engine.abort_request(rid)) is not None]
+        self._publish(outputs)
+        with self._cond:
+            pending, self._inbox = self._inbox, []
+        for _, fut in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineLoopBroken("the engine loop is shut down"))
+
+
+def _empty_output(request_id: str, prompt_tokens: int) -> RequestOutput:
+    return RequestOutput(request_id, [], "", [], None, prompt_tokens, 0, 0)
+
+
+def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
+    d = outbox.get(out.request_id)
+    if d is None:
+        outbox[out.request_id] = TokenDelta(
+            request_id=out.request_id,
+            token_ids=list(out.new_token_ids),
+            logprobs=list(out.logprobs),
+            finish_reason=out.finish_reason,
+            deadline_exceeded=out.deadline_exceeded,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            cached_prompt_tokens=out.cached_prompt_tokens,
+        )
+        return
+    assert d.finish_reason is None, f"output for {out.request_id!r} after its final delta"
+    d.token_ids += out.new_token_ids
+    d.logprobs += out.logprobs
+    d.finish_reason = out.finish_reason
+    d.deadline_exceeded = out.deadline_exceeded
+    d.completion_tokens = out.completion_tokens
+    d.cached_prompt_tokens = out.cached_prompt_tokens
