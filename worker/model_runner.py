@@ -17,7 +17,8 @@ from kvrelay.worker.attention.metadata import AttentionMetadata
 from kvrelay.worker.cuda_graph import CudaGraphRunner
 from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
 from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.scheduler import SchedulerOutput
+from kvrelay.worker.request import Request
+from kvrelay.worker.scheduler import ScheduledRequest, SchedulerOutput
 
 
 class InputBuffers:
@@ -48,8 +49,13 @@ class InputBuffers:
         self.np_seq_lens = self.seq_lens_h.numpy()
         self.np_block_tables = self.block_tables_h.numpy()
 
-    def upload(self, num_tokens: int, num_seqs: int) -> None:
-        """Copy the filled prefix of each staging buffer to the device (no-op on the CPU)."""
+    def upload(self, num_tokens: int, num_seqs: int, block_cols: int) -> None:
+        """Copy the filled prefix of each staging buffer to the device (no-op on the CPU).
+
+        Only the first block_cols columns of the block table go: kernels read a row only up to
+        its sequence's last block, and a full row is max_model_len / block_size wide (8192 ints for
+        a 128k-token model), which would make the copy the largest part of a small step.
+        """
         if self.device.type == "cpu":
             return
         for h, d, n in (
@@ -58,9 +64,11 @@ class InputBuffers:
             (self.slot_mapping_h, self.slot_mapping, num_tokens),
             (self.query_start_loc_h, self.query_start_loc, num_seqs + 1),
             (self.seq_lens_h, self.seq_lens, num_seqs),
-            (self.block_tables_h, self.block_tables, num_seqs),
         ):
             d[:n].copy_(h[:n], non_blocking=True)
+        self.block_tables[:num_seqs, :block_cols].copy_(
+            self.block_tables_h[:num_seqs, :block_cols], non_blocking=True
+        )
 
 
 @dataclass
@@ -93,6 +101,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
         self.graphs: CudaGraphRunner | None = None
+        # (request, its preemption count, blocks written) per host block-table row; None = unknown.
+        self._row_owner: list[tuple[Request, int, int] | None] = [None] * max_num_seqs
         self._graph_rows = torch.empty(0, dtype=torch.int64, device=device)  # unused: graphs sample every row
         self.num_eager_steps = 0
 
@@ -121,38 +131,32 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput, allocator: BlockAllocator) -> ModelInput:
         buf, bs = self.buffers, self.block_size
-        num_seqs = len(sched.scheduled)
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        t = 0
-        buf.np_query_start_loc[0] = 0
-        for i, s in enumerate(sched.scheduled):
-            n, start = s.num_new_tokens, s.start
-            end = start + n
-            blocks = np.asarray(allocator.get_block_ids(s.request.request_id), dtype=np.int64)
-            assert len(blocks) * bs >= end, f"{s.request.request_id}: {len(blocks)} blocks for {end} tokens"
-            pos = np.arange(start, end, dtype=np.int64)
-            buf.np_input_ids[t : t + n] = s.request.all_token_ids[start:end]
-            buf.np_positions[t : t + n] = pos
-            buf.np_slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
-            buf.np_block_tables[i, : len(blocks)] = blocks
-            buf.np_block_tables[i, len(blocks) :] = 0
-            buf.np_seq_lens[i] = end
-            t += n
-            buf.np_query_start_loc[i + 1] = t
-            query_lens.append(n)
-            seq_lens.append(end)
-            if s.samples:
-                sample_rows.append(t - 1)
+        scheduled = sched.scheduled
+        num_seqs = len(scheduled)
+        for req in sched.preempted:  # its blocks were freed: rows it owned are stale
+            self._row_owner = [o if o is None or o[0] is not req else None for o in self._row_owner]
+        block_cols = self._write_block_tables(sched, allocator)
+        query_lens = [s.num_new_tokens for s in scheduled]
+        t = sum(query_lens)
+        if t == num_seqs:  # decode only: vectorized over the batch
+            pos = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=num_seqs)
+            buf.np_input_ids[:t] = [s.request.all_token_ids[s.start] for s in scheduled]
+            buf.np_positions[:t] = pos
+            buf.np_slot_mapping[:t] = buf.np_block_tables[np.arange(num_seqs), pos // bs] * bs + pos % bs
+            buf.np_seq_lens[:num_seqs] = pos + 1
+            buf.np_query_start_loc[: num_seqs + 1] = np.arange(num_seqs + 1)
+            seq_lens = (pos + 1).tolist()
+            sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+        else:
+            seq_lens, sample_rows = self._fill_tokens(scheduled)
         bucket = None
         if self.graphs is not None and t == num_seqs:  # decode only: one token per sequence
             bucket = self.graphs.bucket_for(num_seqs)
         if bucket is not None:
             self._pad_rows(num_seqs, bucket)
-            buf.upload(bucket, bucket)
+            buf.upload(bucket, bucket, block_cols)
         else:
-            buf.upload(t, num_seqs)
+            buf.upload(t, num_seqs, block_cols)
         meta = AttentionMetadata(
             num_seqs=num_seqs,
             num_tokens=t,
@@ -170,6 +174,50 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, rows)
 
+    def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> int:
+        """Row i of the host block table is rewritten only when its request or block count changed:
+        a decode step appends a block every block_size tokens, so most rows stay as they were.
+        Returns the widest row's block count."""
+        table = self.buffers.np_block_tables
+        widest = 1
+        for i, s in enumerate(sched.scheduled):
+            req = s.request
+            blocks = allocator.block_ids_view(req.request_id)
+            widest = max(widest, len(blocks))
+            assert len(blocks) * self.block_size >= s.start + s.num_new_tokens, (req.request_id, len(blocks))
+            owner = self._row_owner[i]
+            key = (req, req.num_preemptions, len(blocks))
+            if owner == key:
+                continue
+            prev = owner[2] if owner is not None else table.shape[1]
+            table[i, : len(blocks)] = blocks
+            if prev > len(blocks):
+                table[i, len(blocks) : prev] = 0
+            self._row_owner[i] = key
+        return widest
+
+    def _fill_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
+        """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows)."""
+        buf, bs = self.buffers, self.block_size
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        t = 0
+        buf.np_query_start_loc[0] = 0
+        for i, s in enumerate(scheduled):
+            n, start = s.num_new_tokens, s.start
+            end = start + n
+            pos = np.arange(start, end, dtype=np.int64)
+            buf.np_input_ids[t : t + n] = s.request.all_token_ids[start:end]
+            buf.np_positions[t : t + n] = pos
+            buf.np_slot_mapping[t : t + n] = buf.np_block_tables[i, pos // bs] * bs + pos % bs
+            buf.np_seq_lens[i] = end
+            t += n
+            buf.np_query_start_loc[i + 1] = t
+            seq_lens.append(end)
+            if s.samples:
+                sample_rows.append(t - 1)
+        return seq_lens, sample_rows
+
     def _pad_rows(self, start: int, end: int) -> None:
         """Host rows start..end-1 become padding a graph can run: no KV write, empty context."""
         buf = self.buffers
@@ -178,6 +226,7 @@ class ModelRunner:
         buf.np_slot_mapping[start:end] = -1
         buf.np_seq_lens[start:end] = 0
         buf.np_block_tables[start:end] = 0
+        self._row_owner[start:end] = [None] * (end - start)
         buf.np_query_start_loc[start + 1 : end + 1] = np.arange(start + 1, end + 1)
 
     @torch.inference_mode()

@@ -298,6 +298,13 @@ class BlockAllocator:
             raise ValueError(f"req_id={req_id!r} holds no blocks")
         return list(held)
 
+    def block_ids_view(self, req_id: str) -> Sequence[BlockId]:
+        """req_id's block table itself, no copy: the model runner's per-step read. Never mutate it."""
+        held = self._req_blocks.get(req_id)
+        if held is None:
+            raise ValueError(f"req_id={req_id!r} holds no blocks")
+        return held
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block with ref 0 (they become plain free blocks, LRU order kept).
 
