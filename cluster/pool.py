@@ -19,10 +19,11 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import EngineStats
@@ -38,8 +39,11 @@ _GPU_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# poll, submit, abort and a ready/stats/check call can all be in flight at once.
-_ACTOR_CONCURRENCY = 4
+# `poll` runs in a thread of its own (concurrency group), so a burst of submits or a slow stats
+# call can never delay it into looking like a stall; everything else shares the default group.
+_POLL_GROUP = "poll"
+_ACTOR_CONCURRENCY = 8
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,7 @@ class RayWorkerClient:
     def __init__(self, rank: int, actor: Any, load: WorkerLoad) -> None:
         self.rank = rank
         self.actor = actor  # the Ray ActorHandle; tests kill it through this
+        self.poll_method = actor.poll.options(concurrency_group=_POLL_GROUP)
         self._healthy = True
         self._load = load
 
@@ -160,7 +165,7 @@ class RayWorkerPool:
         self._init_ray()
         try:
             self._actors = await self._create_actors()
-            descs = await self._await_all([a.ready.remote() for a in self._actors], "start")
+            descs = await self._ready_all()
             for rank, d in enumerate(descs):
                 if not _same_model(d, descs[0]):
                     raise RuntimeError(f"worker {rank} serves {d}, but worker 0 serves {descs[0]}")
@@ -182,7 +187,7 @@ class RayWorkerPool:
         if ray.is_initialized():
             return
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": self._log_to_driver}
-        if self._ray_address is None and self._device == "cpu":
+        if self._ray_address is None and "RAY_ADDRESS" not in os.environ and self._device == "cpu":
             # A local cluster's CPU count is only a scheduling token: N CPU workers should start
             # even on a machine with fewer cores (the driver keeps one for itself).
             kwargs["num_cpus"] = max(os.cpu_count() or 1, self._num_workers + 1)
@@ -207,14 +212,18 @@ class RayWorkerPool:
         env = {k: v for k, v in os.environ.items() if k.startswith("KVRELAY_")}
         env.update(_GPU_ENV if gpu else {})
         env.update(self._env)
-        remote_cls = ray.remote(WorkerActor)
+        # Concurrency groups can only be declared here, not in .options(); Ray's stubs omit both keys.
+        actor_options: dict[str, Any] = {
+            "concurrency_groups": {_POLL_GROUP: 1},
+            "max_concurrency": _ACTOR_CONCURRENCY,
+        }
+        remote_cls = ray.remote(**actor_options)(WorkerActor)
         return [
             remote_cls.options(
                 num_cpus=1,
                 num_gpus=1 if gpu else 0,
                 max_restarts=self._max_restarts,
                 max_task_retries=0,
-                max_concurrency=_ACTOR_CONCURRENCY,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank
                 ),
@@ -256,6 +265,15 @@ class RayWorkerPool:
     # ---- health -------------------------------------------------------------------------
     async def _watch(self, w: RayWorkerClient, cb: _Callbacks) -> None:
         """Poll one worker for as long as the pool runs; take it down and back up as it fails."""
+        try:
+            await self._watch_forever(w, cb)
+        except Exception:  # a bug here must not leave a worker marked healthy that nobody polls
+            log.exception("the poll task of worker %d crashed; the worker stays down", w.rank)
+            if w.healthy:
+                w._healthy = False
+                cb.call(cb.on_worker_down, w.rank, f"worker {w.rank} is not monitored")
+
+    async def _watch_forever(self, w: RayWorkerClient, cb: _Callbacks) -> None:
         while not self._stopping:
             batch, why = await self._poll_once(w)
             if batch is None:
@@ -280,7 +298,7 @@ class RayWorkerPool:
 
         t = self._timeouts
         try:
-            batch: StepBatch = await asyncio.wait_for(_future(w.actor.poll.remote(t.poll_s)), t.stall_s)
+            batch: StepBatch = await asyncio.wait_for(_future(w.poll_method.remote(t.poll_s)), t.stall_s)
             return batch, None
         except ray.exceptions.RayActorError as e:
             log.warning("worker %d died: %s", w.rank, e)
@@ -300,6 +318,7 @@ class RayWorkerPool:
 
         interval = self._timeouts.probe_interval_s
         probe: asyncio.Future[ModelDescription] | None = None
+        warned = False
         while True:
             if probe is None:
                 probe = _future(w.actor.ready.remote())
@@ -310,7 +329,9 @@ class RayWorkerPool:
                 desc = probe.result()
             except ray.exceptions.RayError as e:
                 # Not restarted yet, or out of restarts (then it never comes back).
-                log.debug("worker %d not back yet: %s", w.rank, e)
+                if isinstance(e, ray.exceptions.ActorDiedError) and not warned:
+                    log.warning("worker %d is dead and may not restart (max_restarts spent?): %s", w.rank, e)
+                    warned = True
                 probe = None
                 await asyncio.sleep(interval)
                 continue
@@ -359,11 +380,26 @@ class RayWorkerPool:
                 cause = getattr(r, "cause", None) or r
                 raise RuntimeError(f"worker {w.rank}: {type(cause).__name__}: {cause}") from r
 
-    async def _await_all(self, refs: list[Any], what: str) -> list[Any]:
+    async def _ready_all(self) -> list[ModelDescription]:
+        """Every worker's first ready(); a worker's failure is reduced to its one-line cause."""
+        import ray.exceptions
+
+        async def one(rank: int, actor: Any) -> ModelDescription:
+            try:
+                desc: ModelDescription = await _future(actor.ready.remote())
+                return desc
+            except ray.exceptions.RayError as e:
+                log.error("worker %d failed to start: %s", rank, e)
+                kind, msg = _error_summary(e)
+                if kind == "ValueError":  # bad input (model path, config): the field is named in msg
+                    raise ValueError(msg) from None
+                raise RuntimeError(f"worker {rank} failed to start: {kind}: {msg}") from None
+
+        start = asyncio.gather(*(one(rank, a) for rank, a in enumerate(self._actors)))
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*map(_future, refs)), self._timeouts.start_s))
+            return list(await asyncio.wait_for(start, self._timeouts.start_s))
         except asyncio.TimeoutError:
-            raise RuntimeError(f"workers did not {what} within {self._timeouts.start_s:.0f} s") from None
+            raise RuntimeError(f"workers were not ready within {self._timeouts.start_s:.0f} s") from None
 
     def _empty_load(self) -> WorkerLoad:
         blocks = self.model.kv_capacity_tokens // self.model.block_size
@@ -389,6 +425,17 @@ class _Callbacks:
             log.exception("pool callback %s%r raised", getattr(fn, "__name__", fn), args[:1])
 
 
+def _error_summary(e: BaseException) -> tuple[str, str]:
+    """(exception type, message) of what a Ray error wraps: the last line of its text, which for
+    an exception raised in an actor is `Type: message` (the lines above are its traceback)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    kind, sep, msg = last.partition(": ")
+    if sep and kind.replace(".", "").isidentifier():
+        return kind.rsplit(".", 1)[-1], msg
+    return type(e).__name__, last
+
+
 def _same_model(a: ModelDescription, b: ModelDescription) -> bool:
     """Equal but for model_dir: a directory's path may differ between nodes."""
     return dataclasses.replace(a, model_dir=None) == dataclasses.replace(b, model_dir=None)
@@ -397,3 +444,9 @@ def _same_model(a: ModelDescription, b: ModelDescription) -> bool:
 def _future(ref: Any) -> asyncio.Future[Any]:
     """A Ray ObjectRef as an asyncio future of this loop (so it can be waited on, shielded, timed)."""
     return asyncio.wrap_future(ref.future())
+
+
+if TYPE_CHECKING:
+
+    def _implements(pool: RayWorkerPool, client: RayWorkerClient) -> tuple[WorkerPool, WorkerClient]:
+        return pool, client  # mypy proves both satisfy the router's protocols

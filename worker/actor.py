@@ -59,6 +59,7 @@ class WorkerActor:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config = pick_device(engine_config, rank) if pick_device_by_rank else engine_config
         self.rank = rank
+        self._device = config.device
         engine = Engine(config)
         self._model = ModelDescription(
             model=config.model,
@@ -80,6 +81,12 @@ class WorkerActor:
 
     def ready(self) -> ModelDescription:
         return self._model
+
+    def device_info(self) -> tuple[str, int]:
+        """(this worker's device, GPUs it can see): every GPU of the node, for CUDA IPC."""
+        import torch
+
+        return self._device, torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
         return self._loop.submit(requests)

@@ -18,6 +18,7 @@ ABORT delta; the loop keeps serving if the engine is still consistent, else it i
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
@@ -78,14 +79,15 @@ class EngineLoop:
     def abort(self, request_ids: Sequence[str]) -> None:
         """Stop requests within one step; each live one gets a final ABORT delta. Does not wait."""
         ids = list(request_ids)
-        self._enqueue(lambda outputs: self._abort_all(ids, outputs))
+        with contextlib.suppress(EngineLoopBroken):  # a stopped loop already ended every request
+            self._enqueue(lambda outputs: self._abort_all(ids, outputs))
 
     def reset(self) -> None:
         """Abort every live request and drop unread output: the worker is then empty.
 
         For a worker taken back after it was presumed lost: the router already failed its requests.
         """
-        self._call(lambda _: self._reset())
+        self._call(self._reset)
 
     def poll(self, timeout_s: float) -> StepBatch:
         """Wait up to timeout_s for progress; returns every delta since the last poll, merged."""
@@ -182,6 +184,8 @@ class EngineLoop:
             steps = engine.num_steps
             stepped = self._step()
             if self._broken is not None:
+                # `outputs` is dropped: the failed step already published a final ABORT for every
+                # live request, those aborted just above included.
                 return False
             if not stepped and engine.num_steps == steps:
                 time.sleep(_STALLED_STEP_WAIT_S)
@@ -216,10 +220,11 @@ class EngineLoop:
     def _abort_all(self, ids: list[str], outputs: list[RequestOutput]) -> None:
         outputs += [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
 
-    def _reset(self) -> None:
+    def _reset(self, outputs: list[RequestOutput]) -> None:
         for rid in list(self._live):
             self._engine.abort_request(rid)
         self._live.clear()
+        outputs.clear()  # final outputs of calls applied just before this one
         with self._cond:
             self._outbox.clear()
 
