@@ -44,7 +44,10 @@ class WorkerClient(Protocol):
         ...
 
     async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
-        """One call for many requests; returns the ones the worker refused (id -> message)."""
+        """One call for many requests; returns the ones the worker refused (id -> message, always
+        bad input: INVALID_ARGUMENT). Raises ConnectionError when the worker is down or dies during
+        the call (UNAVAILABLE). Deltas may later arrive for ids the router no longer tracks (the
+        final ABORT delta of an abort it sent itself): ignore them."""
         ...
 
     async def abort(self, request_ids: Sequence[str]) -> None: ...

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--decode-steps", type=int, default=32)
     be.add_argument("--no-hf", action="store_true", help="GPU: skip the transformers static-cache baseline")
     be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
+    be.add_argument("--hf-contexts", default="512", help="GPU: contexts of the transformers baseline")
     be.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     be.add_argument("--json", type=Path, default=None, help="write results here")
     return parser
@@ -211,6 +212,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decode_steps=args.decode_steps,
         hf=not args.no_hf,
         hf_batches=_parse_ids(args.hf_batches, "--hf-batches"),
+        hf_contexts=_parse_ids(args.hf_contexts, "--hf-contexts"),
         json_path=args.json,
     )
     return 0

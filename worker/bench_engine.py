@@ -223,6 +223,7 @@ def _bench_gpu_model(
     copy_bw: float,
     hf: bool,
     hf_batches: Sequence[int],
+    hf_contexts: Sequence[int],
 ) -> dict[str, Any]:
     engine = Engine(config)
     graphs = engine.runner.graphs
@@ -274,7 +275,7 @@ def _bench_gpu_model(
     del engine, graphs
     torch.cuda.empty_cache()
     if hf:
-        hf_points = [(b, c) for c in contexts for b in hf_batches if b in batch_sizes]
+        hf_points = [(b, c) for c in contexts for b in hf_batches if b in batch_sizes and c in hf_contexts]
         hf_res = hf_static_decode(
             model_config,
             config_dtype(config),
@@ -340,6 +341,7 @@ def run_engine_bench(
     decode_steps: int = 32,
     hf: bool = True,
     hf_batches: Sequence[int] = (1, 32, 128),
+    hf_contexts: Sequence[int] = (512,),
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     if not batch_sizes or min(batch_sizes) < 1:
@@ -371,7 +373,9 @@ def run_engine_bench(
                 enable_prefix_caching=False,
             )
             report["models"].append(
-                _bench_gpu_model(mcfg, batch_sizes, contexts, decode_steps, copy_bw, hf, hf_batches)
+                _bench_gpu_model(
+                    mcfg, batch_sizes, contexts, decode_steps, copy_bw, hf, hf_batches, hf_contexts
+                )
             )
             torch.cuda.empty_cache()
         _print_gpu(report)
