@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=int, default=0)
     g.add_argument("--json", action="store_true", help="one JSON object a line, in input order")
 
+    from kvrelay.cluster.serve import add_serve_args
+
+    add_serve_args(sub)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     be = bench.add_parser("engine", help="offline engine throughput (prefill and decode)")
     _add_engine_args(be)
@@ -186,14 +190,58 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             params.append(SamplingParams(**fields))
         except ValueError as e:
             raise CliError(f"prompt {i + 1}: {e}") from None
-    engine = Engine(_engine_config(args))
-    outputs = engine.generate([p for p, _ in items], params)
-    for out in outputs:
-        if args.json:
-            print(json.dumps(out.to_json(), ensure_ascii=False))
-        else:
-            print(out.text)
+    if args.server is not None:
+        rows = _generate_remote(args.server, items, params)
+    else:
+        engine = Engine(_engine_config(args))
+        rows = [out.to_json() for out in engine.generate([p for p, _ in items], params)]
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False) if args.json else row["text"])
     return 0
+
+
+def _generate_remote(
+    server: str, items: list[tuple[str | list[int], dict[str, Any]]], params: list[Any]
+) -> list[dict[str, Any]]:
+    """All prompts sent at once over gRPC (so the server batches them); results in input order."""
+    import asyncio
+
+    from kvrelay.cluster.client import AsyncKvrelayClient, KvrelayError
+
+    async def run() -> list[dict[str, Any]]:
+        async with AsyncKvrelayClient(server) as client:
+
+            async def one(prompt: str | list[int], p: Any) -> dict[str, Any]:
+                r = await client.generate(
+                    prompt,
+                    max_tokens=p.max_tokens,
+                    temperature=p.temperature,
+                    top_p=p.top_p,
+                    top_k=p.top_k,
+                    min_p=p.min_p,
+                    seed=p.seed,
+                    stop=p.stop,
+                    stop_token_ids=p.stop_token_ids,
+                    ignore_eos=p.ignore_eos,
+                    logprobs=p.logprobs,
+                )
+                usage = r.usage
+                return {
+                    "token_ids": list(r.token_ids),
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                    "cached_prompt_tokens": usage.cached_prompt_tokens if usage else 0,
+                }
+
+            return await asyncio.gather(
+                *(one(prompt, p) for (prompt, _), p in zip(items, params, strict=True))
+            )
+
+    try:
+        return asyncio.run(run())
+    except KvrelayError as e:
+        raise CliError(f"--server {server}: {e.code.name}: {e.details}") from None
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -228,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "serve":
+            from kvrelay.cluster.serve import run_serve
+
+            return run_serve(args)
         return _cmd_bench(args)
     except (CliError, ValueError) as e:
         print(f"kvrelay: error: {e}", file=sys.stderr)

@@ -10,6 +10,11 @@ Parameter names follow Hugging Face's except two fused projections (one matmul i
 several): ``self_attn.qkv_proj`` = rows [q; k; v] and ``mlp.gate_up_proj`` = rows [gate; up].
 The loader concatenates the checkpoint's weights into them.
 
+A layer's elementwise work is a handful of fused launches (``fused_ops``): its norm,
+RoPE on q and k in place in the qkv output, and SiLU-and-mul. The residual stream is carried
+beside the hidden states as in vLLM: a layer takes and returns ``(hidden, residual)``, where
+the true stream is ``hidden + residual``, and the next norm adds them as it normalises.
+
 Forward has no host syncs and no data-dependent shapes, so a decode step can be captured
 in a CUDA graph (whatever the attention backend's eager path does aside).
 """
@@ -19,32 +24,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvrelay.worker.attention.backend import AttentionBackend
 from kvrelay.worker.attention.metadata import AttentionMetadata
+from kvrelay.worker.model import fused_ops
 from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.rope import RotaryEmbedding, apply_rotary
+from kvrelay.worker.model.fused_ops import FUSED_IMPLS, FusedImpl
+from kvrelay.worker.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """Normalises in float32, rounds back, then scales: transformers' order, so that
+    half-precision results match it bit for bit."""
+
+    def __init__(self, dim: int, eps: float, impl: FusedImpl = "auto") -> None:
         super().__init__()
         self.eps = eps
+        self.impl = impl
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, round back, then scale: transformers' order, so that
-        # half-precision results match it bit for bit.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return fused_ops.rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(residual + x), residual + x); ``residual`` is updated in place."""
+        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps, impl=self.impl)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, impl: FusedImpl) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -52,76 +61,94 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.rms_norm_eps = config.rms_norm_eps
+        self.impl = impl
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            # Only their weights are used: the RoPE launch applies them (fused_ops.apply_rotary_).
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, impl)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, impl)
         self.attn_backend = attn_backend
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, D/2] float32
-        sin: torch.Tensor,
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_len, D] float32: cos | sin
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Strided views into qkv (row stride (H + 2 Hkv) D): RoPE rotates them in place.
         q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        fused_ops.apply_rotary_(
+            q,
+            k,
+            positions,
+            cos_sin_cache,
+            q_norm_weight=self.q_norm.weight if self.qk_norm else None,
+            k_norm_weight=self.k_norm.weight if self.qk_norm else None,
+            norm_eps=self.rms_norm_eps,
+            impl=self.impl,
+        )
         o = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))  # [T, hidden]
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, impl: FusedImpl) -> None:
         super().__init__()
+        self.impl = impl
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)  # [T, hidden]
+        act = fused_ops.silu_and_mul(self.gate_up_proj(x), impl=self.impl)  # [T, I]
+        return self.down_proj(act)  # [T, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, impl: FusedImpl) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, attn_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, impl)
+        self.self_attn = Attention(config, attn_backend, impl)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, impl)
+        self.mlp = MLP(config, impl)
 
     def forward(
         self,
         h: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,  # [T, hidden]; None in the first layer (h is the stream)
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mlp output, residual): the stream after this layer is their sum."""
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(h, positions, cos_sin_cache, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, impl: FusedImpl) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, attn_backend) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, attn_backend, impl) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, impl)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
         )
@@ -134,18 +161,26 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         assert len(kv_caches) == len(self.layers), (len(kv_caches), len(self.layers))
-        cos, sin = self.rotary_emb(positions)  # [T, D/2] each, shared by all layers
-        h = self.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin_cache = self.rotary_emb.cos_sin_cache  # read by position in each layer's RoPE
+        h = self.embed_tokens(input_ids)  # [T, hidden]; a fresh tensor, so the stream may own it
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, cos_sin_cache, kv_cache, meta)
+        assert residual is not None  # num_hidden_layers >= 1
+        return self.norm.add_forward(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, attn_backend: AttentionBackend, fused_impl: FusedImpl = "auto"
+    ) -> None:
+        """``fused_impl`` picks the elementwise kernels (see ``fused_ops``): "auto" runs Triton
+        on CUDA and PyTorch on the CPU; tests force "triton" or "torch"."""
         super().__init__()
+        if fused_impl not in FUSED_IMPLS:
+            raise ValueError(f"fused_impl must be one of {FUSED_IMPLS}, got {fused_impl!r}")
         self.config = config
-        self.model = LlamaModel(config, attn_backend)
+        self.model = LlamaModel(config, attn_backend, fused_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 

@@ -3,7 +3,9 @@
 The cos/sin table is computed once for every position up to max_model_len, in float32
 and with the same operations transformers uses, then indexed by each token's position:
 no per-step trigonometry and nothing that depends on the batch's shape beyond the
-gather, so it is CUDA-graph safe.
+gather, so it is CUDA-graph safe. The model's RoPE runs in ``fused_ops.apply_rotary_``,
+which reads the table by position inside its kernel; ``apply_rotary`` here is the PyTorch
+reference it is held to, and its CPU path.
 """
 
 from __future__ import annotations
