@@ -10,6 +10,15 @@ out="${OUT:-out}"; mkdir -p "$out"
 what="${1:-all}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Packages the GPU image lacks travel as wheels in .whl/ (pure Python; see docs/BENCHMARKS.md).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+# Ray, from the slim bundle of ../shared/device/ray-bundle.sh, when carried.
+if [[ -f .devicepkgs/ray-slim.tar.xz ]]; then
+  mkdir -p /tmp/site && tar -xJf .devicepkgs/ray-slim.tar.xz -C /tmp/site && chmod -R +x /tmp/site/ray/core
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 declare -A status
