@@ -1,0 +1,203 @@
+"""`kvrelay serve` configuration: frozen dataclasses, filled from YAML and overridden by flags.
+
+A YAML file's top-level keys mirror the flags (`port`, `workers`, `metrics_port`, ...; `model` is
+a shortcut for `engine.model`), plus two sections:
+
+    engine:   fields of `worker.config.EngineConfig` (dtype, num_kv_blocks, max_num_seqs, ...)
+    routing:  fields of `cluster.routing.BalanceConfig`
+
+An unknown key is an error naming the key and the file; so is a value of the wrong type (naming the
+expected type). `deploy/kvrelay.example.yaml` is a commented example of every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvrelay.cluster.routing import BalanceConfig
+from kvrelay.worker.config import EngineConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+# Engine fields the server sets itself: a file may not.
+_ENGINE_RESERVED = {
+    "device": "set the top-level 'device' key (each worker picks its own GPU)",
+    "detokenize": "the router detokenizes; workers always send token ids only",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (the ready line says which)
+    workers: int | None = None  # None: one per GPU, or 1 CPU worker where there is no GPU
+    # Disaggregated prefill/decode pools: accepted here, refused by `kvrelay serve` for now.
+    prefill_workers: int | None = None
+    decode_workers: int | None = None
+    device: str = "auto"  # auto: cuda where a GPU is visible, else cpu
+    ray_address: str | None = None  # None: start a local Ray cluster
+    max_restarts: int = 3  # per worker actor, before it stays down
+    metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None: off
+    # Admission: requests in flight (queued or running) and their tokens (prompt + max_tokens).
+    max_queued_requests: int = 1024
+    max_queued_tokens: int = 4 * 1024 * 1024
+    # gRPC message size limit (both directions); a bigger request gets RESOURCE_EXHAUSTED from gRPC.
+    max_message_bytes: int = 16 * 1024 * 1024
+    drain_grace_s: float = 30.0  # after SIGTERM/SIGINT, how long in-flight streams may run on
+    default_max_tokens: int = 16  # for requests that leave max_tokens at 0
+    # Requests arriving within this window that go to one worker are submitted in one call;
+    # 0: those arriving within one event-loop iteration.
+    batch_window_s: float = 0.0
+    auth_token_file: str | None = None  # accepted; authentication is a later issue
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(detokenize=False))
+    routing: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must not be empty")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
+        for name in ("workers", "prefill_workers", "decode_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.workers is not None and (self.prefill_workers or self.decode_workers):
+            raise ValueError("give either workers or prefill_workers + decode_workers, not both")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        positive = ("max_queued_requests", "max_queued_tokens", "max_message_bytes", "default_max_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_message_bytes >= 2**31:
+            raise ValueError(
+                f"max_message_bytes must be < 2**31 (gRPC's limit), got {self.max_message_bytes}"
+            )
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        for name in ("drain_grace_s", "batch_window_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.engine.detokenize:
+            raise ValueError("engine.detokenize must be False: the router detokenizes")
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """The config of a YAML file (or the defaults when path is None), then `overrides` on top.
+
+    overrides: top-level keys as in the file (flags), already typed; `engine` and `routing` may be
+    nested mappings too. ValueError names the key (and the file) on any problem.
+    """
+    values = _read_yaml(Path(path)) if path is not None else {}
+    merged = _merge(values, dict(overrides or {}))
+    try:
+        return _build(merged)
+    except ValueError as e:
+        if path is None:
+            raise
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if key in ("engine", "routing") and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _build(values: dict[str, Any]) -> ServerConfig:
+    values = dict(values)
+    engine = _section(values.pop("engine", None), "engine")
+    routing = _section(values.pop("routing", None), "routing")
+    if "model" in values:
+        model = values.pop("model")
+        _check_type("model", model, str)
+        if "model" in engine and engine["model"] != model:
+            raise ValueError(f"model is given twice ({model!r} and engine.model {engine['model']!r})")
+        engine["model"] = model
+    for key in engine:
+        if key in _ENGINE_RESERVED:
+            raise ValueError(f"engine.{key} cannot be set: {_ENGINE_RESERVED[key]}")
+    kwargs = _typed_fields(ServerConfig, values, "", known_extra={"model", "engine", "routing"})
+    engine_fields = _typed_fields(EngineConfig, engine, "engine.")
+    try:
+        kwargs["engine"] = EngineConfig(**engine_fields, detokenize=False)
+    except ValueError as e:  # EngineConfig names its fields bare
+        raise ValueError(f"engine.{e}") from None
+    kwargs["routing"] = BalanceConfig(**_typed_fields(BalanceConfig, routing, "routing."))
+    return ServerConfig(**kwargs)
+
+
+def _section(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping of keys to values, got {type(value).__name__}")
+    return dict(value)
+
+
+def _typed_fields(
+    cls: type, values: dict[str, Any], prefix: str, known_extra: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
+    """values checked against cls's field annotations; known_extra: keys handled by the caller."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - known_extra
+    if cls is EngineConfig:
+        names -= set(_ENGINE_RESERVED)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in names:
+            known = ", ".join(sorted(names | known_extra))
+            raise ValueError(f"unknown key {prefix}{key} (known: {known})")
+        out[key] = _check_type(prefix + key, value, hints[key])
+    return out
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """value if it fits the annotation (str, int, float, bool, or X | None); ints pass as floats."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ValueError(f"{key} must be {names}, got {type(value).__name__} {value!r}")

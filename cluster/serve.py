@@ -1,0 +1,234 @@
+"""`kvrelay serve`: a Ray worker pool behind the gRPC router, until SIGTERM/SIGINT drains it.
+
+    kvrelay serve [--config FILE] [--model PATH|tiny] [--host HOST] [--port PORT] [--workers N]
+                  [--device auto|cpu|cuda] [--ray-address ADDR] [--metrics-port PORT] ...
+
+Start-up: the pool (one worker actor per GPU, or N CPU workers; a local Ray cluster unless
+`--ray-address`), then the tokenizer, then the gRPC server; when it accepts calls, exactly one line
+`kvrelay serving on HOST:PORT` goes to stdout (logs go to stderr).
+
+Shutdown, on SIGTERM or SIGINT: health turns NOT_SERVING and new calls get UNAVAILABLE at once;
+open streams run on for up to `drain_grace_s` (a second signal cuts the grace short), the rest end
+with UNAVAILABLE; then the server and the pool stop and the process exits 0.
+
+`add_serve_args` and `run_serve` are what `kvrelay/cli.py` wires; `python -m kvrelay.cluster.serve`
+runs the same command standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvrelay.cluster.config import DEVICES, ServerConfig, load_config
+
+log = logging.getLogger("kvrelay")
+
+# flag dest -> where it lands in the config (a top-level key, or ("engine", key))
+_TOP_LEVEL_FLAGS = (
+    "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
+    "metrics_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
+    "default_max_tokens", "auth_token_file", "max_restarts",
+)  # fmt: skip
+# A signal this soon after the first is the same request delivered twice (a wrapper such as
+# `timeout` signals both its child and its process group), not a second Ctrl-C.
+_SECOND_SIGNAL_MIN_GAP_S = 1.0
+_ENGINE_FLAGS = ("dtype", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_seqs", "block_size")
+
+
+def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the `serve` subcommand to an argparse subparsers object; returns its parser.
+    Every flag defaults to None so that only flags given on the command line override the file."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="serve the kvrelay.v1 gRPC API on a Ray worker pool"
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML file; flags override its keys")
+    p.add_argument("--model", help="local Hugging Face-format model dir, or 'tiny' (default)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 50051; 0: any free port)")
+    p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 1 CPU worker)")
+    p.add_argument("--prefill-workers", type=int, help="disaggregated prefill workers (not supported yet)")
+    p.add_argument("--decode-workers", type=int, help="disaggregated decode workers (not supported yet)")
+    p.add_argument("--device", choices=DEVICES, help="auto (default): cuda where a GPU is visible, else cpu")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument("--max-queued-requests", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queued-tokens", type=int, help="tokens (prompt + max_tokens) in flight, likewise")
+    p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit")
+    p.add_argument("--drain-grace-s", type=float, help="how long open streams may run after SIGTERM")
+    p.add_argument("--default-max-tokens", type=int, help="max_tokens of requests that leave it 0")
+    p.add_argument("--auth-token-file", help="bearer-token authentication (not supported yet)")
+    p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
+    p.add_argument("--dtype", help="engine dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: sized from memory)")
+    p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per worker")
+    p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
+    p.add_argument("--block-size", type=int, help="tokens per KV block")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The config file (if any) with every flag that was given on top."""
+    overrides: dict[str, Any] = {
+        k: getattr(args, k) for k in _TOP_LEVEL_FLAGS if getattr(args, k, None) is not None
+    }
+    engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
+    if engine:
+        overrides["engine"] = engine
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`kvrelay serve`: blocks until drained; returns the exit status. Bad configuration raises
+    ValueError (the message names the key), which the CLI prints as one line."""
+    config = config_from_args(args)
+    if config.prefill_workers is not None or config.decode_workers is not None:
+        raise ValueError(
+            "--prefill-workers/--decode-workers: disaggregated prefill and decode are not supported "
+            "yet; use --workers N"
+        )
+    if config.auth_token_file is not None:
+        raise ValueError(
+            "--auth-token-file: authentication is not supported yet; refusing to serve without it"
+        )
+    return asyncio.run(serve(config))
+
+
+def resolve_workers(config: ServerConfig) -> tuple[int, str]:
+    """(number of workers, "cpu" or "cuda"): one per visible GPU by default, else one CPU worker."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = config.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus == 0 and config.ray_address is None:
+        raise ValueError("--device cuda: no CUDA GPU is visible here")
+    workers = config.workers
+    if workers is None:
+        workers = gpus if device == "cuda" and gpus > 0 else 1
+    return workers, device
+
+
+async def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; `ready(address)` is called once serving (default:
+    print the ready line)."""
+    # Imported here, not at module level: the CLI builds its parser from this module, and
+    # `kvrelay generate` or `bench` must not need gRPC's health/reflection packages or Ray.
+    from kvrelay.cluster.pool import RayWorkerPool
+    from kvrelay.cluster.router import GenerationRouter, build_server, format_address
+
+    num_workers, device = resolve_workers(config)
+    pool = RayWorkerPool(config.engine, num_workers, device, config.ray_address, config.max_restarts)
+    router = GenerationRouter(pool, config)
+    signals = _Signals(asyncio.get_running_loop())
+    stop_metrics: Callable[[], None] | None = None
+    server = None
+    try:
+        log.info("starting %d %s workers of %s", num_workers, device, config.engine.model)
+        if not await signals.until_signal(router.start()):
+            log.info("interrupted during start-up")
+            return 0
+        signals.install()
+        server, port = build_server(router, config)
+        await server.start()
+        if config.metrics_port is not None:
+            metrics_port, stop_metrics = router.metrics.serve_http(config.host, config.metrics_port)
+            log.info("metrics on http://%s/metrics", format_address(config.host, metrics_port))
+        address = format_address(config.host, port)
+        if ready is not None:
+            ready(address)
+        else:
+            print(f"kvrelay serving on {address}", flush=True)
+        await signals.first.wait()
+        log.info("draining (grace %.1f s)", config.drain_grace_s)
+        if not await signals.until_signal(router.drain(config.drain_grace_s), which=signals.second):
+            log.info("second signal: ending the grace period now")
+            await router.drain(0.0)
+        await server.stop(1.0)
+        return 0
+    finally:
+        signals.restore()
+        if stop_metrics is not None:
+            stop_metrics()
+        if server is not None:
+            await server.stop(0)
+        await router.stop()
+        log.info("stopped")
+
+
+class _Signals:
+    """SIGTERM/SIGINT as events: the first asks for a drain, the second for an end now."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+        self._installed: list[signal.Signals] = []
+        self._first_at = 0.0
+        self.install()
+
+    def install(self) -> None:
+        """(Re)install the handlers: `ray.init` replaces SIGTERM's with one that kills the process."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+                if sig not in self._installed:
+                    self._installed.append(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if not self.first.is_set():
+            log.info("got %s", sig.name)
+            self._first_at = now
+            self.first.set()
+        elif now - self._first_at >= _SECOND_SIGNAL_MIN_GAP_S:
+            log.info("got %s again", sig.name)
+            self.second.set()
+
+    async def until_signal(self, coro: Any, which: asyncio.Event | None = None) -> bool:
+        """Run coro unless the event (default: the first signal) fires first: True if coro finished
+        (its exception propagates), False if it was cancelled by the signal."""
+        event = self.first if which is None else which
+        task = asyncio.ensure_future(coro)
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+
+    def restore(self) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvrelay")
+    add_serve_args(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_serve(args)
+    except ValueError as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A GenerateRequest checked against the model's limits and turned into what a worker runs.
+
+Every check raises ValueError whose message starts with the field (as the proto names it) and
+states the limit; the router returns it as INVALID_ARGUMENT. Checks that need the prompt's token
+ids (length, vocabulary, context, KV capacity) run after a text prompt is tokenized.
+
+Messages larger than the server's `max_message_bytes` never reach this module: gRPC refuses them
+itself with RESOURCE_EXHAUSTED ("Received message larger than max").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.worker.protocol import WorkRequest
+from kvrelay.worker.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRING_LEN,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
+
+MAX_REQUEST_ID_LEN = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against; one per served model."""
+
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int  # one worker's whole KV cache, in tokens
+    accepts_text: bool  # the router has the model's tokenizer
+    default_max_tokens: int = 16
+    max_logprobs: int = MAX_LOGPROBS
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_stop_string_len: int = MAX_STOP_STRING_LEN
+    max_stop_token_ids: int = MAX_STOP_TOKEN_IDS
+    max_request_id_len: int = MAX_REQUEST_ID_LEN
+
+    @classmethod
+    def of(cls, model: ModelDescription, *, accepts_text: bool, default_max_tokens: int) -> Limits:
+        return cls(
+            vocab_size=model.vocab_size,
+            max_model_len=model.max_model_len,
+            kv_capacity_tokens=model.kv_capacity_tokens,
+            accepts_text=accepts_text,
+            default_max_tokens=default_max_tokens,
+        )
+
+
+def model_info(model: ModelDescription, limits: Limits) -> pb.ModelInfo:
+    """What GetModelInfo tells clients: the model and every limit requests are checked against."""
+    return pb.ModelInfo(
+        model=model.model,
+        vocab_size=model.vocab_size,
+        max_model_len=model.max_model_len,
+        eos_token_ids=list(model.eos_token_ids),
+        max_logprobs=limits.max_logprobs,
+        max_stop_strings=limits.max_stop_strings,
+        max_stop_string_length=limits.max_stop_string_len,
+        accepts_text=limits.accepts_text,
+    )
+
+
+def check_request_id(request_id: str, limits: Limits) -> str:
+    """The client's id ("" = the server assigns one)."""
+    if len(request_id) > limits.max_request_id_len:
+        raise ValueError(f"request_id: at most {limits.max_request_id_len} characters, got {len(request_id)}")
+    return request_id
+
+
+def prompt_of(request: pb.GenerateRequest, limits: Limits) -> str | list[int]:
+    """The prompt as text or token ids; no prompt, an empty one, or text the model cannot take is refused."""
+    which = request.WhichOneof("prompt")
+    if which is None:
+        raise ValueError("prompt: give text or token_ids, got neither")
+    if which == "text":
+        if not request.text:
+            raise ValueError("text: the prompt must not be empty")
+        if not limits.accepts_text:
+            raise ValueError("text: this model has no tokenizer, so text prompts are refused; send token_ids")
+        return request.text
+    ids = request.token_ids.ids
+    if not ids:
+        raise ValueError("token_ids: the prompt must hold at least 1 token, got none")
+    if len(ids) > limits.max_model_len:  # before copying a huge list
+        raise ValueError(f"token_ids: {len(ids)} tokens exceed max_model_len {limits.max_model_len}")
+    return list(ids)
+
+
+def sampling_params(s: pb.SamplingParams, limits: Limits) -> SamplingParams:
+    """The request's SamplingParams (stop strings included), with the proto's zeros as defaults."""
+    vocab = limits.vocab_size
+    max_tokens = s.max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_model_len:
+        raise ValueError(f"max_tokens: at most max_model_len {limits.max_model_len}, got {max_tokens}")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise ValueError(f"temperature: must be finite and >= 0, got {s.temperature}")
+    top_p = s.top_p if s.top_p != 0 else 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be in (0, 1] (0 = off), got {s.top_p}")
+    if s.top_k > vocab:
+        raise ValueError(f"top_k: must be <= the vocabulary size {vocab} (0 = off), got {s.top_k}")
+    if not math.isfinite(s.min_p) or not 0.0 <= s.min_p <= 1.0:
+        raise ValueError(f"min_p: must be in [0, 1] (0 = off), got {s.min_p}")
+    _check_stop(s.stop, limits)
+    if len(s.stop_token_ids) > limits.max_stop_token_ids:
+        raise ValueError(f"stop_token_ids: at most {limits.max_stop_token_ids}, got {len(s.stop_token_ids)}")
+    bad = next((t for t in s.stop_token_ids if t >= vocab), None)
+    if bad is not None:
+        raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+    if s.logprobs > limits.max_logprobs:
+        raise ValueError(f"logprobs: at most {limits.max_logprobs}, got {s.logprobs}")
+    # The checks above mirror SamplingParams' own; anything it still refuses names its field too.
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(s.temperature),
+        top_p=float(top_p),
+        top_k=s.top_k,
+        min_p=float(s.min_p),
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+    )
+
+
+def _check_stop(stop: Sequence[str], limits: Limits) -> None:
+    if not stop:
+        return
+    if not limits.accepts_text:
+        raise ValueError(
+            "stop: this model has no tokenizer, so stop strings cannot be matched; use stop_token_ids"
+        )
+    if len(stop) > limits.max_stop_strings:
+        raise ValueError(f"stop: at most {limits.max_stop_strings} stop strings, got {len(stop)}")
+    for s in stop:
+        if not 1 <= len(s) <= limits.max_stop_string_len:
+            raise ValueError(
+                f"stop: each stop string must be 1..{limits.max_stop_string_len} characters, got {len(s)}"
+            )
+
+
+def check_prompt(ids: Sequence[int], params: SamplingParams, limits: Limits) -> None:
+    """The prompt's ids against the vocabulary, the context length and one worker's KV capacity."""
+    if not ids:
+        raise ValueError("text: the prompt tokenized to no tokens")
+    vocab = limits.vocab_size
+    if min(ids) < 0 or max(ids) >= vocab:  # C-speed scan first: prompts run to 100k+ tokens
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise ValueError(f"token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+    total = len(ids) + params.max_tokens
+    if total > limits.max_model_len:
+        raise ValueError(
+            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            f"exceeds max_model_len {limits.max_model_len}"
+        )
+    if total > limits.kv_capacity_tokens:
+        raise ValueError(
+            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            f"exceeds one worker's KV cache capacity of {limits.kv_capacity_tokens} tokens"
+        )
+
+
+def work_request(
+    worker_id: str, ids: list[int], params: SamplingParams, timeout_s: float | None
+) -> WorkRequest:
+    """What the worker runs: stop strings stay with the router, which matches them on text."""
+    worker_params = dataclasses.replace(params, stop=()) if params.stop else params
+    return WorkRequest(worker_id, ids, worker_params, timeout_s)

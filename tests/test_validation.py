@@ -1,0 +1,135 @@
+"""cluster/validation.py: every refusal names its field and limit; accepted requests convert exactly."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from kvrelay.cluster.validation import (
+    Limits,
+    check_prompt,
+    check_request_id,
+    prompt_of,
+    sampling_params,
+    work_request,
+)
+from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.worker.sampling_params import SamplingParams
+
+LIMITS = Limits(vocab_size=320, max_model_len=4096, kv_capacity_tokens=2048, accepts_text=True)
+NO_TEXT = Limits(vocab_size=320, max_model_len=4096, kv_capacity_tokens=2048, accepts_text=False)
+
+
+def sampling(**fields: Any) -> pb.SamplingParams:
+    return pb.SamplingParams(**fields)
+
+
+def test_defaults_convert_proto_zeros() -> None:
+    p = sampling_params(sampling(), LIMITS)
+    assert p == SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None)
+
+
+def test_full_conversion() -> None:
+    s = sampling(
+        max_tokens=7, temperature=0.5, top_p=0.25, top_k=5, min_p=0.125, seed=2**64 - 1, stop=["ab", "c"],
+        stop_token_ids=[3, 4], ignore_eos=True, logprobs=2,
+    )  # fmt: skip
+    p = sampling_params(s, Limits(320, 4096, 2048, True, default_max_tokens=99))
+    assert p == SamplingParams(
+        max_tokens=7, temperature=0.5, top_p=0.25, top_k=5, min_p=0.125, seed=2**64 - 1, stop=("ab", "c"),
+        stop_token_ids=(3, 4), ignore_eos=True, logprobs=2,
+    )  # fmt: skip
+    assert sampling_params(sampling(seed=0), LIMITS).seed == 0  # an explicit 0 is a seed, not "unset"
+    assert sampling_params(sampling(), Limits(320, 4096, 2048, True, default_max_tokens=99)).max_tokens == 99
+
+
+def test_work_request_keeps_stop_strings_on_the_router() -> None:
+    p = SamplingParams(max_tokens=3, stop=("x",), stop_token_ids=(5,))
+    w = work_request("7", [1, 2], p, 1.5)
+    assert (w.request_id, w.prompt_token_ids, w.timeout_s) == ("7", [1, 2], 1.5)
+    assert w.params == SamplingParams(max_tokens=3, stop=(), stop_token_ids=(5,))
+
+
+@pytest.mark.parametrize(
+    ("fields", "needles"),
+    [
+        ({"temperature": -0.5}, ["temperature", ">= 0"]),
+        ({"temperature": math.nan}, ["temperature", "finite"]),
+        ({"temperature": math.inf}, ["temperature", "finite"]),
+        ({"top_p": 1.5}, ["top_p", "(0, 1]"]),
+        ({"top_p": -0.1}, ["top_p", "(0, 1]"]),
+        ({"top_p": math.nan}, ["top_p"]),
+        ({"min_p": 1.5}, ["min_p", "[0, 1]"]),
+        ({"min_p": -0.5}, ["min_p", "[0, 1]"]),
+        ({"top_k": 321}, ["top_k", "320"]),
+        ({"max_tokens": 4097}, ["max_tokens", "4096"]),
+        ({"stop": ["s"] * 17}, ["stop", "16"]),
+        ({"stop": ["x" * 257]}, ["stop", "256"]),
+        ({"stop": [""]}, ["stop", "1..256"]),
+        ({"stop_token_ids": [320]}, ["stop_token_ids", "320"]),
+        ({"stop_token_ids": [1] * 65}, ["stop_token_ids", "64"]),
+        ({"logprobs": 21}, ["logprobs", "20"]),
+    ],
+)
+def test_bad_sampling_names_field_and_limit(fields: dict[str, Any], needles: list[str]) -> None:
+    with pytest.raises(ValueError) as e:
+        sampling_params(sampling(**fields), LIMITS)
+    message = str(e.value)
+    assert message.startswith(needles[0]), message
+    for n in needles[1:]:
+        assert n in message, message
+
+
+def test_limits_at_the_edge_pass() -> None:
+    p = sampling_params(
+        sampling(
+            top_k=320, top_p=1.0, min_p=1.0, logprobs=20, stop=["x" * 256] * 16, stop_token_ids=[319] * 64
+        ),
+        LIMITS,
+    )
+    assert (p.top_k, p.logprobs, len(p.stop), len(p.stop_token_ids)) == (320, 20, 16, 64)
+
+
+def test_stop_strings_need_a_tokenizer() -> None:
+    with pytest.raises(ValueError, match=r"^stop: this model has no tokenizer"):
+        sampling_params(sampling(stop=["a"]), NO_TEXT)
+
+
+def test_prompt_forms() -> None:
+    assert prompt_of(pb.GenerateRequest(text="hi"), LIMITS) == "hi"
+    assert prompt_of(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2])), LIMITS) == [1, 2]
+    cases = [
+        (pb.GenerateRequest(), "prompt: give text or token_ids"),
+        (pb.GenerateRequest(text=""), "text: the prompt must not be empty"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[])), "token_ids: the prompt must hold at least 1"),
+        (
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 4097)),
+            "token_ids: 4097 tokens exceed max_model_len 4096",
+        ),
+    ]
+    for request, message in cases:
+        with pytest.raises(ValueError) as e:
+            prompt_of(request, LIMITS)
+        assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ValueError, match=r"^text: this model has no tokenizer"):
+        prompt_of(pb.GenerateRequest(text="hi"), NO_TEXT)
+
+
+def test_prompt_ids_against_vocab_context_and_kv() -> None:
+    check_prompt([0, 319], SamplingParams(max_tokens=2046), LIMITS)  # 2048 = the KV capacity exactly
+    with pytest.raises(ValueError, match=r"^token_ids: token id 320 is outside the vocabulary \[0, 320\)"):
+        check_prompt([1, 320, 2], SamplingParams(), LIMITS)
+    with pytest.raises(ValueError, match=r"^max_tokens: .* = 4097 exceeds max_model_len 4096"):
+        check_prompt([1], SamplingParams(max_tokens=4096), Limits(320, 4096, 10**6, True))
+    with pytest.raises(
+        ValueError, match=r"^max_tokens: .* = 2049 exceeds one worker's KV cache capacity of 2048"
+    ):
+        check_prompt([1, 2, 3], SamplingParams(max_tokens=2046), LIMITS)
+
+
+def test_request_id_length() -> None:
+    assert check_request_id("a" * 256, LIMITS) == "a" * 256
+    with pytest.raises(ValueError, match=r"^request_id: at most 256 characters, got 257"):
+        check_request_id("a" * 257, LIMITS)
