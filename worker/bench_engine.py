@@ -286,7 +286,7 @@ def _bench_gpu_model(
             config_dtype(config),
             torch.device(config.device if config.device != "auto" else "cuda"),
             hf_points,
-            max(4, steps // 4),
+            steps,
         )
         if isinstance(hf_res, str):
             res["hf_note"] = hf_res
