@@ -160,10 +160,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from kvrelay.worker.engine import Engine
     from kvrelay.worker.sampling_params import SamplingParams
 
-    if args.server is not None:
-        raise CliError(
-            "--server: the gRPC server is not part of this release yet; omit --server to run in-process"
-        )
     defaults: dict[str, Any] = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
