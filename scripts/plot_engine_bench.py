@@ -1,6 +1,6 @@
 """Plot a `kvrelay bench engine --json` report: decode tok/s against batch, graphs vs eager (and HF).
 
-    python scripts/plot_engine_bench.py docs/bench/engine_h200.json docs/bench/engine_h200.png
+python scripts/plot_engine_bench.py docs/bench/engine_h200.json docs/bench/engine_h200.png
 """
 
 from __future__ import annotations
@@ -24,8 +24,16 @@ def main(src: str, dst: str) -> None:
         for ctx, style in zip(sorted({r["context"] for r in rows}), ("-", "--", ":"), strict=False):
             pts = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
             b = [r["batch"] for r in pts]
-            ax.plot(b, [r["graph_tok_s"] for r in pts], "o" + style, color="C0", label=f"kvrelay graphs, ctx {ctx}")
-            ax.plot(b, [r["eager_tok_s"] for r in pts], "s" + style, color="C1", label=f"kvrelay eager, ctx {ctx}")
+            ax.plot(
+                b,
+                [r["graph_tok_s"] for r in pts],
+                "o" + style,
+                color="C0",
+                label=f"kvrelay graphs, ctx {ctx}",
+            )
+            ax.plot(
+                b, [r["eager_tok_s"] for r in pts], "s" + style, color="C1", label=f"kvrelay eager, ctx {ctx}"
+            )
             hf = [(r["batch"], r["batch"] / (r["hf_ms"] / 1e3)) for r in pts if "hf_ms" in r]
             if hf:
                 ax.plot(*zip(*hf, strict=True), "^" + style, color="C2", label=f"HF static cache, ctx {ctx}")

@@ -65,7 +65,9 @@ class Tokenizer:
         return cls(backend, bos_token_id=bos, eos_token_ids=eos_ids, add_bos_token=add_bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while Rust tokenizes (encode does not), so a long prompt
+        # tokenized on the router's thread pool does not stall its event loop.
+        ids: list[int] = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.bos_token_id is not None:
             if self._prepend_bos and ids[:1] != [self.bos_token_id]:
                 ids.insert(0, self.bos_token_id)
