@@ -59,17 +59,7 @@ def load_model(
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     shards, weights_file = _find_shards(model_dir)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, attn_backend)
-    model = model.to(dtype=dtype)  # free on meta: only records the dtype
-    if config.tie_word_embeddings:
-        # to_empty would give lm_head a second, throwaway embedding-sized tensor; re-tied below.
-        model.lm_head.register_parameter("weight", None)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_rope_cache()  # to_empty left it uninitialised, and .to(dtype) would have cast it
-    model.requires_grad_(False)
-    model.eval()
+    model = build_empty_model(config, dtype, device, attn_backend)
 
     targets = _targets(model, config)
     filled: set[str] = set()
@@ -89,6 +79,25 @@ def load_model(
         time.perf_counter() - start,
     )
     return model, config
+
+
+def build_empty_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, attn_backend: AttentionBackend
+) -> LlamaForCausalLM:
+    """The model with uninitialised weights in ``dtype`` on ``device`` (built on ``meta``, so no
+    init cost and no host copy), in eval mode with gradients off; the RoPE table is real."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, attn_backend)
+    model = model.to(dtype=dtype)  # free on meta: only records the dtype
+    if config.tie_word_embeddings:
+        # to_empty would give lm_head a second, throwaway embedding-sized tensor; re-tied below.
+        model.lm_head.register_parameter("weight", None)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_rope_cache()  # to_empty left it uninitialised, and .to(dtype) would have cast it
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
 
 def _find_shards(model_dir: Path) -> tuple[list[Path], Path]:

@@ -15,6 +15,7 @@ import torch
 from kvrelay.worker.attention.backend import AttentionBackend
 from kvrelay.worker.model.config import ModelConfig
 from kvrelay.worker.model.llama import LlamaForCausalLM
+from kvrelay.worker.model.loader import build_empty_model
 
 log = logging.getLogger("kvrelay")
 
@@ -85,14 +86,7 @@ def random_model(
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     config = preset_config(name)
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, attn_backend)
-    model = model.to(dtype=dtype)
-    if config.tie_word_embeddings:
-        model.lm_head.register_parameter("weight", None)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_rope_cache()
+    model = build_empty_model(config, dtype, device, attn_backend)
     gen = torch.Generator(device=device).manual_seed(seed)
     for pname, p in model.named_parameters():
         if pname.endswith("norm.weight"):
@@ -101,8 +95,6 @@ def random_model(
             p.zero_()
         else:
             p.normal_(0.0, 0.02, generator=gen)
-    model.requires_grad_(False)
-    model.eval()
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info("random weights %s: %.2f GB in %.1f s", name, num_bytes / 1e9, time.perf_counter() - t0)
     return model, config
