@@ -1,0 +1,140 @@
+"""The router over the real Ray worker pool (2 CPU worker actors) on a real loopback gRPC server:
+streams equal the in-process engine, cancellation and deadlines free blocks on the actors, and a
+worker actor killed mid-stream fails only its own streams, within 5 s, and comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from engine_helpers import make_engine, random_prompts
+from ray_helpers import LoopThread, ray_local  # noqa: F401
+
+from kvrelay.cluster.client import DeadlineExceeded, KvrelayClient, KvrelayError, Unavailable
+from kvrelay.cluster.config import load_config
+from kvrelay.cluster.pool import RayWorkerPool
+from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.worker.sampling_params import SamplingParams
+
+VOCAB = 320
+
+
+@dataclass
+class Served:
+    lt: LoopThread
+    pool: RayWorkerPool
+    router: GenerationRouter
+    server: Any
+    address: str
+
+    def client(self) -> KvrelayClient:
+        return KvrelayClient(self.address, timeout=120.0)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until every healthy actor's engine holds no KV block (its integrity check included)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.lt.run(self.pool.check_integrity())
+            stats = self.lt.run(self.pool.stats())
+            used = [s.num_used_blocks for s in stats if s is not None]
+            if not any(used):
+                return
+            assert time.monotonic() < deadline, f"blocks still in use: {used}"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local: None) -> Iterator[Served]:  # noqa: F811
+    lt = LoopThread()
+    config = load_config(None, {"port": 0, "workers": 2, "device": "cpu", "engine": {"num_kv_blocks": 512}})
+    pool = RayWorkerPool(config.engine, num_workers=2, device="cpu", max_restarts=2)
+
+    async def start() -> Served:
+        router = GenerationRouter(pool, config)
+        await router.start()
+        server, port = build_server(router, config)
+        await server.start()
+        return Served(lt, pool, router, server, f"127.0.0.1:{port}")
+
+    s = lt.run(start(), timeout_s=180)
+    yield s
+    lt.run(s.server.stop(0))
+    lt.run(s.router.stop())
+    lt.close()
+
+
+def test_64_concurrent_streams_equal_the_in_process_engine(served: Served) -> None:
+    prompts = random_prompts(64, [1, 5, 17, 40, 77], VOCAB, seed=31)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = [o.token_ids for o in make_engine(detokenize=False).generate(prompts, params)]
+    with served.client() as c, ThreadPoolExecutor(64) as ex:
+        got = list(ex.map(lambda p: c.generate(p, max_tokens=12, ignore_eos=True).token_ids, prompts))
+    assert [list(g) for g in got] == expected
+    stats = served.lt.run(served.pool.stats())
+    assert all(s is not None and s.num_steps > 0 for s in stats), "both actors served"
+    served.wait_idle()
+
+
+def test_cancel_and_deadline_free_blocks_on_the_actors(served: Served) -> None:
+    prompt = random_prompts(1, [60], VOCAB, seed=32)[0]
+    with served.client() as c:
+        stream = c.stream(prompt, max_tokens=3000, ignore_eos=True)
+        next(stream)
+        stream.close()  # cancels the call
+        with pytest.raises(DeadlineExceeded):
+            c.generate(prompt, max_tokens=3000, ignore_eos=True, timeout=1.0)
+    served.wait_idle()
+
+
+def test_worker_actor_killed_mid_stream(served: Served) -> None:
+    import ray
+
+    prompts = random_prompts(6, range(10, 30), VOCAB, seed=33)
+    results: dict[str, tuple[Any, float]] = {}  # id -> (result or error, when it ended)
+
+    def run(i: int) -> None:
+        with served.client() as c:
+            try:
+                r: Any = c.generate(prompts[i], max_tokens=600, ignore_eos=True, request_id=f"k{i}")
+            except KvrelayError as e:
+                r = e
+            results[f"k{i}"] = (r, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+
+    async def ranks() -> dict[str, int | None]:
+        return {f"k{i}": served.router.worker_of(f"k{i}") for i in range(6)}
+
+    deadline = time.monotonic() + 30
+    while None in (where := served.lt.run(ranks())).values():
+        assert time.monotonic() < deadline, where
+        time.sleep(0.02)
+    assert set(where.values()) == {0, 1}, where
+    ray.kill(served.pool.actor_handle(0), no_restart=False)
+    killed_at = time.monotonic()
+    for t in threads:
+        t.join(120)
+    for rid, rank in where.items():
+        r, ended = results[rid]
+        if rank == 0:
+            assert isinstance(r, Unavailable), r
+            assert ended - killed_at < 5.0, f"{rid} failed {ended - killed_at:.1f} s after the kill"
+        else:
+            assert not isinstance(r, Exception) and len(r.token_ids) == 600, r
+    # The restarted actor is taken back, and new requests reach it again.
+    while not served.pool.workers[0].healthy:
+        assert time.monotonic() - killed_at < 60, "worker 0 did not come back"
+        time.sleep(0.1)
+    with served.client() as c:
+        for p in random_prompts(8, range(5, 20), VOCAB, seed=34):
+            assert len(c.generate(p, max_tokens=3).token_ids) == 3
+    stats = served.lt.run(served.pool.stats())
+    assert stats[0] is not None and stats[0].num_steps > 0, "the restarted worker serves"
+    served.wait_idle()
