@@ -45,6 +45,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-hf", action="store_true", help="GPU: skip the transformers static-cache baseline")
     be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
     be.add_argument("--hf-contexts", default="512", help="GPU: contexts of the transformers baseline")
-    be.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     be.add_argument("--json", type=Path, default=None, help="write results here")
     return parser
 
@@ -107,7 +107,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=getattr(args, "enforce_eager", False),
+        enforce_eager=args.enforce_eager,
     )
 
 
