@@ -21,6 +21,7 @@ from typing import Any
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine
+from kvrelay.worker.engine_loop import delta_of, engine_load
 from kvrelay.worker.model.loader import resolve_model
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import RequestOutput
@@ -46,7 +47,7 @@ class FakeWorker:
         self.engine = engine
         self._pool = pool
         self._healthy = True
-        self._load = _load_of(engine)
+        self._load = engine_load(engine)
         self._inbox: list[tuple[str, Any, asyncio.Future[Any] | None]] = []
         self._wake = asyncio.Event()
         self._killed = False  # set by kill(); the task drops the engine's requests before stepping again
@@ -100,9 +101,9 @@ class FakeWorker:
             if self._killed:  # died mid-step: nothing of it is ever delivered
                 self._drop_all()
                 continue
-            self._load = _load_of(engine)
+            self._load = engine_load(engine)
             if outputs:
-                self._pool.on_deltas(self.rank, [_delta(o) for o in outputs])
+                self._pool.on_deltas(self.rank, [delta_of(o) for o in outputs])
             await asyncio.sleep(0)  # let the router read before the next step
 
     def _apply_inbox(self) -> list[RequestOutput]:
@@ -138,7 +139,7 @@ class FakeWorker:
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionError(f"worker {self.rank} died"))
         self._inbox = []
-        self._load = _load_of(self.engine)
+        self._load = engine_load(self.engine)
 
     def kill(self) -> None:
         self._healthy = False
@@ -218,36 +219,3 @@ class FakePool:
                 w.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await w.task
-
-
-def _load_of(engine: Engine) -> WorkerLoad:
-    s = engine.stats()
-    outstanding = sum(
-        r.num_tokens_to_compute + r.params.max_tokens - r.num_output_tokens for r in engine.requests.values()
-    )
-    return WorkerLoad(
-        num_running=s.num_running,
-        num_waiting=s.num_waiting,
-        kv_usage=s.kv_usage,
-        num_free_blocks=s.num_free_blocks,
-        outstanding_tokens=outstanding,
-        num_kv_blocks=s.num_kv_blocks,
-        prefix_cache_queries=s.prefix_cache_queries,
-        prefix_cache_hits=s.prefix_cache_hits,
-        num_preemptions=s.num_preemptions,
-        num_graph_replays=s.num_graph_replays,
-        num_eager_steps=s.num_eager_steps,
-    )
-
-
-def _delta(o: RequestOutput) -> TokenDelta:
-    return TokenDelta(
-        request_id=o.request_id,
-        token_ids=list(o.new_token_ids),
-        logprobs=list(o.logprobs),
-        finish_reason=o.finish_reason,
-        deadline_exceeded=o.deadline_exceeded,
-        prompt_tokens=o.prompt_tokens,
-        completion_tokens=o.completion_tokens,
-        cached_prompt_tokens=o.cached_prompt_tokens,
-    )

@@ -57,7 +57,7 @@ class EngineLoop:
         # Guarded by _cond:
         self._inbox: list[tuple[_Call[Any], Future[Any]]] = []
         self._outbox: dict[str, TokenDelta] = {}
-        self._load = self._compute_load()
+        self._load = engine_load(self._engine)
         self._stopping = False
         self._broken: str | None = None
         # Touched by the loop thread only: requests added to the engine whose final delta is not
@@ -287,32 +287,13 @@ class EngineLoop:
                 self._live.pop(out.request_id, None)
             else:
                 self._live[out.request_id] = out
-        load = self._compute_load()
+        load = engine_load(self._engine)
         with self._cond:
             for out in outputs:
                 _merge(self._outbox, out)
             self._load = load
             if outputs:
                 self._cond.notify_all()
-
-    def _compute_load(self) -> WorkerLoad:
-        s = self._engine.stats()
-        outstanding = 0
-        for req in self._engine.requests.values():
-            outstanding += req.num_tokens_to_compute + req.params.max_tokens - req.num_output_tokens
-        return WorkerLoad(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_usage=s.kv_usage,
-            num_free_blocks=s.num_free_blocks,
-            outstanding_tokens=outstanding,
-            num_kv_blocks=s.num_kv_blocks,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            num_preemptions=s.num_preemptions,
-            num_graph_replays=s.num_graph_replays,
-            num_eager_steps=s.num_eager_steps,
-        )
 
     def _mark_broken(self, why: str) -> None:
         with self._cond:
@@ -338,19 +319,45 @@ def _empty_output(request_id: str, prompt_tokens: int) -> RequestOutput:
     return RequestOutput(request_id, [], "", [], None, prompt_tokens, 0, 0)
 
 
+def engine_load(engine: Engine) -> WorkerLoad:
+    """What the router balances on, read off an engine between steps."""
+    s = engine.stats()
+    outstanding = 0
+    for req in engine.requests.values():
+        outstanding += req.num_tokens_to_compute + req.params.max_tokens - req.num_output_tokens
+    return WorkerLoad(
+        num_running=s.num_running,
+        num_waiting=s.num_waiting,
+        kv_usage=s.kv_usage,
+        num_free_blocks=s.num_free_blocks,
+        outstanding_tokens=outstanding,
+        num_kv_blocks=s.num_kv_blocks,
+        prefix_cache_queries=s.prefix_cache_queries,
+        prefix_cache_hits=s.prefix_cache_hits,
+        num_preemptions=s.num_preemptions,
+        num_graph_replays=s.num_graph_replays,
+        num_eager_steps=s.num_eager_steps,
+    )
+
+
+def delta_of(out: RequestOutput) -> TokenDelta:
+    """One engine step's output of one request, as it crosses to the router."""
+    return TokenDelta(
+        request_id=out.request_id,
+        token_ids=list(out.new_token_ids),
+        logprobs=list(out.logprobs),
+        finish_reason=out.finish_reason,
+        deadline_exceeded=out.deadline_exceeded,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        cached_prompt_tokens=out.cached_prompt_tokens,
+    )
+
+
 def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
     d = outbox.get(out.request_id)
     if d is None:
-        outbox[out.request_id] = TokenDelta(
-            request_id=out.request_id,
-            token_ids=list(out.new_token_ids),
-            logprobs=list(out.logprobs),
-            finish_reason=out.finish_reason,
-            deadline_exceeded=out.deadline_exceeded,
-            prompt_tokens=out.prompt_tokens,
-            completion_tokens=out.completion_tokens,
-            cached_prompt_tokens=out.cached_prompt_tokens,
-        )
+        outbox[out.request_id] = delta_of(out)
         return
     assert d.finish_reason is None, f"output for {out.request_id!r} after its final delta"
     d.token_ids += out.new_token_ids
