@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kvrelay.worker.config import EngineConfig
+from kvrelay.worker.config import EngineConfig, resolve_device
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.request import RequestStatus
 from kvrelay.worker.sampling_params import SamplingParams
@@ -276,15 +276,15 @@ def _bench_gpu_model(
             }
         )
     engine.check_integrity()
-    model_config = engine.model_config
+    model_config, dtype, device = engine.model_config, engine.dtype, engine.device
     del engine, graphs
     torch.cuda.empty_cache()
     if hf:
         hf_points = [(b, c) for c in contexts for b in hf_batches if b in batch_sizes and c in hf_contexts]
         hf_res = hf_static_decode(
             model_config,
-            config_dtype(config),
-            torch.device(config.device if config.device != "auto" else "cuda"),
+            dtype,
+            device,
             hf_points,
             steps,
         )
@@ -300,12 +300,6 @@ def _bench_gpu_model(
                     row["vs_hf"] = t / (row["graph_ms"] / 1e3)
         torch.cuda.empty_cache()
     return res
-
-
-def config_dtype(config: EngineConfig) -> torch.dtype:
-    from kvrelay.worker.config import resolve_dtype
-
-    return resolve_dtype(config.dtype, torch.device("cuda"))
 
 
 def _print_gpu(report: dict[str, Any]) -> None:
@@ -353,11 +347,7 @@ def run_engine_bench(
         raise ValueError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
     if prompt_len < 1 or decode_steps < 1:
         raise ValueError(f"--prompt-len and --decode-steps must be >= 1, got {prompt_len} and {decode_steps}")
-    device = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
+    device = resolve_device(config.device)
     if device.type == "cpu":
         report = _bench_cpu(config, batch_sizes, prompt_len, decode_steps)
     else:
