@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from collections.abc import Sequence
 
 from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine, EngineStats
 from kvrelay.worker.engine_loop import EngineLoop
 from kvrelay.worker.model.loader import resolve_model
 from kvrelay.worker.model.presets import is_random_model
-from kvrelay.worker.protocol import StepBatch, WorkRequest
+from kvrelay.worker.protocol import HandoffTarget, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 
@@ -60,6 +62,7 @@ class WorkerActor:
         config = pick_device(engine_config, rank) if pick_device_by_rank else engine_config
         self.rank = rank
         self._device = config.device
+        self._incarnation = f"{config.kv_role}-{rank}-{uuid.uuid4().hex[:12]}"
         engine = Engine(config)
         self._model = ModelDescription(
             model=config.model,
@@ -105,6 +108,35 @@ class WorkerActor:
 
     def check_integrity(self) -> None:
         self._loop.check_integrity()
+
+    # ---- disaggregated serving: see worker/handoff.py and memory_model/ ---------------------
+    def kv_descriptor(self) -> PeerDescriptor:
+        """Decode worker: how producers reach this incarnation's pool and mailbox."""
+        return self._loop.kv_descriptor()
+
+    def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
+        return self._loop.reserve(requests, producer)
+
+    def handoff_failed(self, request_ids: Sequence[str]) -> None:
+        self._loop.handoff_failed(request_ids)
+
+    def producer_down(self, producer: str) -> None:
+        self._loop.producer_down(producer)
+
+    def connect(self, peer: PeerDescriptor) -> None:
+        """Prefill worker: open a decode worker's pool and mailbox."""
+        self._loop.connect(peer)
+
+    def disconnect(self, key: str) -> None:
+        self._loop.disconnect(key)
+
+    def incarnation(self) -> str:
+        """Unique per actor process: the key decode workers file this producer's handoffs under."""
+        return self._incarnation
+
+    def debug_stall(self, seconds: float) -> None:
+        """Fault injection for tests: the engine stops stepping for `seconds`."""
+        self._loop.stall(seconds)
 
     def shutdown(self) -> None:
         self._loop.shutdown()

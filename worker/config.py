@@ -57,6 +57,11 @@ class EngineConfig:
     # Detokenize outputs and match stop strings in the engine. Served workers turn it off: the
     # router owns text, so tokens alone cross the wire.
     detokenize: bool = True
+    # Disaggregated serving: "both" (colocated), "prefill" (computes prompts, hands their KV to
+    # decode workers) or "decode" (receives KV, streams the rest). See worker/handoff.py.
+    kv_role: str = "both"
+    handoff_timeout_s: float = 10.0  # a decode worker gives up waiting for a handoff after this
+    handoff_policy: str = "recompute"  # then: "recompute" the prompt locally, or "fail" (UNAVAILABLE)
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -86,6 +91,12 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        if self.kv_role not in ("both", "prefill", "decode"):
+            raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
+        if not 0.0 < self.handoff_timeout_s <= 3600.0:
+            raise ValueError(f"handoff_timeout_s must be in (0, 3600] seconds, got {self.handoff_timeout_s}")
+        if self.handoff_policy not in ("recompute", "fail"):
+            raise ValueError(f"handoff_policy must be recompute or fail, got {self.handoff_policy!r}")
         if (
             not self.enable_chunked_prefill
             and self.max_model_len is not None

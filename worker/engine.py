@@ -13,17 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrelay.memory_model.mailbox import Payload, Status
+from kvrelay.memory_model.shm import SharedRegion
+from kvrelay.memory_model.transport import KVSender, PoolLayout, allocate_shared_pool, dtype_name
 from kvrelay.worker.attention.backend import AttentionBackend
 from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.config import EngineConfig, resolve_device, resolve_dtype
 from kvrelay.worker.cuda_graph import default_buckets
 from kvrelay.worker.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.handoff import HandoffReceiver
 from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
 from kvrelay.worker.kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
 from kvrelay.worker.model.config import ModelConfig
 from kvrelay.worker.model.loader import load_model, resolve_model
 from kvrelay.worker.model.presets import is_random_model, random_model
 from kvrelay.worker.model_runner import ModelRunner
+from kvrelay.worker.protocol import HandoffTarget
 from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from kvrelay.worker.sampler import Sampler, TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
@@ -78,7 +83,20 @@ class Engine:
             dtype=self.dtype,
         )
         num_blocks = self._plan_kv_blocks(spec)
-        kv_caches = spec.allocate(num_blocks, self.device)
+        layout = PoolLayout(
+            spec.num_layers,
+            num_blocks,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype_name(self.dtype),
+        )
+        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
+        self.kv_region: SharedRegion | None = None
+        if config.kv_role == "decode" and self.device.type == "cpu":
+            kv_caches, self.kv_region = allocate_shared_pool(layout)
+        else:
+            kv_caches = spec.allocate(num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -102,6 +120,19 @@ class Engine:
                 dtype=self.dtype,
             )
         self.sampler = Sampler()
+        self.handoff: HandoffReceiver | None = None
+        self.kv_sender: KVSender | None = None
+        if config.kv_role == "decode":
+            self.handoff = HandoffReceiver(
+                self,
+                kv_caches,
+                layout,
+                timeout_s=config.handoff_timeout_s,
+                policy=config.handoff_policy,
+                num_slots=2 * config.max_num_seqs,
+            )
+        elif config.kv_role == "prefill":
+            self.kv_sender = KVSender(kv_caches, layout)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -216,23 +247,34 @@ class Engine:
         params: SamplingParams,
         *,
         deadline: float | None = None,
+        handoff: HandoffTarget | None = None,
     ) -> None:
         """Queue a request; raises ValueError naming the field and the limit when it cannot be served."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt: text must not be empty")
+        if self.handoff is not None and self.handoff.holds(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(ids, params)
+        self.validate(ids, params)
+        req = self.new_request(request_id, ids, params, deadline)
+        req.handoff = handoff
+        self.scheduler.add(req)
+
+    def new_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, deadline: float | None
+    ) -> Request:
+        """A validated request, registered but not yet scheduled."""
         req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, deadline=deadline)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tokenizer is not None and self.config.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        return req
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
         if not ids:
             raise ValueError("prompt: must hold at least 1 token, got an empty prompt")
@@ -256,6 +298,8 @@ class Engine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        if self.handoff is not None and self.handoff.holds(request_id):
+            return self.handoff.cancel(request_id)
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return None
@@ -263,13 +307,57 @@ class Engine:
         return self._finish(req, FinishReason.ABORT, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (
+            self.handoff is not None and self.handoff.num_pending > 0
+        )
+
+    # ---- disaggregated serving (worker/handoff.py) -------------------------------------------
+    def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
+        """The prompt's KV arrived (blocks already held by req): decode from the producer's token."""
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        self.scheduler.admit_running(req)
+        if req.generator is not None:
+            # The producer drew this request's first V exponentials; skip them so the seeded
+            # stream continues exactly as it would have on one worker.
+            torch.empty(self.model_config.vocab_size, device=self.device).exponential_(
+                generator=req.generator
+            )
+        return self._append_token(req, first[0], first[1])
+
+    def requeue_locally(self, req: Request) -> None:
+        """A handoff given up under the recompute policy: prefill the request here instead."""
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.scheduler.add(req)
+
+    def finish_unscheduled(self, req: Request, reason: FinishReason) -> RequestOutput:
+        """End a request that is in no scheduler queue (its blocks are the caller's business)."""
+        return self._finish(req, reason, [], "", [])
+
+    def _export_kv(self, req: Request, token: int, lp: TokenLogprobs | None) -> str | None:
+        """Prefill worker: hand the prompt's KV and the first token to the decode worker; returns
+        why it failed (then nothing was written to the decode worker), None on success."""
+        target = req.handoff
+        assert target is not None and self.kv_sender is not None
+        n = -(-req.num_prompt_tokens // self.allocator.block_size)
+        src = self.allocator.get_block_ids(req.request_id)[target.skip_blocks : n]
+        payload = Payload(Status.OK, token, lp.logprob if lp else None, lp.top if lp else ())
+        try:
+            self.kv_sender.send(target.peer, target.slot, target.expected, src, target.dst_block_ids, payload)
+        except Exception as e:
+            log.error(
+                "KV handoff of %s to %s failed: %s: %s", req.request_id, target.peer, type(e).__name__, e
+            )
+            return f"KV handoff failed: {type(e).__name__}"
+        return None
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns an output per request that advanced."""
+        outputs = self.handoff.poll() if self.handoff is not None else []
         sched = self.scheduler.schedule()
-        outputs = [
+        outputs += [
             self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired
         ]
         if sched.is_empty:
@@ -295,6 +383,7 @@ class Engine:
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
+        handoff_error = self._export_kv(req, token, lp) if req.handoff is not None else None
         req.all_token_ids.append(token)
         logprobs = [lp] if lp is not None else []
         text, reason, stopped_on_text = "", None, False
@@ -311,11 +400,14 @@ class Engine:
             elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = FinishReason.LENGTH
         if reason is None:
+            assert handoff_error is None, "a handed-off request must end at its first token"
             return self._output(req, [token], text, logprobs, None)
         if req.detokenizer is not None and not stopped_on_text:
             text += req.detokenizer.flush().new_text  # text held back as a possible stop-string start
         self.scheduler.remove(req)
-        return self._finish(req, reason, [token], text, logprobs)
+        out = self._finish(req, reason, [token], text, logprobs)
+        out.error = handoff_error
+        return out
 
     def _finish(
         self,
@@ -402,5 +494,7 @@ class Engine:
     def check_integrity(self) -> None:
         """Allocator invariants, plus: every block in use belongs to a live request."""
         self.allocator.check_integrity()
+        if self.handoff is not None:
+            self.handoff.check_integrity()
         if not self.has_unfinished_requests() and self.allocator.num_used_blocks:
             raise RuntimeError(f"{self.allocator.num_used_blocks} KV blocks in use with no request live")

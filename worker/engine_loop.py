@@ -29,8 +29,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from kvrelay.memory_model.transport import KVSender, PeerDescriptor
 from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.handoff import HandoffBusy, HandoffReceiver
+from kvrelay.worker.protocol import HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
@@ -106,6 +108,49 @@ class EngineLoop:
 
     def stats(self) -> EngineStats:
         return self._call(lambda _: self._engine.stats())
+
+    # ---- disaggregated serving (worker/handoff.py) ----------------------------------------
+    def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
+        """Decode worker: reserve blocks and a mailbox slot per request, to be filled by
+        `producer`. Per request: its HandoffTarget, "busy: ..." (run it here as a plain request
+        instead) or the refusal message (bad input)."""
+        arrival = time.monotonic()
+        batch = list(requests)
+        return self._call(lambda _: self._reserve_all(batch, producer, arrival))
+
+    def handoff_failed(self, request_ids: Sequence[str]) -> None:
+        """Decode worker: the producer side never started for these (nothing will be written)."""
+        ids = list(request_ids)
+        self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_failed(ids)))
+
+    def producer_down(self, producer: str) -> None:
+        """Decode worker: `producer` is dead; its handoffs fall back, its quarantines end."""
+        self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_down(producer)))
+
+    def kv_descriptor(self) -> PeerDescriptor:
+        return self._receiver().descriptor
+
+    def connect(self, peer: PeerDescriptor) -> None:
+        """Prefill worker: open a decode worker's pool and mailbox (once per incarnation)."""
+        self._call(lambda _: self._sender().connect(peer))
+
+    def disconnect(self, key: str) -> None:
+        self._call(lambda _: self._sender().disconnect(key))
+
+    def _receiver(self) -> HandoffReceiver:
+        if self._engine.handoff is None:
+            raise RuntimeError("this worker is not a decode worker (kv_role != 'decode')")
+        return self._engine.handoff
+
+    def _sender(self) -> KVSender:
+        if self._engine.kv_sender is None:
+            raise RuntimeError("this worker is not a prefill worker (kv_role != 'prefill')")
+        return self._engine.kv_sender
+
+    def stall(self, seconds: float) -> None:
+        """Fault injection: the loop thread stops stepping for `seconds` (polls then see no
+        progress). Does not wait."""
+        self._enqueue(lambda _: time.sleep(seconds))
 
     def check_integrity(self) -> None:
         """The engine's invariants, plus: every live request of the engine is known to the loop."""
@@ -188,7 +233,10 @@ class EngineLoop:
                 # live request, those aborted just above included.
                 return False
             if not stepped and engine.num_steps == steps:
-                time.sleep(_STALLED_STEP_WAIT_S)
+                # Waiting for a KV handoff: poll the mailbox again at once (yielding the GIL to
+                # the actor's RPC threads); otherwise nothing can run until something changes.
+                waiting_for_kv = engine.handoff is not None and engine.handoff.num_active > 0
+                time.sleep(0 if waiting_for_kv else _STALLED_STEP_WAIT_S)
             outputs += stepped
         self._publish(outputs)
         return True
@@ -209,13 +257,46 @@ class EngineLoop:
             unpolled = self._outbox.get(r.request_id)
         if unpolled is not None:  # finished, but its final delta would merge with the new one
             raise ValueError(f"request_id {r.request_id!r} is already in use (its last output is unread)")
-        deadline = None
-        if r.timeout_s is not None:
-            if not math.isfinite(r.timeout_s):
-                raise ValueError(f"timeout_s must be a finite number of seconds, got {r.timeout_s}")
-            deadline = arrival + r.timeout_s  # <= now: expires at the next schedule, never runs
-        self._engine.add_request(r.request_id, r.prompt_token_ids, r.params, deadline=deadline)
+        deadline = self._deadline(r, arrival)
+        if r.handoff is not None and self._engine.kv_sender is None:
+            raise ValueError("handoff: this worker is not a prefill worker")
+        if r.handoff is not None and r.params.max_tokens != 1:
+            raise ValueError(f"handoff: a prefill request has max_tokens 1, got {r.params.max_tokens}")
+        self._engine.add_request(
+            r.request_id, r.prompt_token_ids, r.params, deadline=deadline, handoff=r.handoff
+        )
         self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
+
+    def _reserve_all(
+        self, requests: list[WorkRequest], producer: str, arrival: float
+    ) -> dict[str, HandoffTarget | str]:
+        receiver = self._receiver()
+        result: dict[str, HandoffTarget | str] = {}
+        for r in requests:
+            try:
+                deadline = self._deadline(r, arrival)
+                if r.request_id in self._live:
+                    raise ValueError(f"request_id {r.request_id!r} is already in use")
+                params = r.params
+                result[r.request_id] = receiver.reserve(
+                    r.request_id, r.prompt_token_ids, params, deadline, producer
+                )
+            except HandoffBusy as e:
+                result[r.request_id] = f"busy: {e}"
+                continue
+            except ValueError as e:
+                result[r.request_id] = str(e)
+                continue
+            self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
+        return result
+
+    @staticmethod
+    def _deadline(r: WorkRequest, arrival: float) -> float | None:
+        if r.timeout_s is None:
+            return None
+        if not math.isfinite(r.timeout_s):
+            raise ValueError(f"timeout_s must be a finite number of seconds, got {r.timeout_s}")
+        return arrival + r.timeout_s  # <= now: expires at the next schedule, never runs
 
     def _abort_all(self, ids: list[str], outputs: list[RequestOutput]) -> None:
         outputs += [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
@@ -351,6 +432,7 @@ def delta_of(out: RequestOutput) -> TokenDelta:
         prompt_tokens=out.prompt_tokens,
         completion_tokens=out.completion_tokens,
         cached_prompt_tokens=out.cached_prompt_tokens,
+        error=out.error,
     )
 
 
@@ -366,3 +448,4 @@ def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
     d.deadline_exceeded = out.deadline_exceeded
     d.completion_tokens = out.completion_tokens
     d.cached_prompt_tokens = out.cached_prompt_tokens
+    d.error = out.error

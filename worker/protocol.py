@@ -19,6 +19,22 @@ from kvrelay.worker.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
+class HandoffTarget:
+    """Where a prefill worker sends a request's KV blocks (disaggregated serving).
+
+    Made by the decode worker when it reserves the blocks (`Engine.reserve_handoff`); the
+    prefill worker copies its blocks [skip_blocks, skip_blocks + len(dst_block_ids)) of the
+    prompt into dst_block_ids of `peer`'s pool and publishes `expected` in mailbox `slot`.
+    """
+
+    peer: str  # the decode worker's PeerDescriptor.key
+    slot: int
+    expected: int
+    dst_block_ids: list[int]
+    skip_blocks: int  # leading prompt blocks the decode worker already holds (its prefix cache)
+
+
+@dataclass(slots=True)
 class WorkRequest:
     request_id: str
     prompt_token_ids: list[int]
@@ -26,6 +42,9 @@ class WorkRequest:
     # Seconds left when the router sent it (the worker turns it into its own monotonic deadline,
     # so clocks of different hosts never meet); None = no deadline.
     timeout_s: float | None = None
+    # Disaggregated serving, on a prefill worker: compute the prompt and first token, hand the KV
+    # blocks and the token to this target, and finish (the decode worker streams the rest).
+    handoff: HandoffTarget | None = None
 
 
 @dataclass(slots=True)
@@ -41,6 +60,9 @@ class TokenDelta:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    # Set when the request failed for a reason of the serving system, not of the request (a KV
+    # handoff that could not complete under the "fail" policy): the router answers UNAVAILABLE.
+    error: str | None = None
 
 
 @dataclass(slots=True)

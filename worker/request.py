@@ -13,6 +13,7 @@ from kvrelay.worker.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvrelay.worker.detokenizer import IncrementalDetokenizer
+    from kvrelay.worker.protocol import HandoffTarget
     from kvrelay.worker.sampler import TokenLogprobs
 
 
@@ -51,6 +52,8 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     first_token_time: float | None = None
+    # Disaggregated serving, on a prefill worker: where its KV goes once the first token is sampled.
+    handoff: HandoffTarget | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -98,6 +101,7 @@ class RequestOutput:
     completion_tokens: int
     cached_prompt_tokens: int
     deadline_exceeded: bool = False  # finished as ABORT because its deadline passed
+    error: str | None = None  # a serving-system failure (see TokenDelta.error)
 
     @property
     def finished(self) -> bool:

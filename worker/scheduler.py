@@ -72,10 +72,19 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order; the tail is preempted first
         self.num_preemptions = 0
+        # Sequences reserved for KV handoffs in flight (worker/handoff.py): they count against
+        # max_num_seqs, so an arriving handoff always finds its place in `running`.
+        self.num_reserved = 0
 
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    def admit_running(self, request: Request) -> None:
+        """A request whose KV was computed elsewhere (a handoff): it joins `running` directly."""
+        assert len(self.running) < self.max_num_seqs, "a handed-off request found no sequence slot"
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def remove(self, request: Request) -> None:
         """Take a request out of whichever queue holds it and free its blocks."""
@@ -120,7 +129,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + self.num_reserved < self.max_num_seqs:
             req = self.waiting[0]
             computed_blocks, num_cached = self.allocator.get_computed_blocks(req.all_token_ids)
             num_new = req.num_tokens - num_cached

@@ -291,6 +291,17 @@ class BlockAllocator:
                 queue = self._free_queue if block.block_hash is None else self._evictable_queue
                 queue[block_id] = None
 
+    def transfer(self, req_id: str, new_owner: str) -> None:
+        """Hand req_id's blocks (and hash chain) to another owner id, unchanged: a KV handoff that
+        was given up keeps its blocks quarantined under a private id while a late producer may
+        still write them, and the request id itself is free to be used again."""
+        if new_owner in self._req_blocks:
+            raise ValueError(f"transfer: owner {new_owner!r} already holds blocks")
+        if req_id not in self._req_blocks:
+            raise ValueError(f"transfer: req_id={req_id!r} holds no blocks")
+        self._req_blocks[new_owner] = self._req_blocks.pop(req_id)
+        self._req_hashes[new_owner] = self._req_hashes.pop(req_id)
+
     def get_block_ids(self, req_id: str) -> list[BlockId]:
         """A copy of req_id's block table, in token order."""
         held = self._req_blocks.get(req_id)

@@ -1,0 +1,227 @@
+"""KV block transports: how a producer (prefill worker) writes into a consumer's (decode
+worker's) KV pool and publishes completion in the consumer's mailbox.
+
+    kind        consumer's pool lives in            producer copies with                publishes with
+    cuda_ipc    its GPU; exported by CUDA IPC      one Triton launch, many CTAs          the last CTA's st.release.sys
+                handles, opened once per peer      (memory_model.gpu_copy)               into the mapped mailbox
+    shm         shared host memory (CPU workers)   torch index copies on the host        libatomic release store
+
+The consumer describes itself once per incarnation with a `PeerDescriptor` (plain data: it
+crosses Ray); producers `connect` to it (opening handles and mappings once, cached) and
+`send` per request. A consumer restart changes the descriptor's key and epoch, so handles of
+the old incarnation are never reused: the pool tells producers to `disconnect` it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvrelay.memory_model.mailbox import MailboxWriter, Payload, Status
+from kvrelay.memory_model.shm import SharedRegion
+
+log = logging.getLogger("kvrelay")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def node_id() -> str:
+    """This host: shared memory and CUDA IPC only work between processes of one node."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Shape of one layer tensor: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int, int, int]:
+        return (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def layer_bytes(self) -> int:
+        return int(np.prod(self.layer_shape)) * torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+
+    def compatible(self, other: PoolLayout) -> bool:
+        """Same block geometry (the block counts of the two pools may differ)."""
+        return (self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype) == (
+            other.num_layers,
+            other.block_size,
+            other.num_kv_heads,
+            other.head_dim,
+            other.dtype,
+        )
+
+
+@dataclass(frozen=True)
+class PeerDescriptor:
+    key: str  # unique per consumer incarnation: "<rank>:<incarnation>"
+    epoch: int  # the consumer's mailbox epoch (high 32 bits of every value it expects)
+    mailbox: str  # shared memory name of the mailbox
+    num_slots: int
+    layout: PoolLayout
+    kind: str  # "shm" or "cuda_ipc"
+    node: str  # node_id() of the consumer
+    shm_name: str | None = None  # kind == "shm": the pool's region
+    ipc: Any = None  # kind == "cuda_ipc": memory_model.ipc.IpcExport of the layer tensors
+
+
+def allocate_shared_pool(layout: PoolLayout) -> tuple[list[torch.Tensor], SharedRegion]:
+    """CPU pool tensors carved out of one shared region (zeroed, like `KVCacheSpec.allocate`)."""
+    region = SharedRegion.create("kvrelay-kv", layout.num_layers * layout.layer_bytes)
+    dtype = _DTYPES[layout.dtype]
+    tensors = []
+    for i in range(layout.num_layers):
+        raw = region.array[i * layout.layer_bytes : (i + 1) * layout.layer_bytes]
+        tensors.append(torch.frombuffer(raw, dtype=dtype).view(layout.layer_shape))
+    return tensors, region
+
+
+class _Peer:
+    def __init__(self, desc: PeerDescriptor, device: torch.device) -> None:
+        self.desc = desc
+        self.mailbox = MailboxWriter(desc.mailbox, desc.num_slots)
+        self.region: SharedRegion | None = None
+        self.dst: list[torch.Tensor] = []
+        self.dst_table: torch.Tensor | None = None
+        self.signal_base = 0  # device-usable address of the mailbox (GPU producers)
+        if desc.kind == "shm":
+            assert desc.shm_name is not None
+            self.region = SharedRegion(desc.shm_name, desc.layout.num_layers * desc.layout.layer_bytes, create=False)
+            dtype = _DTYPES[desc.layout.dtype]
+            nbytes = desc.layout.layer_bytes
+            self.dst = [
+                torch.frombuffer(self.region.array[i * nbytes : (i + 1) * nbytes], dtype=dtype).view(
+                    desc.layout.layer_shape
+                )
+                for i in range(desc.layout.num_layers)
+            ]
+        elif desc.kind == "cuda_ipc":
+            from kvrelay.memory_model import ipc
+
+            self.dst = ipc.open_tensors(desc.ipc)
+            self.dst_table = torch.tensor([t.data_ptr() for t in self.dst], dtype=torch.int64, device=device)
+            self.signal_base = ipc.register_host(self.mailbox.region.address, self.mailbox.region.nbytes)
+        else:
+            raise ValueError(f"unknown KV transport kind {desc.kind!r}")
+
+    def close(self) -> None:
+        if self.desc.kind == "cuda_ipc":
+            from kvrelay.memory_model import ipc
+
+            ipc.unregister_host(self.mailbox.region.address)
+            ipc.close_peer(self.desc.ipc)
+        self.dst = []
+        self.dst_table = None
+        self.mailbox.close()
+        if self.region is not None:
+            self.region.close()
+
+
+class KVSender:
+    """Producer side: writes a request's KV blocks into a connected consumer and publishes."""
+
+    def __init__(self, src_layers: Sequence[torch.Tensor], layout: PoolLayout) -> None:
+        self.src = list(src_layers)
+        self.layout = layout
+        self.device = self.src[0].device
+        self._peers: dict[str, _Peer] = {}
+        self._counter: torch.Tensor | None = None
+        if self.device.type == "cuda":
+            self._counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+
+    def connect(self, desc: PeerDescriptor) -> None:
+        if desc.key in self._peers:
+            return
+        if not self.layout.compatible(desc.layout):
+            raise ValueError(f"KV layout of peer {desc.key} {desc.layout} does not match ours {self.layout}")
+        if desc.node != node_id():
+            raise ValueError(f"peer {desc.key} is on another node ({desc.node}): no cross-node transport yet")
+        want = "cuda_ipc" if self.device.type == "cuda" else "shm"
+        if desc.kind != want:
+            raise ValueError(f"peer {desc.key} offers {desc.kind}; a {self.device.type} producer needs {want}")
+        self._peers[desc.key] = _Peer(desc, self.device)
+        log.info("KV transport: connected to %s (%s, %d layers)", desc.key, desc.kind, desc.layout.num_layers)
+
+    def disconnect(self, key: str) -> None:
+        peer = self._peers.pop(key, None)
+        if peer is not None:
+            peer.close()
+
+    def connected(self, key: str) -> bool:
+        return key in self._peers
+
+    def send(
+        self,
+        key: str,
+        slot: int,
+        expected: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        payload: Payload,
+    ) -> bool:
+        """Copy the blocks and publish `expected` in the peer's slot; False when the consumer had
+        already aborted this use (then nothing is copied and an ABORTED acknowledgement is
+        published instead). Returns once the copy is launched (GPU) or done (CPU)."""
+        peer = self._peers.get(key)
+        if peer is None:
+            raise KeyError(f"KV transport: not connected to {key}")
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
+        if peer.mailbox.abort_requested(slot, expected):
+            peer.mailbox.write_payload(slot, Payload(Status.ABORTED))
+            peer.mailbox.publish(slot, expected)
+            return False
+        peer.mailbox.write_payload(slot, payload)
+        if self.device.type == "cuda":
+            self._send_gpu(peer, slot, expected, src_block_ids, dst_block_ids)
+        else:
+            if src_block_ids:
+                src_ids = torch.tensor(src_block_ids, dtype=torch.long)
+                dst_ids = torch.tensor(dst_block_ids, dtype=torch.long)
+                for src, dst in zip(self.src, peer.dst, strict=True):
+                    dst.index_copy_(1, dst_ids, src.index_select(1, src_ids))
+            peer.mailbox.publish(slot, expected)
+        return True
+
+    def _send_gpu(
+        self, peer: _Peer, slot: int, expected: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> None:
+        from kvrelay.memory_model import gpu_copy
+
+        signal = peer.signal_base + peer.mailbox.signal_address(slot) - peer.mailbox.region.address
+        if not src_block_ids:
+            gpu_copy.publish_signal(signal, expected)
+            return
+        src_ids = torch.tensor(src_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        dst_ids = torch.tensor(dst_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        assert peer.dst_table is not None and self._counter is not None
+        gpu_copy.copy_blocks_and_signal(
+            self.src, peer.dst_table, src_ids, dst_ids, self._counter, signal, expected
+        )
+
+    def close(self) -> None:
+        for key in list(self._peers):
+            self.disconnect(key)

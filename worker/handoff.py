@@ -1,0 +1,282 @@
+"""Disaggregated serving inside one engine: the decode side's reservations, waits and give-ups.
+
+The protocol and its memory ordering are in `memory_model/__init__.py`; this file is the
+decode worker's bookkeeping around it (all on the engine thread):
+
+    reserve   validate, take the prompt's blocks (prefix-cache hits first), take a mailbox
+              slot; the request waits here, outside the scheduler, until its KV arrives
+    poll      (every engine step) a slot whose SIGNAL equals the expected value: admit the
+              request to decode with the producer's first token; a request past its
+              handoff timeout: give up (ABORT word), then recompute it locally or fail it
+    give up   the reserved blocks are QUARANTINED under a private owner id, never freed,
+              until the late completion (or the producer's abort acknowledgement) arrives
+              or the pool reports the producer dead: a late copy can never land in blocks
+              another request owns
+
+Invariant (checked by `check_integrity`): every reserved block belongs to exactly one pending
+entry, and running + reserved sequences never exceed max_num_seqs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvrelay.memory_model.mailbox import Mailbox, Payload, Status
+from kvrelay.memory_model.transport import PeerDescriptor, PoolLayout, node_id
+from kvrelay.worker.protocol import HandoffTarget
+from kvrelay.worker.request import FinishReason, Request, RequestOutput
+from kvrelay.worker.sampler import TokenLogprobs
+from kvrelay.worker.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvrelay.worker.engine import Engine
+
+log = logging.getLogger("kvrelay")
+
+POLICIES = ("recompute", "fail")
+
+
+class HandoffBusy(Exception):
+    """No sequence slot, KV blocks or mailbox slot for another handoff right now (not an error:
+    the pool then runs the request on the decode worker as a plain request)."""
+
+
+@dataclass
+class _Pending:
+    slot: int
+    expected: int
+    producer: str
+    give_up_at: float  # time.monotonic()
+    owner: str  # allocator owner of the reserved blocks
+    request: Request | None  # None once given up (the entry then only guards its blocks)
+
+
+class HandoffReceiver:
+    def __init__(
+        self,
+        engine: Engine,
+        kv_caches: list[torch.Tensor],
+        layout: PoolLayout,
+        *,
+        timeout_s: float,
+        policy: str,
+        num_slots: int,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"handoff_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self._engine = engine
+        self.timeout_s = timeout_s
+        self.policy = policy
+        self.key = uuid.uuid4().hex
+        self.mailbox = Mailbox(num_slots, epoch=secrets.randbelow((1 << 32) - 1) + 1)
+        self._pending: dict[str, _Pending] = {}  # request id (or quarantine id) -> entry
+        self.num_completed = 0
+        self.num_given_up = 0
+        self.descriptor = self._describe(kv_caches, layout)
+
+    def _describe(self, kv_caches: list[torch.Tensor], layout: PoolLayout) -> PeerDescriptor:
+        region = getattr(self._engine, "kv_region", None)
+        common = {
+            "key": self.key,
+            "epoch": self.mailbox.epoch,
+            "mailbox": self.mailbox.name,
+            "num_slots": self.mailbox.num_slots,
+            "layout": layout,
+            "node": node_id(),
+        }
+        if kv_caches[0].device.type == "cpu":
+            assert region is not None, "a CPU decode pool must live in shared memory"
+            return PeerDescriptor(kind="shm", shm_name=region.name, **common)  # type: ignore[arg-type]
+        from kvrelay.memory_model import ipc
+
+        return PeerDescriptor(kind="cuda_ipc", ipc=ipc.export_tensors(kv_caches), **common)  # type: ignore[arg-type]
+
+    # ---- queries --------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        """Requests waiting for their KV (they hold a sequence slot)."""
+        return sum(p.request is not None for p in self._pending.values())
+
+    @property
+    def num_pending(self) -> int:
+        """Active waits plus quarantines: the loop keeps polling while this is non-zero."""
+        return len(self._pending)
+
+    def holds(self, request_id: str) -> bool:
+        p = self._pending.get(request_id)
+        return p is not None and p.request is not None
+
+    # ---- reserve ----------------------------------------------------------------------------
+    def reserve(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None,
+        producer: str,
+    ) -> HandoffTarget:
+        eng = self._engine
+        if request_id in eng.requests or request_id in self._pending:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        eng.validate(prompt, params)
+        sched, alloc = eng.scheduler, eng.allocator
+        if len(sched.running) + sched.num_reserved >= sched.max_num_seqs:
+            raise HandoffBusy(f"{sched.max_num_seqs} sequences running or reserved")
+        if not self.mailbox.num_free:
+            raise HandoffBusy("no free mailbox slot")
+        cached, num_cached = alloc.get_computed_blocks(prompt)
+        if not alloc.allocate_slots(request_id, len(prompt), cached):
+            raise HandoffBusy(f"no KV blocks for {len(prompt)} prompt tokens")
+        slot, expected = self.mailbox.take()
+        req = eng.new_request(request_id, prompt, params, deadline)
+        req.num_cached_prompt_tokens = num_cached
+        self._pending[request_id] = _Pending(
+            slot, expected, producer, time.monotonic() + self.timeout_s, request_id, req
+        )
+        sched.num_reserved += 1
+        blocks = alloc.get_block_ids(request_id)
+        return HandoffTarget(self.key, slot, expected, list(blocks[len(cached) :]), len(cached))
+
+    # ---- per step -----------------------------------------------------------------------------
+    def poll(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for rid, p in list(self._pending.items()):
+            if self.mailbox.arrived(p.slot, p.expected):
+                outputs += self._arrived(rid, p)
+            elif p.request is not None:
+                req = p.request
+                if req.deadline is not None and req.deadline <= now:
+                    outputs.append(self._finish_given_up(rid, p, deadline_exceeded=True))
+                elif p.give_up_at <= now:
+                    log.warning(
+                        "KV handoff of %s timed out after %.1f s; %s", rid, self.timeout_s, self.policy
+                    )
+                    outputs += self._fallback(rid, p, f"KV handoff timed out after {self.timeout_s:g} s")
+        return outputs
+
+    def _arrived(self, rid: str, p: _Pending) -> list[RequestOutput]:
+        payload = self.mailbox.payload(p.slot)
+        if p.request is None:  # a late completion or an abort acknowledgement: never applied
+            self._resolve(rid, p)
+            return []
+        if payload.status is not Status.OK:
+            why = "the prefill worker failed" if payload.status is Status.FAILED else "aborted"
+            # The producer has finished with the blocks: free them, then apply the policy.
+            req = self._forget(rid, p)
+            self._engine.allocator.free(rid)
+            return self._apply_policy(req, f"KV handoff: {why}")
+        req = self._forget(rid, p)
+        self.num_completed += 1
+        return [self._engine.admit_handed_off(req, _token_logprobs(payload))]
+
+    # ---- give-ups --------------------------------------------------------------------------
+    def cancel(self, request_id: str) -> RequestOutput | None:
+        """Abort from the router (or a deadline): the request ends now, its blocks stay quarantined."""
+        p = self._pending.get(request_id)
+        if p is None or p.request is None:
+            return None
+        return self._finish_given_up(request_id, p, deadline_exceeded=False)
+
+    def producer_failed(self, request_ids: list[str]) -> list[RequestOutput]:
+        """The pool could not start the producer's side (it refused or was down): nothing will be
+        written, so the blocks are freed at once."""
+        outputs: list[RequestOutput] = []
+        for rid in request_ids:
+            p = self._pending.get(rid)
+            if p is None or p.request is None:
+                continue
+            req = self._forget(rid, p)
+            self._engine.allocator.free(rid)
+            outputs += self._apply_policy(req, "KV handoff: the prefill worker could not take the request")
+        return outputs
+
+    def producer_down(self, producer: str) -> list[RequestOutput]:
+        """The pool saw `producer` die: its CUDA context (or process) is gone and will write
+        nothing more, so its quarantines are freed and its active waits fall back now."""
+        outputs: list[RequestOutput] = []
+        for rid, p in list(self._pending.items()):
+            if p.producer != producer:
+                continue
+            if p.request is None:
+                self._resolve(rid, p)
+                continue
+            req = self._forget(rid, p)
+            self._engine.allocator.free(rid)
+            outputs += self._apply_policy(req, "KV handoff: the prefill worker died")
+        return outputs
+
+    def _fallback(self, rid: str, p: _Pending, why: str) -> list[RequestOutput]:
+        assert p.request is not None
+        req = p.request
+        self._quarantine(rid, p)
+        return self._apply_policy(req, why)
+
+    def _finish_given_up(self, rid: str, p: _Pending, *, deadline_exceeded: bool) -> RequestOutput:
+        assert p.request is not None
+        req = p.request
+        self._quarantine(rid, p)
+        out = self._engine.finish_unscheduled(req, FinishReason.ABORT)
+        out.deadline_exceeded = deadline_exceeded
+        return out
+
+    def _apply_policy(self, req: Request, why: str) -> list[RequestOutput]:
+        self.num_given_up += 1
+        if self.policy == "recompute":
+            self._engine.requeue_locally(req)
+            return []
+        out = self._engine.finish_unscheduled(req, FinishReason.ABORT)
+        out.error = why
+        return [out]
+
+    # ---- entry state -------------------------------------------------------------------------
+    def _quarantine(self, rid: str, p: _Pending) -> None:
+        """Give up on the wait: ABORT word, blocks to a private owner, the entry stays."""
+        self.mailbox.abort(p.slot, p.expected)
+        qid = f"handoff-quarantine:{p.slot}:{p.expected:x}"
+        self._engine.allocator.transfer(rid, qid)
+        del self._pending[rid]
+        self._engine.scheduler.num_reserved -= 1
+        p.owner, p.request = qid, None
+        self._pending[qid] = p
+
+    def _forget(self, rid: str, p: _Pending) -> Request:
+        """An active wait ends (arrived or failed); the blocks stay with the request id."""
+        assert p.request is not None
+        del self._pending[rid]
+        self._engine.scheduler.num_reserved -= 1
+        self.mailbox.give_back(p.slot)
+        return p.request
+
+    def _resolve(self, qid: str, p: _Pending) -> None:
+        """A quarantine ends: nothing can write its blocks any more."""
+        del self._pending[qid]
+        self._engine.allocator.free(qid)
+        self.mailbox.give_back(p.slot)
+
+    def check_integrity(self) -> None:
+        alloc, sched = self._engine.allocator, self._engine.scheduler
+        for owner in self._pending:
+            alloc.get_block_ids(owner)  # raises if the entry lost its blocks
+        if sched.num_reserved != self.num_active:
+            raise RuntimeError(
+                f"scheduler counts {sched.num_reserved} reserved sequences, receiver {self.num_active}"
+            )
+        if self.mailbox.num_free + len(self._pending) != self.mailbox.num_slots:
+            raise RuntimeError("mailbox slots leaked")
+
+    def close(self) -> None:
+        self.mailbox.close()
+
+
+def _token_logprobs(payload: Payload) -> tuple[int, TokenLogprobs | None]:
+    if payload.logprob is None:
+        return payload.token_id, None
+    return payload.token_id, TokenLogprobs(payload.token_id, payload.logprob, payload.top)
