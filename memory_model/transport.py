@@ -109,7 +109,9 @@ class _Peer:
         self.signal_base = 0  # device-usable address of the mailbox (GPU producers)
         if desc.kind == "shm":
             assert desc.shm_name is not None
-            self.region = SharedRegion(desc.shm_name, desc.layout.num_layers * desc.layout.layer_bytes, create=False)
+            self.region = SharedRegion(
+                desc.shm_name, desc.layout.num_layers * desc.layout.layer_bytes, create=False
+            )
             dtype = _DTYPES[desc.layout.dtype]
             nbytes = desc.layout.layer_bytes
             self.dst = [
@@ -132,7 +134,7 @@ class _Peer:
             from kvrelay.memory_model import ipc
 
             ipc.unregister_host(self.mailbox.region.address)
-            ipc.close_peer(self.desc.ipc)
+            ipc.close_peer(self.desc.ipc.owner_key)
         self.dst = []
         self.dst_table = None
         self.mailbox.close()
@@ -161,7 +163,9 @@ class KVSender:
             raise ValueError(f"peer {desc.key} is on another node ({desc.node}): no cross-node transport yet")
         want = "cuda_ipc" if self.device.type == "cuda" else "shm"
         if desc.kind != want:
-            raise ValueError(f"peer {desc.key} offers {desc.kind}; a {self.device.type} producer needs {want}")
+            raise ValueError(
+                f"peer {desc.key} offers {desc.kind}; a {self.device.type} producer needs {want}"
+            )
         self._peers[desc.key] = _Peer(desc, self.device)
         log.info("KV transport: connected to %s (%s, %d layers)", desc.key, desc.kind, desc.layout.num_layers)
 
@@ -189,7 +193,9 @@ class KVSender:
         if peer is None:
             raise KeyError(f"KV transport: not connected to {key}")
         if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
+            raise ValueError(
+                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks"
+            )
         if peer.mailbox.abort_requested(slot, expected):
             peer.mailbox.write_payload(slot, Payload(Status.ABORTED))
             peer.mailbox.publish(slot, expected)
@@ -207,7 +213,12 @@ class KVSender:
         return True
 
     def _send_gpu(
-        self, peer: _Peer, slot: int, expected: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+        self,
+        peer: _Peer,
+        slot: int,
+        expected: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
     ) -> None:
         from kvrelay.memory_model import gpu_copy
 
@@ -215,11 +226,22 @@ class KVSender:
         if not src_block_ids:
             gpu_copy.publish_signal(signal, expected)
             return
-        src_ids = torch.tensor(src_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
-        dst_ids = torch.tensor(dst_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        src_ids = (
+            torch.tensor(src_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        )
+        dst_ids = (
+            torch.tensor(dst_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        )
         assert peer.dst_table is not None and self._counter is not None
         gpu_copy.copy_blocks_and_signal(
-            self.src, peer.dst_table, src_ids, dst_ids, self._counter, signal, expected
+            self.src,
+            peer.dst_table,
+            src_ids,
+            dst_ids,
+            self._counter,
+            signal,
+            expected,
+            dst_num_blocks=peer.desc.layout.num_blocks,
         )
 
     def close(self) -> None:

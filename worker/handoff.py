@@ -56,6 +56,7 @@ class _Pending:
     give_up_at: float  # time.monotonic()
     owner: str  # allocator owner of the reserved blocks
     request: Request | None  # None once given up (the entry then only guards its blocks)
+    request_id: str
 
 
 class HandoffReceiver:
@@ -96,7 +97,7 @@ class HandoffReceiver:
             return PeerDescriptor(kind="shm", shm_name=region.name, **common)  # type: ignore[arg-type]
         from kvrelay.memory_model import ipc
 
-        return PeerDescriptor(kind="cuda_ipc", ipc=ipc.export_tensors(kv_caches), **common)  # type: ignore[arg-type]
+        return PeerDescriptor(kind="cuda_ipc", ipc=ipc.export_tensors(kv_caches, self.key), **common)  # type: ignore[arg-type]
 
     # ---- queries --------------------------------------------------------------------------
     @property
@@ -138,7 +139,7 @@ class HandoffReceiver:
         req = eng.new_request(request_id, prompt, params, deadline)
         req.num_cached_prompt_tokens = num_cached
         self._pending[request_id] = _Pending(
-            slot, expected, producer, time.monotonic() + self.timeout_s, request_id, req
+            slot, expected, producer, time.monotonic() + self.timeout_s, request_id, req, request_id
         )
         sched.num_reserved += 1
         blocks = alloc.get_block_ids(request_id)
@@ -186,9 +187,14 @@ class HandoffReceiver:
         return self._finish_given_up(request_id, p, deadline_exceeded=False)
 
     def producer_failed(self, request_ids: list[str]) -> list[RequestOutput]:
-        """The pool could not start the producer's side (it refused or was down): nothing will be
-        written, so the blocks are freed at once."""
+        """The producer's side never started or ended without copying (refused, down, aborted
+        before its export): nothing will be written, so the blocks are freed at once (quarantines
+        of these requests end too)."""
         outputs: list[RequestOutput] = []
+        wanted = set(request_ids)
+        for qid, q in list(self._pending.items()):
+            if q.request is None and q.request_id in wanted:
+                self._resolve(qid, q)
         for rid in request_ids:
             p = self._pending.get(rid)
             if p is None or p.request is None:
