@@ -9,6 +9,10 @@
         async for chunk in client.stream("Hello"):
             ...
 
+TLS: `tls_root_cert` (the server's CA, PEM bytes or a path) or `tls=True` (the system's roots);
+for mTLS add `tls_client_cert` and `tls_client_key`. `token` travels as `authorization: Bearer
+<token>` metadata on every call; send it over TLS only, except to a server on loopback.
+
 Every gRPC failure surfaces as a `KvrelayError` subclass carrying the status code and the server's
 message, never a raw `grpc.RpcError`. A `timeout` (seconds) becomes the call's gRPC deadline, which
 the server enforces too. Leaving a stream early (break, close, garbage collection) cancels the call,
@@ -17,8 +21,10 @@ so the server frees the request's KV blocks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-from collections.abc import AsyncGenerator, Coroutine, Generator, Sequence
+import os
+from collections.abc import AsyncGenerator, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -33,6 +39,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # Explicit rather than gRPC's defaults (4 MiB receive, unlimited send): long token-id prompts and
 # logprob-heavy streams fit, and an oversized message fails at once as ResourceExhausted.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+TOKEN_ENV = "KVRELAY_TOKEN"  # the token command-line clients send when no --token-file is given
 _UINT32 = 2**32
 _UINT64 = 2**64
 
@@ -245,6 +252,63 @@ def build_request(
     return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=ids), sampling=sampling)
 
 
+def channel_credentials(
+    root_cert: str | Path | bytes | None,
+    *,
+    tls: bool = False,
+    client_cert: str | Path | bytes | None = None,
+    client_key: str | Path | bytes | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel (None: plaintext). root_cert: PEM bytes or a file (None with
+    tls=True: the system's roots); client_cert and client_key (both or neither): mTLS."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("tls_client_cert and tls_client_key go together: give both or neither")
+    if root_cert is None and not tls and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem("tls_root_cert", root_cert),
+        private_key=_pem("tls_client_key", client_key),
+        certificate_chain=_pem("tls_client_cert", client_cert),
+    )
+
+
+def _pem(name: str, value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {value}: {e.strerror}") from None
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command-line client's TLS and token; `connection_kwargs` reads them. (No
+    --token flag: a token on the command line is visible to every user through `ps`.)"""
+    p.add_argument("--tls-root-cert", help="TLS: the server's CA certificate (PEM)")
+    p.add_argument("--tls-client-cert", help="mTLS: this client's certificate (PEM)")
+    p.add_argument("--tls-client-key", help="mTLS: this client's private key (PEM)")
+    p.add_argument("--token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+
+
+def connection_kwargs(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """KvrelayClient/AsyncKvrelayClient keyword arguments from `add_connection_args`' flags."""
+    env = os.environ if environ is None else environ
+    token: str | None = env.get(TOKEN_ENV) or None
+    if getattr(args, "token_file", None):
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip() or None
+        except OSError as e:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
+        if token is None:
+            raise ValueError(f"--token-file: {args.token_file} is empty")
+    return {
+        "token": token,
+        "tls_root_cert": getattr(args, "tls_root_cert", None),
+        "tls_client_cert": getattr(args, "tls_client_cert", None),
+        "tls_client_key": getattr(args, "tls_client_key", None),
+    }
+
+
 class _ClientBase(Generic[StreamT, ResultT]):
     """What the sync and async clients share: arguments, validation, and the two generation calls,
     whose return types differ (iterator vs async iterator, result vs awaitable result)."""
@@ -256,29 +320,34 @@ class _ClientBase(Generic[StreamT, ResultT]):
         token: str | None = None,
         tls_root_cert: str | Path | bytes | None = None,
         tls: bool = False,
+        tls_client_cert: str | Path | bytes | None = None,
+        tls_client_key: str | Path | bytes | None = None,
+        tls_server_name: str | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if not target:
             raise ValueError("target must be HOST:PORT, got an empty string")
-        if token is not None and not token:
-            raise ValueError("token must be a non-empty string or None")
+        if token is not None and not (token and all("!" <= c <= "~" for c in token)):
+            raise ValueError("token must be a non-empty string of printable ASCII without spaces, or None")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         _check_uint("max_message_bytes", max_message_bytes, 2**31)
         self.target = target
         self.timeout = timeout
-        self._credentials: Any = None  # grpc.ChannelCredentials; None: plaintext
-        if tls_root_cert is not None:
-            pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
-            self._credentials = grpc.ssl_channel_credentials(root_certificates=pem)
-        elif tls:
-            self._credentials = grpc.ssl_channel_credentials()  # the system's root certificates
+        self._credentials = channel_credentials(
+            tls_root_cert, tls=tls, client_cert=tls_client_cert, client_key=tls_client_key
+        )  # None: plaintext
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = [
+        self._options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if tls_server_name is not None:
+            if self._credentials is None:
+                raise ValueError("tls_server_name needs TLS: give tls_root_cert or tls=True")
+            # The name the server's certificate must carry when the target is an IP or an alias.
+            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._open()
 
     def generate(
@@ -352,8 +421,8 @@ class _ClientBase(Generic[StreamT, ResultT]):
 
 class KvrelayClient(_ClientBase[Generator[StreamChunk, None, None], GenerationResult]):
     """Blocking client. `timeout` is the default per-call deadline in seconds (None: none);
-    `tls_root_cert` (PEM bytes or a file path) or `tls=True` (system roots) turns on TLS;
-    `token` is sent as `authorization: Bearer <token>`."""
+    `tls_root_cert` (PEM bytes or a file path) or `tls=True` (system roots) turns on TLS, with
+    `tls_client_cert` + `tls_client_key` for mTLS; `token` is sent as `authorization: Bearer <token>`."""
 
     def _open(self) -> None:
         if self._credentials is None:

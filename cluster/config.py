@@ -1,10 +1,11 @@
 """`kvrelay serve` configuration: frozen dataclasses, filled from YAML and overridden by flags.
 
 A YAML file's top-level keys mirror the flags (`port`, `workers`, `metrics_port`, ...; `model` is
-a shortcut for `engine.model`), plus two sections:
+a shortcut for `engine.model`), plus three sections:
 
     engine:   fields of `worker.config.EngineConfig` (dtype, num_kv_blocks, max_num_seqs, ...)
     routing:  fields of `cluster.routing.BalanceConfig`
+    tls:      fields of `TlsConfig` (cert_file, key_file, client_ca_file, require_client_cert)
 
 An unknown key is an error naming the key and the file; so is a value of the wrong type (naming the
 expected type). `deploy/kvrelay.example.yaml` is a commented example of every key.
@@ -27,11 +28,47 @@ from kvrelay.cluster.routing import BalanceConfig
 from kvrelay.worker.config import EngineConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+_SECTIONS = ("engine", "routing", "tls")
 # Engine fields the server sets itself: a file may not.
 _ENGINE_RESERVED = {
     "device": "set the top-level 'device' key (each worker picks its own GPU)",
     "detokenize": "the router detokenizes; workers always send token ids only",
 }
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The router's TLS: off unless cert_file is set. Files are PEM; they are read (and a missing
+    one refused) when the server starts, by `cluster.auth.load_security`."""
+
+    cert_file: str | None = None  # the server's certificate chain
+    key_file: str | None = None  # its private key
+    client_ca_file: str | None = None  # CAs that sign client certificates (mTLS)
+    # None: required exactly when client_ca_file is set; False with client_ca_file: a client may
+    # connect without a certificate, but one it presents must verify.
+    require_client_cert: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            if getattr(self, name) == "":
+                raise ValueError(f"tls.{name} must be a file path or null, got an empty string")
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            raise ValueError(f"tls.{given} is set but tls.{missing} is not: give both")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs TLS: set tls.cert_file and tls.key_file too")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("tls.require_client_cert is true but tls.client_ca_file is not set")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def client_cert_required(self) -> bool:
+        if self.require_client_cert is None:
+            return self.client_ca_file is not None
+        return self.require_client_cert
 
 
 @dataclass(frozen=True)
@@ -50,13 +87,19 @@ class ServerConfig:
     max_queued_requests: int = 1024
     max_queued_tokens: int = 4 * 1024 * 1024
     # gRPC message size limit (both directions); a bigger request gets RESOURCE_EXHAUSTED from gRPC.
+    # 16 MiB holds a prompt of 3M token ids (at most 5 bytes each), past any max_model_len.
     max_message_bytes: int = 16 * 1024 * 1024
+    max_metadata_bytes: int = 8 * 1024  # request headers (the bearer token rides there)
+    # HTTP/2 streams one connection may hold open; further calls wait in the client.
+    max_concurrent_streams: int = 1024
     drain_grace_s: float = 30.0  # after SIGTERM/SIGINT, how long in-flight streams may run on
     default_max_tokens: int = 16  # for requests that leave max_tokens at 0
     # Requests arriving within this window that go to one worker are submitted in one call;
     # 0: those arriving within one event-loop iteration.
     batch_window_s: float = 0.0
-    auth_token_file: str | None = None  # accepted; authentication is a later issue
+    # Bearer tokens, one a line; None: the KVRELAY_AUTH_TOKENS variable, else no authentication.
+    auth_token_file: str | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(detokenize=False))
     routing: BalanceConfig = field(default_factory=BalanceConfig)
 
@@ -75,7 +118,10 @@ class ServerConfig:
             raise ValueError("give either workers or prefill_workers + decode_workers, not both")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        positive = ("max_queued_requests", "max_queued_tokens", "max_message_bytes", "default_max_tokens")
+        positive = (
+            "max_queued_requests", "max_queued_tokens", "max_message_bytes", "max_metadata_bytes",
+            "max_concurrent_streams", "default_max_tokens",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -89,6 +135,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.auth_token_file == "":
+            raise ValueError("auth_token_file must be a file path or null, got an empty string")
         if self.engine.detokenize:
             raise ValueError("engine.detokenize must be False: the router detokenizes")
 
@@ -96,8 +144,8 @@ class ServerConfig:
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
     """The config of a YAML file (or the defaults when path is None), then `overrides` on top.
 
-    overrides: top-level keys as in the file (flags), already typed; `engine` and `routing` may be
-    nested mappings too. ValueError names the key (and the file) on any problem.
+    overrides: top-level keys as in the file (flags), already typed; `engine`, `routing` and `tls`
+    may be nested mappings too. ValueError names the key (and the file) on any problem.
     """
     values = _read_yaml(Path(path)) if path is not None else {}
     merged = _merge(values, dict(overrides or {}))
@@ -130,7 +178,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        if key in ("engine", "routing") and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if key in _SECTIONS and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = {**out[key], **value}
         else:
             out[key] = value
@@ -141,6 +189,7 @@ def _build(values: dict[str, Any]) -> ServerConfig:
     values = dict(values)
     engine = _section(values.pop("engine", None), "engine")
     routing = _section(values.pop("routing", None), "routing")
+    tls = _section(values.pop("tls", None), "tls")
     if "model" in values:
         model = values.pop("model")
         _check_type("model", model, str)
@@ -150,13 +199,14 @@ def _build(values: dict[str, Any]) -> ServerConfig:
     for key in engine:
         if key in _ENGINE_RESERVED:
             raise ValueError(f"engine.{key} cannot be set: {_ENGINE_RESERVED[key]}")
-    kwargs = _typed_fields(ServerConfig, values, "", known_extra={"model", "engine", "routing"})
+    kwargs = _typed_fields(ServerConfig, values, "", known_extra={"model", *_SECTIONS})
     engine_fields = _typed_fields(EngineConfig, engine, "engine.")
     try:
         kwargs["engine"] = EngineConfig(**engine_fields, detokenize=False)
     except ValueError as e:  # EngineConfig names its fields bare
         raise ValueError(f"engine.{e}") from None
     kwargs["routing"] = BalanceConfig(**_typed_fields(BalanceConfig, routing, "routing."))
+    kwargs["tls"] = TlsConfig(**_typed_fields(TlsConfig, tls, "tls."))
     return ServerConfig(**kwargs)
 
 

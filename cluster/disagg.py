@@ -157,8 +157,8 @@ class DisaggregatedPool:
 
     async def _connect_prefill(self, w: RayWorkerClient) -> None:
         self._incarnations[w.rank] = await _future(w.actor.incarnation.remote())
-        for desc in self._descriptors.values():
-            await _future(w.actor.connect.remote(desc))
+        for rank, desc in self._descriptors.items():
+            await _future(w.actor.connect.remote(desc, self._decode.workers[rank].actor))
 
     async def stop(self) -> None:
         await self._prefill.stop()
@@ -217,7 +217,11 @@ class DisaggregatedPool:
         try:
             refused = await prefill.submit(reqs)
         except ConnectionError:
-            refused = {r.request_id: "down" for r in reqs}
+            # Lost with its worker: it may or may not have started them, so the decode worker
+            # gives up but keeps the blocks until that worker's completion or death is known.
+            log.warning("prefill worker %d was lost with %d handoffs", prefill.rank, len(reqs))
+            self._settle([r.request_id for r in reqs], certain=False)
+            return
         self.num_handoffs += len(reqs) - len(refused)
         if refused:
             log.warning(
@@ -236,9 +240,10 @@ class DisaggregatedPool:
         for rank, ids in by_rank.items():
             await self._prefill.workers[rank].abort(ids)
 
-    def _settle(self, failed: list[str]) -> None:
+    def _settle(self, failed: list[str], *, certain: bool = True) -> None:
         """These never reached (or never left) their prefill worker: nothing was written, so their
-        decode workers free what they reserved (an active wait falls back, a quarantine ends)."""
+        decode workers free what they reserved (an active wait falls back, a quarantine ends).
+        certain=False: the prefill worker may have them; the decode worker only gives up."""
         by_decode: dict[int, list[str]] = {}
         for rid in failed:
             where = self._inflight.pop(rid, None)
@@ -250,7 +255,7 @@ class DisaggregatedPool:
         for d, ids in by_decode.items():
             w = self._decode.workers[d]
             if w.healthy:
-                w.actor.handoff_failed.remote(ids)
+                w.actor.handoff_failed.remote(ids, certain)
 
     # ---- prefill workers' events -------------------------------------------------------------
     def _prefill_deltas(self, rank: int, deltas: list[TokenDelta]) -> None:
@@ -301,7 +306,7 @@ class DisaggregatedPool:
                 if p.healthy:
                     if old is not None:
                         await _future(p.actor.disconnect.remote(old.key))
-                    await _future(p.actor.connect.remote(desc))
+                    await _future(p.actor.connect.remote(desc, w.actor))
         except Exception:
             log.exception("could not re-introduce decode worker %d to the prefill workers", rank)
         on_worker_up(rank)

@@ -3,14 +3,16 @@
 Each worker has one asyncio task on the router's event loop that keeps exactly one `poll` in
 flight (a threaded actor runs concurrent calls in any order, so two polls could reorder
 deltas). A poll returns as soon as the worker has progress, so a busy worker answers about
-once per engine step and an idle one every `poll_timeout_s`.
+once per engine step and an idle one every `poll_s`.
 
 Health: a poll that fails because the actor died (RayActorError), that raises inside the actor
-(the engine loop broke), or that does not answer within `stall_timeout_s` marks the worker down
-and calls `on_worker_down` once. A broken or stalled actor is killed so Ray restarts it empty
-(bounded by `max_restarts`); the task then probes `ready()` until the new incarnation answers
-and calls `on_worker_up`. Ray restarts an actor with its creation arguments, so the restarted
-worker serves the same model.
+(the engine loop broke), or that does not answer within `stall_s` marks the worker down and calls
+`on_worker_down` once. So does a worker whose polls answer but whose engine stopped stepping: it
+holds unfinished work (requests running or waiting, or a submit not yet answered) and has made no
+progress (no delta, no change in its load) for `no_progress_s`. A broken or stalled actor is
+killed so Ray restarts it empty (bounded by `max_restarts`); the task then probes `ready()` until
+the new incarnation answers and calls `on_worker_up`. Ray restarts an actor with its creation
+arguments, so the restarted worker serves the same model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class PoolTimeouts:
     poll_s: float = 0.1  # how long one poll waits on an idle worker
     stall_s: float = 3.0  # a poll unanswered this long marks the worker down
+    # A worker holding unfinished work that makes no progress this long is marked down. Larger
+    # than the longest single engine step (a step publishes nothing until it ends).
+    no_progress_s: float = 30.0
     probe_interval_s: float = 0.5  # how often a down worker is asked whether it is back
     start_s: float = 600.0  # placement group + every worker's first ready() (model load, graphs)
     call_s: float = 30.0  # stats / check_integrity / shutdown of one worker
@@ -59,8 +65,11 @@ class PoolTimeouts:
             value = getattr(self, f.name)
             if not value > 0:
                 raise ValueError(f"timeouts.{f.name} must be > 0 seconds, got {value}")
-        if self.poll_s >= self.stall_s:
-            raise ValueError(f"timeouts.poll_s ({self.poll_s}) must be < timeouts.stall_s ({self.stall_s})")
+        for name in ("stall_s", "no_progress_s"):
+            if self.poll_s >= getattr(self, name):
+                raise ValueError(
+                    f"timeouts.poll_s ({self.poll_s}) must be < timeouts.{name} ({getattr(self, name)})"
+                )
 
 
 class RayWorkerClient:
@@ -72,6 +81,7 @@ class RayWorkerClient:
         self.poll_method = actor.poll.options(concurrency_group=_POLL_GROUP)
         self._healthy = True
         self._load = load
+        self._submits_in_flight = 0  # their requests are the worker's before its load shows them
 
     @property
     def healthy(self) -> bool:
@@ -81,17 +91,25 @@ class RayWorkerClient:
     def load(self) -> WorkerLoad:
         return self._load
 
+    @property
+    def holds_work(self) -> bool:
+        """Requests running or waiting at the last poll, or a submit not yet answered."""
+        return self._load.num_running + self._load.num_waiting > 0 or self._submits_in_flight > 0
+
     async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
         """Raises ConnectionError when the worker is down or dies during the call (UNAVAILABLE)."""
         import ray.exceptions
 
         if not self._healthy:
             raise ConnectionError(f"worker {self.rank} is unavailable")
+        self._submits_in_flight += 1
         try:
             rejected: dict[str, str] = await self.actor.submit.remote(list(requests))
         except ray.exceptions.RayError as e:
             log.warning("submit to worker %d failed: %s", self.rank, e)
             raise ConnectionError(f"worker {self.rank} is unavailable") from None
+        finally:
+            self._submits_in_flight -= 1
         return rejected
 
     async def abort(self, request_ids: Sequence[str]) -> None:
@@ -274,22 +292,39 @@ class RayWorkerPool:
                 cb.call(cb.on_worker_down, w.rank, f"worker {w.rank} is not monitored")
 
     async def _watch_forever(self, w: RayWorkerClient, cb: _Callbacks) -> None:
+        watchdog = ProgressWatchdog(self._timeouts.no_progress_s)
         while not self._stopping:
             batch, why = await self._poll_once(w)
-            if batch is None:
-                assert why is not None
-                w._healthy = False
-                cb.call(cb.on_worker_down, w.rank, why)
-                await self._wait_until_back(w)
-                w._load = self._empty_load()
-                w._healthy = True
-                log.info("worker %d is serving again", w.rank)
-                cb.call(cb.on_worker_up, w.rank)
-                continue
-            if batch.load is not None:
-                w._load = batch.load
-            if batch.deltas:
-                cb.call(cb.on_deltas, w.rank, batch.deltas)
+            if batch is not None:
+                progressed = bool(batch.deltas) or (batch.load is not None and batch.load != w._load)
+                if batch.load is not None:
+                    w._load = batch.load
+                if batch.deltas:
+                    cb.call(cb.on_deltas, w.rank, batch.deltas)
+                why = self._check_progress(w, watchdog, progressed)
+                if why is None:
+                    continue
+            assert why is not None
+            w._healthy = False
+            cb.call(cb.on_worker_down, w.rank, why)
+            await self._wait_until_back(w)
+            w._load = self._empty_load()
+            w._healthy = True
+            watchdog.reset(time.monotonic())
+            log.info("worker %d is serving again", w.rank)
+            cb.call(cb.on_worker_up, w.rank)
+
+    def _check_progress(self, w: RayWorkerClient, watchdog: ProgressWatchdog, progressed: bool) -> str | None:
+        """None while the worker progresses or is idle; else kill it and say why it is down."""
+        import ray
+
+        stalled_s = watchdog.observe(time.monotonic(), holds_work=w.holds_work, progressed=progressed)
+        if stalled_s is None:
+            return None
+        why = f"worker {w.rank} stalled: no progress for {stalled_s:.1f} s"
+        log.warning("%s; restarting it", why)
+        ray.kill(w.actor, no_restart=False)  # as for an unanswered poll: Ray restarts it empty
+        return why
 
     async def _poll_once(self, w: RayWorkerClient) -> tuple[StepBatch | None, str | None]:
         """One poll: (batch, None), or (None, why) when the worker must be taken down."""
@@ -408,6 +443,29 @@ class RayWorkerPool:
     def actor_handle(self, rank: int) -> Any:
         """The Ray actor of a rank (operational tools and tests kill or inspect it)."""
         return self._workers[rank].actor
+
+
+class ProgressWatchdog:
+    """When a worker that holds work last progressed: `observe` after every poll answer."""
+
+    def __init__(self, no_progress_s: float) -> None:
+        if not no_progress_s > 0:
+            raise ValueError(f"no_progress_s must be > 0 seconds, got {no_progress_s}")
+        self.no_progress_s = no_progress_s
+        self._since: float | None = None  # last progress, or when work last appeared
+
+    def observe(self, now: float, *, holds_work: bool, progressed: bool) -> float | None:
+        """Seconds without progress once that reaches `no_progress_s` (the worker is stalled),
+        else None. An idle worker has nothing to progress on, so idle time never counts."""
+        if progressed or not holds_work or self._since is None:
+            self._since = now
+            return None
+        stalled_s = now - self._since
+        return stalled_s if stalled_s >= self.no_progress_s else None
+
+    def reset(self, now: float) -> None:
+        """The worker came back empty: its clock starts again."""
+        self._since = now
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,11 @@ request, aborts it there (batched like submits) so its KV blocks are freed withi
   deadline passes before it is sent never reaches a worker);
 - the worker died (`on_worker_down`): UNAVAILABLE at once for each of its streams;
 - the server drains and the grace period ends: UNAVAILABLE.
-Anything unexpected is logged here and reported as INTERNAL with a generic message.
+Anything unexpected is logged here with an id and reported as INTERNAL "internal error (id ...)";
+what a client sees never holds a path, an address or a traceback. A message that does not parse as
+the method's request is INVALID_ARGUMENT (gRPC's own deserializer would make it INTERNAL).
+
+Authentication and TLS (cluster/auth.py) are applied by `build_server`, before any handler here runs.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvrelay.cluster.admission import Admission, AdmissionFull, Ticket
+from kvrelay.cluster.auth import ServerSecurity, load_security
 from kvrelay.cluster.config import ServerConfig
 from kvrelay.cluster.interfaces import WorkerClient, WorkerPool
 from kvrelay.cluster.metrics import ServerMetrics, add_worker_stats
@@ -60,6 +66,12 @@ from kvrelay.worker.sampling_params import SamplingParams
 log = logging.getLogger("kvrelay")
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "kvrelay.v1.Generation"
 Code = grpc.StatusCode
+# A token id is a uint32 varint of at most 5 bytes on the wire.
+_MAX_BYTES_PER_TOKEN_ID = 5
+# RPCs the server runs at once beyond max_queued_requests: health probes, stats, and calls that
+# are about to be refused, so those still get an answer under full load.
+_CONTROL_RPC_HEADROOM = 64
+_HANDSHAKE_TIMEOUT_MS = 10_000  # a peer that opens a connection and stalls the TLS handshake
 
 
 class _Failed(Exception):
@@ -69,6 +81,25 @@ class _Failed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _Unparsable:
+    """What the request deserializer yields for bytes that are not a valid message."""
+
+
+_UNPARSABLE = _Unparsable()
+
+
+def _internal_error(what: str) -> _Failed:
+    """INTERNAL with an id to quote; the exception being handled goes to the log under that id."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("%s failed (error id %s)", what, error_id)
+    return _Failed(Code.INTERNAL, f"internal error (id {error_id})")
+
+
+def _parsed(request: object, cls: type[Message]) -> None:
+    if not isinstance(request, cls):
+        raise _Failed(Code.INVALID_ARGUMENT, f"request: not a valid {cls.DESCRIPTOR.full_name} message")
 
 
 @dataclass(eq=False)
@@ -124,6 +155,12 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         """Start the pool (every worker ready), load the tokenizer, then report SERVING."""
         await self._pool.start(self.on_deltas, self.on_worker_down, self.on_worker_up)
         model = self._pool.model
+        longest = model.max_model_len * _MAX_BYTES_PER_TOKEN_ID
+        if longest > self.config.max_message_bytes:
+            log.warning(
+                "max_message_bytes %d may refuse prompts near max_model_len %d (up to %d bytes of ids)",
+                self.config.max_message_bytes, model.max_model_len, longest,
+            )  # fmt: skip
         self._codec = await asyncio.to_thread(TextCodec.load, model)
         self._limits = Limits.of(
             model, accepts_text=self._codec.accepts_text, default_max_tokens=self.config.default_max_tokens
@@ -168,6 +205,7 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         failure: _Failed | None = None
         code = Code.OK
         try:
+            _parsed(request, pb.GenerateRequest)
             stream = await self._open(request, context, arrival)
             while True:
                 event = await stream.events.get()
@@ -180,15 +218,16 @@ class GenerationRouter(pb_grpc.GenerationServicer):
                     break
         except _Failed as f:
             failure, code = f, f.code
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # CancelledError: the client cancelled (or its deadline passed) while we waited;
+            # GeneratorExit: it went away while a response was being written (grpc closes us).
             expired = (
                 stream is not None and stream.deadline is not None and time.monotonic() >= stream.deadline
             )
             code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
             raise
         except Exception:
-            log.exception("Generate failed (request_id %r)", request.request_id[:64])
-            failure = _Failed(Code.INTERNAL, "internal error")
+            failure = _internal_error(f"Generate (request_id {request.request_id[:64]!r})")
             code = failure.code
         finally:
             self._close(stream, code, arrival)
@@ -198,15 +237,36 @@ class GenerationRouter(pb_grpc.GenerationServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        limits = self._limits
-        if limits is None:
-            await context.abort(Code.UNAVAILABLE, "the server is starting")
-        assert limits is not None
-        return model_info(self._pool.model, limits)
+        return await self._unary(request, pb.GetModelInfoRequest, self._model_info, context)
 
     async def GetServerStats(
         self, request: pb.GetServerStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStats:
+        return await self._unary(request, pb.GetServerStatsRequest, self._server_stats, context)
+
+    async def _unary(
+        self,
+        request: object,
+        cls: type[Message],
+        answer: Callable[[], Any],
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        """answer() for a parsed request; a failure ends the call with its status."""
+        try:
+            _parsed(request, cls)
+            return answer()
+        except _Failed as f:
+            failure = f
+        except Exception:
+            failure = _internal_error(cls.DESCRIPTOR.name)
+        await context.abort(failure.code, failure.message)
+
+    def _model_info(self) -> pb.ModelInfo:
+        if self._limits is None:
+            raise _Failed(Code.UNAVAILABLE, "the server is starting")
+        return model_info(self._pool.model, self._limits)
+
+    def _server_stats(self) -> pb.ServerStats:
         stats = pb.ServerStats(
             num_workers=len(self._pool.workers) if self._limits is not None else 0,
             num_queued=self._num_queued,
@@ -284,6 +344,8 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         """The response for one delta, and whether it is the last."""
         if d.deadline_exceeded:
             raise _Failed(Code.DEADLINE_EXCEEDED, "deadline exceeded")
+        if d.error is not None:  # a serving-system failure (a KV handoff under the "fail" policy)
+            raise _Failed(Code.UNAVAILABLE, f"{d.error}; retry the request")
         resp, stopped = s.out.build(d)
         if stopped:
             self._release_worker(s)
@@ -445,20 +507,31 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         return [(w.rank, w.healthy, w.load) for w in self._pool.workers]
 
 
-def build_server(router: GenerationRouter, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    router: GenerationRouter, config: ServerConfig, security: ServerSecurity | None = None
+) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with the Generation, health and reflection services, bound to
-    config.host:config.port (0: any free port); returns it (not started) and the bound port."""
+    config.host:config.port (0: any free port); returns it (not started) and the bound port.
+    security: TLS credentials and token check (default: `load_security(config)`)."""
+    if security is None:
+        security = load_security(config)
     limit = config.max_message_bytes
     server = grpc.aio.server(
+        interceptors=security.interceptors,
         options=[
             # Larger messages fail in gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.max_metadata_size", config.max_metadata_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
             # Without this a second server on the same port would share it silently (Linux).
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        # Past this many RPCs at once gRPC answers RESOURCE_EXHAUSTED before any handler runs.
+        maximum_concurrent_rpcs=config.max_queued_requests + _CONTROL_RPC_HEADROOM,
     )
-    pb_grpc.add_GenerationServicer_to_server(router, server)
+    server.add_generic_rpc_handlers((_generation_handler(router),))
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
     names = (
         SERVICE_NAME,
@@ -468,12 +541,48 @@ def build_server(router: GenerationRouter, config: ServerConfig) -> tuple[grpc.a
     reflection.enable_server_reflection(names, server)
     address = format_address(config.host, config.port)
     try:
-        port = server.add_insecure_port(address)
+        if security.credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.credentials)
     except RuntimeError:
         port = 0
     if port == 0:
         raise ValueError(f"port: cannot listen on {address} (in use, or not an address of this host)")
     return server, port
+
+
+def _generation_handler(router: GenerationRouter) -> grpc.GenericRpcHandler:
+    """The Generation service as `add_GenerationServicer_to_server` builds it, but with deserializers
+    that yield _UNPARSABLE for bytes that do not parse, which the handlers refuse as INVALID_ARGUMENT."""
+
+    def parse(cls: Any) -> Callable[[bytes], object]:
+        def deserialize(data: bytes) -> object:
+            try:
+                return cls.FromString(data)
+            except Exception:  # DecodeError, or a nesting/UTF-8 error: the bytes are the problem
+                return _UNPARSABLE
+
+        return deserialize
+
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            router.Generate,
+            request_deserializer=parse(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            router.GetModelInfo,
+            request_deserializer=parse(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+        "GetServerStats": grpc.unary_unary_rpc_method_handler(
+            router.GetServerStats,
+            request_deserializer=parse(pb.GetServerStatsRequest),
+            response_serializer=pb.ServerStats.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 def format_address(host: str, port: int) -> str:

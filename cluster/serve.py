@@ -1,7 +1,11 @@
 """`kvrelay serve`: a Ray worker pool behind the gRPC router, until SIGTERM/SIGINT drains it.
 
     kvrelay serve [--config FILE] [--model PATH|tiny] [--host HOST] [--port PORT] [--workers N]
-                  [--device auto|cpu|cuda] [--ray-address ADDR] [--metrics-port PORT] ...
+                  [--device auto|cpu|cuda] [--ray-address ADDR] [--metrics-port PORT]
+                  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE] ...
+
+TLS, client certificates and bearer tokens: cluster/auth.py and docs/SECURITY.md. Their files are
+read before anything starts, so a bad one is a one-line error naming its key.
 
 Start-up: the pool (one worker actor per GPU, or N CPU workers; a local Ray cluster unless
 `--ray-address`), then the tokenizer, then the gRPC server; when it accepts calls, exactly one line
@@ -26,9 +30,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvrelay.cluster.config import DEVICES, ServerConfig, load_config
+
+if TYPE_CHECKING:
+    from kvrelay.cluster.auth import ServerSecurity
+    from kvrelay.cluster.interfaces import WorkerPool
 
 log = logging.getLogger("kvrelay")
 
@@ -42,6 +50,7 @@ _TOP_LEVEL_FLAGS = (
 # `timeout` signals both its child and its process group), not a second Ctrl-C.
 _SECOND_SIGNAL_MIN_GAP_S = 1.0
 _ENGINE_FLAGS = ("dtype", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_seqs", "block_size")
+_TLS_FLAGS = {"tls_cert": "cert_file", "tls_key": "key_file", "tls_client_ca": "client_ca_file"}
 
 
 def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,8 +64,14 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 50051; 0: any free port)")
     p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 1 CPU worker)")
-    p.add_argument("--prefill-workers", type=int, help="disaggregated prefill workers (not supported yet)")
-    p.add_argument("--decode-workers", type=int, help="disaggregated decode workers (not supported yet)")
+    p.add_argument(
+        "--prefill-workers",
+        type=int,
+        help="disaggregated serving: workers that compute prompts and hand their KV over",
+    )
+    p.add_argument(
+        "--decode-workers", type=int, help="disaggregated serving: workers that receive KV and stream tokens"
+    )
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda where a GPU is visible, else cpu")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on HOST:PORT")
@@ -65,7 +80,12 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit")
     p.add_argument("--drain-grace-s", type=float, help="how long open streams may run after SIGTERM")
     p.add_argument("--default-max-tokens", type=int, help="max_tokens of requests that leave it 0")
-    p.add_argument("--auth-token-file", help="bearer-token authentication (not supported yet)")
+    p.add_argument(
+        "--auth-token-file", help="bearer tokens, one a line (default: $KVRELAY_AUTH_TOKENS, else no auth)"
+    )
+    p.add_argument("--tls-cert", help="serve TLS with this PEM certificate chain (needs --tls-key)")
+    p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by these PEM CAs (mTLS)")
     p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
     p.add_argument("--dtype", help="engine dtype: auto, float32, bfloat16, float16")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: sized from memory)")
@@ -84,6 +104,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
     if engine:
         overrides["engine"] = engine
+    tls = {
+        key: getattr(args, dest) for dest, key in _TLS_FLAGS.items() if getattr(args, dest, None) is not None
+    }
+    if tls:
+        overrides["tls"] = tls
     return load_config(getattr(args, "config", None), overrides)
 
 
@@ -91,16 +116,10 @@ def run_serve(args: argparse.Namespace) -> int:
     """`kvrelay serve`: blocks until drained; returns the exit status. Bad configuration raises
     ValueError (the message names the key), which the CLI prints as one line."""
     config = config_from_args(args)
-    if config.prefill_workers is not None or config.decode_workers is not None:
-        raise ValueError(
-            "--prefill-workers/--decode-workers: disaggregated prefill and decode are not supported "
-            "yet; use --workers N"
-        )
-    if config.auth_token_file is not None:
-        raise ValueError(
-            "--auth-token-file: authentication is not supported yet; refusing to serve without it"
-        )
-    return asyncio.run(serve(config))
+    from kvrelay.cluster.auth import load_security
+
+    security = load_security(config)  # before Ray starts: a bad file or token fails in a second
+    return asyncio.run(serve(config, security=security))
 
 
 def resolve_workers(config: ServerConfig) -> tuple[int, str]:
@@ -119,27 +138,64 @@ def resolve_workers(config: ServerConfig) -> tuple[int, str]:
     return workers, device
 
 
-async def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -> int:
+def make_pool(config: ServerConfig) -> WorkerPool:
+    """Colocated workers, or prefill + decode workers (disaggregated: cluster/disagg.py)."""
+    from kvrelay.cluster.pool import RayWorkerPool
+
+    if config.prefill_workers is None and config.decode_workers is None:
+        num_workers, device = resolve_workers(config)
+        log.info("starting %d %s workers of %s", num_workers, device, config.engine.model)
+        return RayWorkerPool(config.engine, num_workers, device, config.ray_address, config.max_restarts)
+    if not config.prefill_workers or not config.decode_workers:
+        raise ValueError(
+            "prefill_workers and decode_workers: give both, each >= 1, for disaggregated serving"
+        )
+    from kvrelay.cluster.disagg import DisaggregatedPool
+
+    _, device = resolve_workers(config)
+    log.info(
+        "starting %d prefill + %d decode %s workers of %s",
+        config.prefill_workers,
+        config.decode_workers,
+        device,
+        config.engine.model,
+    )
+    return DisaggregatedPool(
+        config.engine,
+        config.prefill_workers,
+        config.decode_workers,
+        device,
+        config.ray_address,
+        config.max_restarts,
+    )
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    ready: Callable[[str], None] | None = None,
+    security: ServerSecurity | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain; `ready(address)` is called once serving (default:
-    print the ready line)."""
+    print the ready line). security: default `load_security(config)`, read before the pool starts."""
     # Imported here, not at module level: the CLI builds its parser from this module, and
     # `kvrelay generate` or `bench` must not need gRPC's health/reflection packages or Ray.
-    from kvrelay.cluster.pool import RayWorkerPool
+    from kvrelay.cluster.auth import load_security
     from kvrelay.cluster.router import GenerationRouter, build_server, format_address
 
-    num_workers, device = resolve_workers(config)
-    pool = RayWorkerPool(config.engine, num_workers, device, config.ray_address, config.max_restarts)
+    if security is None:
+        security = load_security(config)
+    pool = make_pool(config)
     router = GenerationRouter(pool, config)
     signals = _Signals(asyncio.get_running_loop())
     stop_metrics: Callable[[], None] | None = None
     server = None
     try:
-        log.info("starting %d %s workers of %s", num_workers, device, config.engine.model)
         if not await signals.until_signal(router.start()):
             log.info("interrupted during start-up")
             return 0
         signals.install()
-        server, port = build_server(router, config)
+        server, port = build_server(router, config, security)
         await server.start()
         if config.metrics_port is not None:
             metrics_port, stop_metrics = router.metrics.serve_http(config.host, config.metrics_port)

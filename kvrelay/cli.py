@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate from prompts (in this process, or against a server)")
     g.add_argument("--server", default=None, help="HOST:PORT of a running kvrelay server")
+    from kvrelay.cluster.client import add_connection_args
+
+    add_connection_args(g)  # --tls-root-cert, --tls-client-cert, --tls-client-key, --token-file
     _add_engine_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a text prompt")
@@ -91,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
     be.add_argument("--hf-contexts", default="512", help="GPU: contexts of the transformers baseline")
     be.add_argument("--json", type=Path, default=None, help="write results here")
+    from kvrelay.cluster.bench_serve import add_bench_serve_args
+
+    add_bench_serve_args(bench.add_parser("serve", help="load test of a running server over gRPC"))
+    from kvrelay.memory_model.bench_handoff import add_bench_handoff_args
+
+    add_bench_handoff_args(
+        bench.add_parser("handoff", help="GPU: KV handoff signal latency and bandwidth (memory_model)")
+    )
+
+    from kvrelay.memory_model.litmus import add_litmus_args
+
+    add_litmus_args(sub.add_parser("litmus", help="GPU memory-model litmus tests (MP, SB, LB)"))
+    cp = sub.add_parser(
+        "check-protocol", help="exhaustively check the KV handoff protocol and its broken variants"
+    )
+    cp.add_argument("--variants", default=None, help="comma-separated (default: all)")
+    cp.add_argument("--traces", action="store_true", help="print each counterexample")
     return parser
 
 
@@ -187,7 +207,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CliError(f"prompt {i + 1}: {e}") from None
     if args.server is not None:
-        rows = _generate_remote(args.server, items, params)
+        rows = _generate_remote(args, args.server, items, params)
     else:
         engine = Engine(_engine_config(args))
         rows = [out.to_json() for out in engine.generate([p for p, _ in items], params)]
@@ -197,15 +217,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_remote(
-    server: str, items: list[tuple[str | list[int], dict[str, Any]]], params: list[Any]
+    args: argparse.Namespace,
+    server: str,
+    items: list[tuple[str | list[int], dict[str, Any]]],
+    params: list[Any],
 ) -> list[dict[str, Any]]:
     """All prompts sent at once over gRPC (so the server batches them); results in input order."""
     import asyncio
 
-    from kvrelay.cluster.client import AsyncKvrelayClient, KvrelayError
+    from kvrelay.cluster.client import AsyncKvrelayClient, KvrelayError, connection_kwargs
+
+    connection = connection_kwargs(args)
 
     async def run() -> list[dict[str, Any]]:
-        async with AsyncKvrelayClient(server) as client:
+        async with AsyncKvrelayClient(server, **connection) as client:
 
             async def one(prompt: str | list[int], p: Any) -> dict[str, Any]:
                 r = await client.generate(
@@ -276,6 +301,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kvrelay.cluster.serve import run_serve
 
             return run_serve(args)
+        if args.command == "litmus":
+            from kvrelay.memory_model.litmus import run_litmus
+
+            return run_litmus(args)
+        if args.command == "check-protocol":
+            from kvrelay.memory_model.checker import run_checker
+
+            names = args.variants.split(",") if args.variants else None
+            return run_checker(names, show_traces=args.traces)
+        if args.bench_command == "handoff":
+            from kvrelay.memory_model.bench_handoff import run_bench_handoff
+
+            return run_bench_handoff(args)
+        if args.bench_command == "serve":
+            from kvrelay.cluster.bench_serve import run_bench_serve
+
+            return run_bench_serve(args)
         return _cmd_bench(args)
     except (CliError, ValueError) as e:
         print(f"kvrelay: error: {e}", file=sys.stderr)

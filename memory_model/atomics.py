@@ -72,7 +72,9 @@ def fetch_add(addr: int, delta: int, order: Order = Order.ACQ_REL) -> int:
     return int(_lib().__atomic_fetch_add_8(addr, delta & 0xFFFF_FFFF_FFFF_FFFF, order))
 
 
-def compare_exchange(addr: int, expected: int, desired: int, order: Order = Order.ACQ_REL) -> tuple[bool, int]:
+def compare_exchange(
+    addr: int, expected: int, desired: int, order: Order = Order.ACQ_REL
+) -> tuple[bool, int]:
     """(swapped, the value seen): stores `desired` only when the word holds `expected`."""
     _check(addr)
     seen = ctypes.c_uint64(expected)

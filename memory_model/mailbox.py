@@ -68,6 +68,20 @@ def _i2f(x: int) -> float:
     return float(struct.unpack("<d", struct.pack("<q", x))[0])
 
 
+def _write_payload(w: np.ndarray, payload: Payload) -> None:
+    w[W_STATUS] = int(payload.status)
+    w[W_TOKEN] = payload.token_id
+    if payload.logprob is None:
+        w[W_NTOP] = -1
+        return
+    top = payload.top[:MAX_TOP]
+    w[W_NTOP] = len(top)
+    w[W_LOGPROB] = _f2i(payload.logprob)
+    for i, (tid, lp) in enumerate(top):
+        w[W_TOP_IDS + i] = tid
+        w[W_TOP_LPS + i] = _f2i(lp)
+
+
 class _Slots:
     def __init__(self, region: SharedRegion, num_slots: int) -> None:
         self.region = region
@@ -139,6 +153,16 @@ class Mailbox(_Slots):
     def abort(self, slot: int, expected: int) -> None:
         atomics.store(self.word_address(slot, W_ABORT), expected, Order.RELEASE)
 
+    def aborted(self, slot: int, expected: int) -> bool:
+        return atomics.load(self.word_address(slot, W_ABORT), Order.ACQUIRE) == expected
+
+    def publish_local(self, slot: int, value: int, payload: Payload) -> None:
+        """The relay transport: the consumer itself wrote the blocks it received (through Ray)
+        and publishes them in its own mailbox, so the waiting side is the same for every
+        transport."""
+        _write_payload(self.words[slot], payload)
+        atomics.store(self.word_address(slot, W_SIGNAL), value, Order.RELEASE)
+
     def close(self) -> None:
         del self.words
         self.region.close()
@@ -155,18 +179,7 @@ class MailboxWriter(_Slots):
 
     def write_payload(self, slot: int, payload: Payload) -> None:
         """Plain stores: published by the SIGNAL release that follows (CPU or GPU)."""
-        w = self.words[slot]
-        w[W_STATUS] = int(payload.status)
-        w[W_TOKEN] = payload.token_id
-        if payload.logprob is None:
-            w[W_NTOP] = -1
-            return
-        top = payload.top[:MAX_TOP]
-        w[W_NTOP] = len(top)
-        w[W_LOGPROB] = _f2i(payload.logprob)
-        for i, (tid, lp) in enumerate(top):
-            w[W_TOP_IDS + i] = tid
-            w[W_TOP_LPS + i] = _f2i(lp)
+        _write_payload(self.words[slot], payload)
 
     def publish(self, slot: int, value: int) -> None:
         """The host's release store (CPU producers, and GPU producers' host-side acknowledgements

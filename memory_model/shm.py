@@ -38,7 +38,9 @@ class SharedRegion:
             if create:
                 os.ftruncate(fd, nbytes)
             elif os.fstat(fd).st_size < nbytes:
-                raise ValueError(f"shared memory {name!r} holds {os.fstat(fd).st_size} bytes, expected {nbytes}")
+                raise ValueError(
+                    f"shared memory {name!r} holds {os.fstat(fd).st_size} bytes, expected {nbytes}"
+                )
             self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)

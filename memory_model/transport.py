@@ -5,6 +5,14 @@ worker's) KV pool and publishes completion in the consumer's mailbox.
     cuda_ipc    its GPU; exported by CUDA IPC      one Triton launch, many CTAs          the last CTA's st.release.sys
                 handles, opened once per peer      (memory_model.gpu_copy)               into the mapped mailbox
     shm         shared host memory (CPU workers)   torch index copies on the host        libatomic release store
+    relay       anywhere (another node, GPUs       gathers the blocks to host memory     the consumer, after it wrote
+                without peer access)               and sends them through Ray            them: the same mailbox word
+
+`relay` is chosen automatically when the consumer is on another node (shared memory and CUDA
+IPC only work within one), or always with EngineConfig.kv_transport="relay". Its data path has
+host round trips by construction; its protocol and failure semantics are the others': the
+consumer applies a delivery only while the use it was meant for is still pending with the
+same value, so a delivery after a give-up, a restart or a producer's death writes nothing.
 
 The consumer describes itself once per incarnation with a `PeerDescriptor` (plain data: it
 crosses Ray); producers `connect` to it (opening handles and mappings once, cached) and
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,25 +150,40 @@ class _Peer:
             self.region.close()
 
 
+# relay(slot, expected, dst_block_ids, blocks, payload): hands the gathered blocks (one CPU
+# tensor per layer, [2, n, block_size, kv_heads, head_dim]) to the consumer; does not wait.
+Relay = Callable[[int, int, list[int], list[torch.Tensor], Payload], None]
+
+
 class KVSender:
     """Producer side: writes a request's KV blocks into a connected consumer and publishes."""
 
-    def __init__(self, src_layers: Sequence[torch.Tensor], layout: PoolLayout) -> None:
+    def __init__(
+        self, src_layers: Sequence[torch.Tensor], layout: PoolLayout, *, force_relay: bool = False
+    ) -> None:
         self.src = list(src_layers)
         self.layout = layout
+        self.force_relay = force_relay
+        self._relays: dict[str, Relay] = {}
         self.device = self.src[0].device
         self._peers: dict[str, _Peer] = {}
         self._counter: torch.Tensor | None = None
         if self.device.type == "cuda":
             self._counter = torch.zeros(1, dtype=torch.int32, device=self.device)
 
-    def connect(self, desc: PeerDescriptor) -> None:
-        if desc.key in self._peers:
+    def connect(self, desc: PeerDescriptor, relay: Relay | None = None) -> None:
+        """Open the consumer's pool and mailbox, or, across nodes (or when forced), remember how
+        to relay to it."""
+        if desc.key in self._peers or desc.key in self._relays:
             return
         if not self.layout.compatible(desc.layout):
             raise ValueError(f"KV layout of peer {desc.key} {desc.layout} does not match ours {self.layout}")
-        if desc.node != node_id():
-            raise ValueError(f"peer {desc.key} is on another node ({desc.node}): no cross-node transport yet")
+        if self.force_relay or desc.node != node_id():
+            if relay is None:
+                raise ValueError(f"peer {desc.key} is on another node ({desc.node}) and no relay was given")
+            self._relays[desc.key] = relay
+            log.info("KV transport: relaying to %s through the host", desc.key)
+            return
         want = "cuda_ipc" if self.device.type == "cuda" else "shm"
         if desc.kind != want:
             raise ValueError(
@@ -170,12 +193,13 @@ class KVSender:
         log.info("KV transport: connected to %s (%s, %d layers)", desc.key, desc.kind, desc.layout.num_layers)
 
     def disconnect(self, key: str) -> None:
+        self._relays.pop(key, None)
         peer = self._peers.pop(key, None)
         if peer is not None:
             peer.close()
 
     def connected(self, key: str) -> bool:
-        return key in self._peers
+        return key in self._peers or key in self._relays
 
     def send(
         self,
@@ -189,13 +213,19 @@ class KVSender:
         """Copy the blocks and publish `expected` in the peer's slot; False when the consumer had
         already aborted this use (then nothing is copied and an ABORTED acknowledgement is
         published instead). Returns once the copy is launched (GPU) or done (CPU)."""
-        peer = self._peers.get(key)
-        if peer is None:
-            raise KeyError(f"KV transport: not connected to {key}")
         if len(src_block_ids) != len(dst_block_ids):
             raise ValueError(
                 f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks"
             )
+        relay = self._relays.get(key)
+        if relay is not None:
+            ids = torch.tensor(list(src_block_ids), dtype=torch.long, device=self.device)
+            blocks = [src.index_select(1, ids).cpu() for src in self.src]  # [2, n, bs, H, D] each
+            relay(slot, expected, list(dst_block_ids), blocks, payload)
+            return True
+        peer = self._peers.get(key)
+        if peer is None:
+            raise KeyError(f"KV transport: not connected to {key}")
         if peer.mailbox.abort_requested(slot, expected):
             peer.mailbox.write_payload(slot, Payload(Status.ABORTED))
             peer.mailbox.publish(slot, expected)
@@ -245,5 +275,5 @@ class KVSender:
         )
 
     def close(self) -> None:
-        for key in list(self._peers):
+        for key in [*self._peers, *self._relays]:
             self.disconnect(key)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay.cluster.config import ServerConfig, load_config
+from kvrelay.cluster.config import ServerConfig, TlsConfig, load_config
 from kvrelay.cluster.routing import BalanceConfig
 from kvrelay.worker.config import EngineConfig
 
@@ -92,6 +92,17 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         ("max_queued_requests: 0\n", "max_queued_requests must be >= 1, got 0"),
         ("drain_grace_s: -1\n", "drain_grace_s must be a finite number of seconds >= 0, got -1.0"),
         ("routing:\n  balance_rel_threshold: 0.5\n", "routing.balance_rel_threshold must be >= 1.0"),
+        ("tls:\n  cert: a.pem\n", "unknown key tls.cert (known: cert_file, client_ca_file, key_file, "),
+        ("tls:\n  key_file: k.pem\n", "tls.key_file is set but tls.cert_file is not: give both"),
+        ("tls:\n  cert_file: c.pem\n", "tls.cert_file is set but tls.key_file is not: give both"),
+        ("tls:\n  client_ca_file: ca.pem\n", "tls.client_ca_file needs TLS: set tls.cert_file"),
+        (
+            "tls:\n  cert_file: c\n  key_file: k\n  require_client_cert: true\n",
+            "tls.require_client_cert is true but tls.client_ca_file is not set",
+        ),
+        ("tls:\n  require_client_cert: 1\n", "tls.require_client_cert must be bool or null, got int 1"),
+        ("auth_token_file: ''\n", "auth_token_file must be a file path or null, got an empty string"),
+        ("max_concurrent_streams: 0\n", "max_concurrent_streams must be >= 1, got 0"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -114,6 +125,16 @@ def test_file_problems(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"kvrelay.yaml: expected a mapping of keys to values, got list"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
     assert load_config(write(tmp_path, "# only comments\n")) == ServerConfig()
+
+
+def test_tls_section_and_flags_merge(tmp_path: Path) -> None:
+    path = write(tmp_path, "tls:\n  cert_file: c.pem\n  key_file: k.pem\n")
+    c = load_config(path, {"tls": {"client_ca_file": "ca.pem"}})
+    assert c.tls == TlsConfig("c.pem", "k.pem", "ca.pem", None)
+    assert (c.tls.enabled, c.tls.client_cert_required) == (True, True)
+    optional = TlsConfig("c.pem", "k.pem", "ca.pem", require_client_cert=False)
+    assert (optional.enabled, optional.client_cert_required) == (True, False)
+    assert (TlsConfig().enabled, TlsConfig().client_cert_required) == (False, False)
 
 
 def test_config_is_frozen() -> None:

@@ -32,7 +32,9 @@ def _pair(**overrides: object) -> tuple[Engine, Engine]:
     return prefill, decode
 
 
-def _collect(outs: Sequence[RequestOutput], acc: dict[str, list[int]], done: dict[str, RequestOutput]) -> None:
+def _collect(
+    outs: Sequence[RequestOutput], acc: dict[str, list[int]], done: dict[str, RequestOutput]
+) -> None:
     for o in outs:
         acc.setdefault(o.request_id, []).extend(o.new_token_ids)
         if o.finished:
@@ -40,7 +42,12 @@ def _collect(outs: Sequence[RequestOutput], acc: dict[str, list[int]], done: dic
 
 
 def _disaggregated(
-    prefill: Engine, decode: Engine, prompts: list[list[int]], params: SamplingParams, *, run_producer: bool = True
+    prefill: Engine,
+    decode: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    run_producer: bool = True,
 ) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
     assert decode.handoff is not None
     acc: dict[str, list[int]] = {}
@@ -107,8 +114,8 @@ def test_only_blocks_missing_on_the_decode_side_are_sent() -> None:
     prefill, decode = _pair()
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     [shared] = random_prompts(1, [48], prefill.model_config.vocab_size, seed=5)
-    decode.generate([shared + [7]], dataclasses.replace(params, max_tokens=1))  # caches 3 blocks
-    prompt = shared + [9, 10, 11, 12, 13]
+    decode.generate([[*shared, 7]], dataclasses.replace(params, max_tokens=1))  # caches 3 blocks
+    prompt = [*shared, 9, 10, 11, 12, 13]
     assert decode.handoff is not None
     target = decode.handoff.reserve("p", prompt, params, None, PRODUCER)
     assert target.skip_blocks == 3 and len(target.dst_block_ids) == 1
@@ -209,3 +216,33 @@ def test_busy_when_sequences_are_reserved() -> None:
         decode.abort_request(rid)
     decode.handoff.producer_down(PRODUCER)
     _clean(decode)
+
+
+def test_relay_transport_equals_colocated_and_drops_late_deliveries() -> None:
+    """The cross-node transport (blocks gathered to host memory, delivered by a call, published
+    by the consumer in its own mailbox) on one machine, forced by kv_transport="relay"."""
+    prefill = make_engine(kv_role="prefill", num_kv_blocks=128, kv_transport="relay")
+    decode = make_engine(kv_role="decode", num_kv_blocks=128)
+    assert decode.handoff is not None and prefill.kv_sender is not None
+    deliveries: list[tuple] = []
+    prefill.kv_sender.connect(decode.handoff.descriptor, lambda *a: deliveries.append(a))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = random_prompts(3, [17, 35], prefill.model_config.vocab_size, seed=9)
+    targets = [decode.handoff.reserve(f"x{i}", p, params, None, PRODUCER) for i, p in enumerate(prompts)]
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        prefill.add_request(f"x{i}", p, dataclasses.replace(params, max_tokens=1), handoff=t)
+    while prefill.has_unfinished_requests():
+        prefill.step()
+    assert len(deliveries) == 3
+    decode.abort_request("x2")  # given up before its delivery arrives: nothing may be written
+    q_blocks = decode.allocator.num_used_blocks
+    for d in deliveries:
+        decode.handoff.deliver(*d)
+    decode.handoff.deliver(*deliveries[0])  # a duplicate (already arrived): dropped
+    acc: dict[str, list[int]] = {}
+    done: dict[str, RequestOutput] = {}
+    while len(done) < 2:
+        _collect(decode.step(), acc, done)
+    assert [acc["x0"], acc["x1"]] == _colocated(prompts[:2], params)
+    assert q_blocks > 0
+    _clean(prefill, decode)

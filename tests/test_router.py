@@ -8,6 +8,7 @@ waits for its own streams to end, so the engines are idle between tests.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import urllib.request
@@ -347,7 +348,9 @@ def test_duplicate_in_flight_request_id(main: Server) -> None:
         assert c.generate([4, 5], max_tokens=2, request_id="dup").request_id == "dup"  # free again
 
 
-def test_unexpected_errors_are_internal_and_generic(main: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_errors_are_internal_and_generic(
+    main: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     codec = main.router._codec
 
     async def broken(text: str) -> list[int]:
@@ -356,7 +359,11 @@ def test_unexpected_errors_are_internal_and_generic(main: Server, monkeypatch: p
     monkeypatch.setattr(codec, "encode", broken)
     with main.client() as c:
         details = expect_error(InternalError, lambda: c.generate("hello"))
-    assert details == "internal error"
+    match = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\)", details)
+    assert match is not None, details
+    logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "/secret/path" in str(logged[0].exc_info[1])  # the detail is in the log only
 
 
 # ---- admission, batching, deadlines, cancellation ---------------------------------------

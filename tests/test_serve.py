@@ -167,7 +167,10 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
             ["--prefill-workers", "1", "--decode-workers", "1"],
             "--prefill-workers/--decode-workers: disaggregated",
         ),
-        (["--auth-token-file", "/dev/null"], "--auth-token-file: authentication is not supported yet"),
+        (["--auth-token-file", "/nonexistent/tokens"], "auth_token_file: cannot read /nonexistent/tokens"),
+        (["--auth-token-file", "/dev/null"], "auth_token_file: /dev/null holds no tokens"),
+        (["--tls-key", "/k.pem"], "tls.key_file is set but tls.cert_file is not: give both"),
+        (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/k.pem"], "tls.cert_file: cannot read"),
         (["--port", "99999"], "port must be in [0, 65535], got 99999"),
     ],
 )

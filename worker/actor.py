@@ -13,8 +13,10 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine, EngineStats
@@ -117,15 +119,28 @@ class WorkerActor:
     def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
         return self._loop.reserve(requests, producer)
 
-    def handoff_failed(self, request_ids: Sequence[str]) -> None:
-        self._loop.handoff_failed(request_ids)
+    def handoff_failed(self, request_ids: Sequence[str], certain: bool = True) -> None:
+        self._loop.handoff_failed(request_ids, certain=certain)
 
     def producer_down(self, producer: str) -> None:
         self._loop.producer_down(producer)
 
-    def connect(self, peer: PeerDescriptor) -> None:
-        """Prefill worker: open a decode worker's pool and mailbox."""
-        self._loop.connect(peer)
+    def connect(self, peer: PeerDescriptor, consumer: Any = None) -> None:
+        """Prefill worker: open a decode worker's pool and mailbox; `consumer` (its actor handle)
+        is the relay used when that is impossible (another node) or configured."""
+        relay = None
+        if consumer is not None:
+
+            def relay(slot: int, expected: int, dst: list[int], blocks: list[Any], payload: Payload) -> None:
+                consumer.receive_kv.remote(slot, expected, dst, blocks, payload)  # fire and forget
+
+        self._loop.connect(peer, relay)
+
+    def receive_kv(
+        self, slot: int, expected: int, dst: list[int], blocks: list[Any], payload: Payload
+    ) -> None:
+        """Decode worker: relayed KV blocks (the relay transport)."""
+        self._loop.receive_kv(slot, expected, dst, blocks, payload)
 
     def disconnect(self, key: str) -> None:
         self._loop.disconnect(key)

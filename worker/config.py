@@ -62,6 +62,9 @@ class EngineConfig:
     kv_role: str = "both"
     handoff_timeout_s: float = 10.0  # a decode worker gives up waiting for a handoff after this
     handoff_policy: str = "recompute"  # then: "recompute" the prompt locally, or "fail" (UNAVAILABLE)
+    # "auto": shared memory / CUDA IPC within a node, relay through Ray across nodes; "relay":
+    # always relay (GPUs without peer access, or to test the cross-node path on one machine).
+    kv_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -95,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
         if not 0.0 < self.handoff_timeout_s <= 3600.0:
             raise ValueError(f"handoff_timeout_s must be in (0, 3600] seconds, got {self.handoff_timeout_s}")
+        if self.kv_transport not in ("auto", "relay"):
+            raise ValueError(f"kv_transport must be auto or relay, got {self.kv_transport!r}")
         if self.handoff_policy not in ("recompute", "fail"):
             raise ValueError(f"handoff_policy must be recompute or fail, got {self.handoff_policy!r}")
         if (

@@ -113,7 +113,8 @@ class Engine:
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # A prefill worker never decodes: no graphs (and no memory) for it.
+        if self.device.type == "cuda" and not config.enforce_eager and config.kv_role != "prefill":
             self.runner.capture_cuda_graphs(
                 default_buckets(min(config.max_graph_batch_size, config.max_num_seqs)),
                 hidden_size=self.model_config.hidden_size,
@@ -132,7 +133,7 @@ class Engine:
                 num_slots=2 * config.max_num_seqs,
             )
         elif config.kv_role == "prefill":
-            self.kv_sender = KVSender(kv_caches, layout)
+            self.kv_sender = KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -163,7 +164,7 @@ class Engine:
         graph_reserve = 0
         if self.device.type == "cuda":
             self._profile_peak_memory(spec)
-            if not self.config.enforce_eager:
+            if not self.config.enforce_eager and self.config.kv_role != "prefill":
                 graph_reserve = self._estimate_graph_memory(spec)
         budget = kv_budget_bytes(
             self.device,

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvrelay.memory_model.transport import KVSender, PeerDescriptor
+from kvrelay.memory_model.mailbox import Payload
+from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
 from kvrelay.worker.engine import Engine, EngineStats
 from kvrelay.worker.handoff import HandoffBusy, HandoffReceiver
 from kvrelay.worker.protocol import HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
@@ -118,10 +119,15 @@ class EngineLoop:
         batch = list(requests)
         return self._call(lambda _: self._reserve_all(batch, producer, arrival))
 
-    def handoff_failed(self, request_ids: Sequence[str]) -> None:
-        """Decode worker: the producer side never started for these (nothing will be written)."""
+    def handoff_failed(self, request_ids: Sequence[str], *, certain: bool = True) -> None:
+        """Decode worker: the producer side never started for these (certain: nothing will be
+        written), or may or may not have (a call lost with its worker: quarantine them)."""
         ids = list(request_ids)
-        self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_failed(ids)))
+        if certain:
+            self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_failed(ids)))
+        else:
+            why = "KV handoff: the prefill worker was lost"
+            self._enqueue(lambda outputs: outputs.extend(self._receiver().give_up(ids, why)))
 
     def producer_down(self, producer: str) -> None:
         """Decode worker: `producer` is dead; its handoffs fall back, its quarantines end."""
@@ -130,9 +136,16 @@ class EngineLoop:
     def kv_descriptor(self) -> PeerDescriptor:
         return self._receiver().descriptor
 
-    def connect(self, peer: PeerDescriptor) -> None:
-        """Prefill worker: open a decode worker's pool and mailbox (once per incarnation)."""
-        self._call(lambda _: self._sender().connect(peer))
+    def connect(self, peer: PeerDescriptor, relay: Relay | None = None) -> None:
+        """Prefill worker: open a decode worker's pool and mailbox (once per incarnation), or
+        keep `relay` to reach it through the host (across nodes)."""
+        self._call(lambda _: self._sender().connect(peer, relay))
+
+    def receive_kv(
+        self, slot: int, expected: int, dst_block_ids: list[int], blocks: list[torch.Tensor], payload: Payload
+    ) -> None:
+        """Decode worker: blocks relayed by a producer (see memory_model/transport.py). Does not wait."""
+        self._enqueue(lambda _: self._receiver().deliver(slot, expected, dst_block_ids, blocks, payload))
 
     def disconnect(self, key: str) -> None:
         self._call(lambda _: self._sender().disconnect(key))

@@ -178,6 +178,32 @@ class HandoffReceiver:
         self.num_completed += 1
         return [self._engine.admit_handed_off(req, _token_logprobs(payload))]
 
+    def deliver(
+        self, slot: int, expected: int, dst_block_ids: list[int], blocks: list[torch.Tensor], payload: Payload
+    ) -> None:
+        """The relay transport's arrival (on the engine thread): write the blocks and publish in
+        our own mailbox, only while that use is still awaited; a use given up is resolved
+        instead (its producer is done), and one already resolved is dropped."""
+        entry = next(
+            ((k, p) for k, p in self._pending.items() if (p.slot, p.expected) == (slot, expected)), None
+        )
+        if entry is None or self.mailbox.arrived(slot, expected):
+            return
+        key, p = entry
+        if p.request is None or self.mailbox.aborted(slot, expected):
+            if p.request is None:
+                self._resolve(key, p)
+            return
+        held = self._engine.allocator.get_block_ids(key)
+        if list(held[len(held) - len(dst_block_ids) :]) != list(dst_block_ids):
+            raise RuntimeError(f"relay for {key} names blocks it did not reserve")
+        if dst_block_ids:
+            kv = self._engine.runner.kv_caches
+            ids = torch.tensor(dst_block_ids, dtype=torch.long, device=kv[0].device)
+            for layer, data in zip(kv, blocks, strict=True):
+                layer.index_copy_(1, ids, data.to(layer.device, non_blocking=True))
+        self.mailbox.publish_local(slot, expected, payload)
+
     # ---- give-ups --------------------------------------------------------------------------
     def cancel(self, request_id: str) -> RequestOutput | None:
         """Abort from the router (or a deadline): the request ends now, its blocks stay quarantined."""
@@ -202,6 +228,16 @@ class HandoffReceiver:
             req = self._forget(rid, p)
             self._engine.allocator.free(rid)
             outputs += self._apply_policy(req, "KV handoff: the prefill worker could not take the request")
+        return outputs
+
+    def give_up(self, request_ids: list[str], why: str) -> list[RequestOutput]:
+        """The pool cannot tell whether the producer got these (a call lost with its worker):
+        stop waiting, keep the blocks quarantined until the producer's completion or death."""
+        outputs: list[RequestOutput] = []
+        for rid in request_ids:
+            p = self._pending.get(rid)
+            if p is not None and p.request is not None:
+                outputs += self._fallback(rid, p, why)
         return outputs
 
     def producer_down(self, producer: str) -> list[RequestOutput]:

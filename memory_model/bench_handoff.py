@@ -1,0 +1,329 @@
+# Kernel parameters are Triton-typed (pointers, constexprs), not Python-typed.
+# mypy: disable-error-code="no-untyped-def"
+"""``kvrelay bench handoff``: the KV handoff data path without the serving stack.
+
+(a) One-way signal latency: two processes (torch.multiprocessing spawn; Ray actors are not
+    used here), one per GPU, play ping-pong: each publishes with st.release.sys into the
+    *peer's* flag word and spins with ld.acquire.sys on its *own*; ``rounds`` round trips
+    run inside one kernel launch per side, and one-way = round trip / 2, with percentiles
+    over launches. Twice: flags in GPU memory (opened by CUDA IPC), and flags in one mapped
+    pinned host page (POSIX shm registered by both). With one GPU both processes share it:
+    their contexts time-slice unless MPS runs, so that figure measures the scheduler.
+(b) Handoff bandwidth: ``copy_blocks_and_signal`` over an 8B-shaped pool (32 layers, 8 KV
+    heads, 128 dims, bf16, 16-token blocks) from cuda:0 into cuda:1, contiguous and scattered
+    block ids, next to a peer copy of one contiguous buffer of the same size measured in the
+    same run (cudaMemcpyPeer through ``Tensor.copy_``). With one GPU both run device-local.
+    Bandwidth counts bytes copied (not read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvrelay.memory_model import ipc
+
+TARGET_ONE_WAY_US = 2.0
+TARGET_CONTIGUOUS_RATIO = 0.80  # for copies >= 64 MB
+TARGET_SCATTERED_RATIO = 0.60
+_PING_TIMEOUT_NS = 5_000_000_000
+_FLAG_STRIDE = 128  # bytes between the two flags: separate cache lines
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    at = {q: s[min(len(s) - 1, int(q * len(s)))] for q in (0.5, 0.9, 0.99)}
+    return {"p50": at[0.5], "p90": at[0.9], "p99": at[0.99], "min": s[0]}
+
+
+def _pingpong_worker(rank: int, cfg: dict[str, Any], conn: Any) -> None:
+    """One side of the ping-pong (rank 0 initiates). Flags: in GPU memory, each side's
+    own word exported to the other by IPC; or in the shm page named ``cfg["shm"]``."""
+    from multiprocessing import shared_memory
+
+    dev = torch.device("cuda", cfg["devices"][rank])
+    torch.cuda.set_device(dev)
+    out = torch.zeros(2, dtype=torch.int64, device=dev)
+    if cfg["where"] == "gpu":
+        own = torch.zeros(_FLAG_STRIDE // 8, dtype=torch.int64, device=dev)
+        torch.cuda.synchronize(dev)
+        conn.send(ipc.export_tensors([own], owner_key=f"pingpong-{rank}"))
+        peer = ipc.open_tensors(conn.recv(), dev)[0]
+        my_addr, peer_addr = own.data_ptr(), peer.data_ptr()
+    else:
+        shm = shared_memory.SharedMemory(name=cfg["shm"])
+        host = _shm_address(shm)
+        dptr = ipc.register_host(host, shm.size)
+        my_addr, peer_addr = dptr + rank * _FLAG_STRIDE, dptr + (1 - rank) * _FLAG_STRIDE
+    rounds = cfg["rounds"]
+    one_way_us = []
+    for launch in range(cfg["launches"] + 1):  # launch 0 compiles and warms up
+        conn.send("ready")
+        conn.recv()  # both sides launch after both are ready: neither times out compiling
+        from kvrelay.memory_model.bench_kernels import pingpong_kernel
+
+        pingpong_kernel[(1,)](
+            out,
+            my_addr,
+            peer_addr,
+            1 + launch * rounds,
+            rounds,
+            _PING_TIMEOUT_NS,
+            INITIATOR=rank == 0,
+            num_warps=1,
+        )
+        ns, done = out.tolist()
+        if done != rounds:
+            raise RuntimeError(f"rank {rank}: ping-pong launch {launch} completed {done}/{rounds} rounds")
+        if launch:
+            one_way_us.append(ns / rounds / 2 / 1e3)
+    conn.send(one_way_us)
+    if cfg["where"] == "gpu":
+        ipc.close_peer(f"pingpong-{1 - rank}")
+    else:
+        ipc.unregister_host(host)
+        shm.close()
+
+
+def _shm_address(shm: Any) -> int:
+    # The ctypes view is dropped at return, so that shm.close() finds no exported buffer.
+    return ctypes.addressof(ctypes.c_char.from_buffer(shm.buf))
+
+
+def measure_signal_latency(
+    devices: tuple[int, int], where: str, rounds: int, launches: int
+) -> dict[str, Any]:
+    """Ping-pong between two spawned processes; ``where`` is "gpu" or "host" (flag memory)."""
+    from multiprocessing import shared_memory
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    shm = shared_memory.SharedMemory(create=True, size=4096) if where == "host" else None
+    # A new segment reads as zeros: no flag value (all >= 1) is there yet.
+    cfg = {"devices": devices, "where": where, "rounds": rounds, "launches": launches}
+    cfg["shm"] = shm.name if shm is not None else ""
+    # The parent relays: each child talks to it through its own pipe.
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=_pingpong_worker, args=(r, cfg, pipes[r][1])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for _, child_end in pipes:
+        child_end.close()  # a dead child then shows as EOFError here, not a hang
+    try:
+        ends = [pipes[r][0] for r in range(2)]
+        if where == "gpu":
+            exports = [e.recv() for e in ends]
+            ends[0].send(exports[1])
+            ends[1].send(exports[0])
+        for _ in range(launches + 1):
+            for e in ends:
+                e.recv()
+            for e in ends:
+                e.send("go")
+        one_way = ends[0].recv()
+        ends[1].recv()
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"ping-pong processes exited with {[p.exitcode for p in procs]}")
+    mode = "two GPUs" if devices[0] != devices[1] else "one GPU shared by two processes (time-sliced)"
+    return {
+        "where": where,
+        "mode": mode,
+        "rounds": rounds,
+        "launches": launches,
+        "one_way_us": _percentiles(one_way),
+    }
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+
+def _median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    with torch.cuda.device(device):
+        fn()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_gbps(
+    src: list[torch.Tensor],
+    dst_table: torch.Tensor,
+    src_ids: torch.Tensor,
+    dst_ids: torch.Tensor,
+    dst_blocks: int,
+    iters: int,
+) -> float:
+    from kvrelay.memory_model import gpu_copy
+
+    device = src[0].device
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    signal = torch.zeros(1, dtype=torch.int64, device=device)
+    value = [0]
+
+    def launch() -> None:
+        value[0] += 1
+        gpu_copy.copy_blocks_and_signal(
+            src, dst_table, src_ids, dst_ids, counter, signal.data_ptr(), value[0], dst_num_blocks=dst_blocks
+        )
+
+    ms = _median_ms(launch, iters, device)
+    torch.cuda.synchronize(device)
+    if signal.item() != value[0] or counter.item() != 0:
+        raise RuntimeError(
+            f"copy signalled {signal.item()} (want {value[0]}), counter {counter.item()} (want 0)"
+        )
+    return src[0][0, 0].numel() * src[0].element_size() * 2 * len(src) * src_ids.numel() / ms / 1e6
+
+
+def _peer_copy_gbps(nbytes: int, src_dev: torch.device, dst_dev: torch.device, iters: int) -> float:
+    """One contiguous buffer copied to the other device (cudaMemcpyPeerAsync), or within one."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
+    return nbytes / _median_ms(lambda: dst.copy_(src, non_blocking=True), iters, src_dev) / 1e6
+
+
+def measure_bandwidth(
+    src_dev: torch.device, dst_dev: torch.device, sizes_mb: list[int], iters: int, pool_blocks: int = 1024
+) -> list[dict[str, Any]]:
+    """GB/s of the handoff copy (contiguous and scattered ids) and of a contiguous peer copy
+    of the same bytes, per size. Sizes below one block id of all 32 layers use fewer layers."""
+    from kvrelay.memory_model import gpu_copy
+
+    layers, heads, dim, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
+    region = block_size * heads * dim * 2  # bytes of one (layer, kv, block)
+    shape = (2, pool_blocks, block_size, heads, dim)
+    src = [torch.randn(shape, device=src_dev).to(dtype) for _ in range(layers)]
+    dst = [torch.zeros(shape, dtype=dtype, device=dst_dev) for _ in range(layers)]
+    gpu_copy.enable_peer_access(src_dev, dst_dev)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for mb in sizes_mb:
+        nbytes = mb << 20
+        n_layers = max(1, min(layers, nbytes // (2 * region)))
+        n_blocks = max(1, nbytes // (2 * region * n_layers))
+        if n_blocks > pool_blocks:
+            raise ValueError(f"--sizes-mb {mb} needs {n_blocks} blocks, pool has {pool_blocks}")
+        table = gpu_copy.build_layer_table(dst[:n_layers], src_dev)
+        ids = {
+            "contiguous": (torch.arange(n_blocks), torch.arange(n_blocks)),
+            "scattered": (
+                torch.randperm(pool_blocks, generator=gen)[:n_blocks],
+                torch.randperm(pool_blocks, generator=gen)[:n_blocks],
+            ),
+        }
+        moved = 2 * region * n_layers * n_blocks
+        row: dict[str, Any] = {"size_mb": moved / 2**20, "layers": n_layers, "blocks": n_blocks}
+        row["peer_copy_gbps"] = _peer_copy_gbps(moved, src_dev, dst_dev, iters)
+        for kind, (s_ids, d_ids) in ids.items():
+            gbps = _copy_gbps(src[:n_layers], table, s_ids.to(src_dev), d_ids.to(src_dev), pool_blocks, iters)
+            row[f"{kind}_gbps"] = gbps
+            row[f"{kind}_ratio"] = gbps / row["peer_copy_gbps"]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_bench_handoff_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=1000, help="round trips per ping-pong launch")
+    parser.add_argument("--launches", type=int, default=20, help="ping-pong launches (percentiles over them)")
+    parser.add_argument("--iters", type=int, default=20, help="timed copies per bandwidth point")
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-bandwidth", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"handoff bench on {results['device']} ({results['topology']})"]
+    for lat in results.get("latency", []):
+        p = lat["one_way_us"]
+        ok = "ok" if p["p50"] <= TARGET_ONE_WAY_US else "MISS"
+        lines.append(
+            f"signal one-way via {lat['where']:4s} flags, {lat['mode']}: p50 {p['p50']:.2f} us  "
+            f"p90 {p['p90']:.2f}  p99 {p['p99']:.2f}  (target <= {TARGET_ONE_WAY_US} us: {ok})"
+        )
+    if results.get("bandwidth"):
+        lines.append(
+            f"{'MB':>7} {'peer GB/s':>10} {'contig GB/s':>12} {'ratio':>6} {'scatter GB/s':>13} {'ratio':>6}  targets"
+        )
+    for r in results.get("bandwidth", []):
+        c_ok = r["contiguous_ratio"] >= TARGET_CONTIGUOUS_RATIO if r["size_mb"] >= 64 else None
+        s_ok = r["scattered_ratio"] >= TARGET_SCATTERED_RATIO
+        verdict = (
+            f"contig {'-' if c_ok is None else 'ok' if c_ok else 'MISS'}, scatter {'ok' if s_ok else 'MISS'}"
+        )
+        lines.append(
+            f"{r['size_mb']:7.1f} {r['peer_copy_gbps']:10.1f} {r['contiguous_gbps']:12.1f} "
+            f"{r['contiguous_ratio']:6.2f} {r['scattered_gbps']:13.1f} {r['scattered_ratio']:6.2f}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def run_bench_handoff(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("bench handoff needs a CUDA GPU", file=sys.stderr)
+        return 2
+    for name in ("rounds", "launches", "iters"):
+        if getattr(args, name) < 1:
+            print(f"--{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    two = torch.cuda.device_count() >= 2
+    devices = (0, 1) if two else (0, 0)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "topology": "cuda:0 -> cuda:1" if two else "one GPU: device-local",
+        "latency": [],
+        "bandwidth": [],
+        "targets": {
+            "one_way_us": TARGET_ONE_WAY_US,
+            "contiguous_ratio_ge_64mb": TARGET_CONTIGUOUS_RATIO,
+            "scattered_ratio": TARGET_SCATTERED_RATIO,
+        },
+    }
+    if not args.skip_latency:
+        # Time-sliced contexts advance one round per slice: keep the one-GPU run short.
+        rounds = args.rounds if two else min(args.rounds, 20)
+        for where in ("gpu", "host"):
+            results["latency"].append(measure_signal_latency(devices, where, rounds, args.launches))
+    if not args.skip_bandwidth:
+        src, dst = torch.device("cuda", devices[0]), torch.device("cuda", devices[1])
+        results["bandwidth"] = measure_bandwidth(src, dst, args.sizes_mb, args.iters)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvrelay bench handoff", description=__doc__)
+    add_bench_handoff_args(parser)
+    return run_bench_handoff(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

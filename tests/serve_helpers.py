@@ -1,0 +1,128 @@
+"""The router and its loopback gRPC server over a real Ray pool of CPU workers, driven from a
+`LoopThread`, with the pool's worker down/up callbacks recorded: the fault and soak tests share it.
+
+Use: `served = start_served(...)` inside a module fixture that takes `ray_local`, then
+`served.stop()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_helpers import LoopThread
+
+from kvrelay.cluster.client import KvrelayClient
+from kvrelay.cluster.config import ServerConfig, load_config
+from kvrelay.cluster.pool import PoolTimeouts, RayWorkerPool
+from kvrelay.cluster.router import GenerationRouter, build_server
+
+VOCAB = 320  # the tiny model's
+
+
+class RecordingRouter(GenerationRouter):
+    """The router, also recording when each worker went down (and why) and came back."""
+
+    def __init__(self, pool: RayWorkerPool, config: ServerConfig) -> None:
+        super().__init__(pool, config)
+        self.cond = threading.Condition()
+        self.down: list[tuple[int, str, float]] = []  # (rank, why, time.monotonic())
+        self.up: list[tuple[int, float]] = []
+
+    def on_worker_down(self, rank: int, why: str) -> None:
+        with self.cond:
+            self.down.append((rank, why, time.monotonic()))
+            self.cond.notify_all()
+        super().on_worker_down(rank, why)
+
+    def on_worker_up(self, rank: int) -> None:
+        with self.cond:
+            self.up.append((rank, time.monotonic()))
+            self.cond.notify_all()
+        super().on_worker_up(rank)
+
+    def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout_s), (
+                f"timed out after {timeout_s} s waiting for {what}"
+            )
+
+
+@dataclass
+class Served:
+    lt: LoopThread
+    pool: RayWorkerPool
+    router: RecordingRouter
+    server: Any  # grpc.aio.Server
+    address: str
+    stopped: bool = field(default=False)
+
+    def client(self) -> KvrelayClient:
+        return KvrelayClient(self.address, timeout=120.0)
+
+    def used_blocks(self) -> list[int | None]:
+        """KV blocks in use on each worker, by rank (None: the worker is down)."""
+        return [None if s is None else s.num_used_blocks for s in self.lt.run(self.pool.stats())]
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until every worker is healthy and its engine holds no KV block (integrity checked)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.lt.run(self.pool.check_integrity())
+            stats = self.lt.run(self.pool.stats())
+            if all(
+                s is not None and s.num_used_blocks == 0 and s.num_free_blocks == s.num_kv_blocks
+                for s in stats
+            ):
+                return
+            assert time.monotonic() < deadline, f"not idle after {timeout_s} s: {stats}"
+            time.sleep(0.05)
+
+    def wait_healthy(self, rank: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.pool.workers[rank].healthy:
+            assert time.monotonic() < deadline, f"worker {rank} did not come back within {timeout_s} s"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.lt.run(self.server.stop(0))
+        self.lt.run(self.router.stop())
+        self.lt.close()
+
+
+def start_served(
+    *,
+    num_workers: int = 2,
+    num_kv_blocks: int = 512,
+    max_restarts: int = 3,
+    timeouts: PoolTimeouts | None = None,
+) -> Served:
+    """Router + server on 127.0.0.1 (any free port) over `num_workers` tiny-model CPU actors.
+    The caller must hold a Ray cluster (the `ray_local` fixture)."""
+    lt = LoopThread()
+    config = load_config(
+        None,
+        {"port": 0, "workers": num_workers, "device": "cpu", "engine": {"num_kv_blocks": num_kv_blocks}},
+    )
+    pool = RayWorkerPool(
+        config.engine, num_workers=num_workers, device="cpu", max_restarts=max_restarts, timeouts=timeouts
+    )
+
+    async def start() -> Served:
+        router = RecordingRouter(pool, config)
+        await router.start()
+        server, port = build_server(router, config)
+        await server.start()
+        return Served(lt, pool, router, server, f"127.0.0.1:{port}")
+
+    try:
+        return lt.run(start(), timeout_s=180)
+    except BaseException:
+        lt.close()
+        raise
