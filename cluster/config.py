@@ -33,6 +33,7 @@ _SECTIONS = ("engine", "routing", "tls")
 _ENGINE_RESERVED = {
     "device": "set the top-level 'device' key (each worker picks its own GPU)",
     "detokenize": "the router detokenizes; workers always send token ids only",
+    "kv_role": "set the top-level 'prefill_workers' and 'decode_workers' keys",
 }
 
 
@@ -83,6 +84,9 @@ class ServerConfig:
     ray_address: str | None = None  # None: start a local Ray cluster
     max_restarts: int = 3  # per worker actor, before it stays down
     metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None: off
+    # A plaintext port serving only grpc.health.v1 (no token): for probes that cannot speak TLS
+    # (Kubernetes' grpc probes) when `port` has it. None: health is on `port` only.
+    health_port: int | None = None
     # Admission: requests in flight (queued or running) and their tokens (prompt + max_tokens).
     max_queued_requests: int = 1024
     max_queued_tokens: int = 4 * 1024 * 1024
@@ -106,7 +110,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must not be empty")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "health_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")

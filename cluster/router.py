@@ -39,11 +39,9 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from kvrelay.cluster.admission import Admission, AdmissionFull, Ticket
-from kvrelay.cluster.auth import ServerSecurity, load_security
 from kvrelay.cluster.config import ServerConfig
 from kvrelay.cluster.interfaces import WorkerClient, WorkerPool
 from kvrelay.cluster.metrics import ServerMetrics, add_worker_stats
@@ -68,10 +66,6 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "k
 Code = grpc.StatusCode
 # A token id is a uint32 varint of at most 5 bytes on the wire.
 _MAX_BYTES_PER_TOKEN_ID = 5
-# RPCs the server runs at once beyond max_queued_requests: health probes, stats, and calls that
-# are about to be refused, so those still get an answer under full load.
-_CONTROL_RPC_HEADROOM = 64
-_HANDSHAKE_TIMEOUT_MS = 10_000  # a peer that opens a connection and stalls the TLS handshake
 
 
 class _Failed(Exception):
@@ -505,86 +499,3 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         if self._limits is None:
             return []
         return [(w.rank, w.healthy, w.load) for w in self._pool.workers]
-
-
-def build_server(
-    router: GenerationRouter, config: ServerConfig, security: ServerSecurity | None = None
-) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with the Generation, health and reflection services, bound to
-    config.host:config.port (0: any free port); returns it (not started) and the bound port.
-    security: TLS credentials and token check (default: `load_security(config)`)."""
-    if security is None:
-        security = load_security(config)
-    limit = config.max_message_bytes
-    server = grpc.aio.server(
-        interceptors=security.interceptors,
-        options=[
-            # Larger messages fail in gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_metadata_size", config.max_metadata_bytes),
-            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-            ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
-            # Without this a second server on the same port would share it silently (Linux).
-            ("grpc.so_reuseport", 0),
-        ],
-        # Past this many RPCs at once gRPC answers RESOURCE_EXHAUSTED before any handler runs.
-        maximum_concurrent_rpcs=config.max_queued_requests + _CONTROL_RPC_HEADROOM,
-    )
-    server.add_generic_rpc_handlers((_generation_handler(router),))
-    health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
-    names = (
-        SERVICE_NAME,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    address = format_address(config.host, config.port)
-    try:
-        if security.credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, security.credentials)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise ValueError(f"port: cannot listen on {address} (in use, or not an address of this host)")
-    return server, port
-
-
-def _generation_handler(router: GenerationRouter) -> grpc.GenericRpcHandler:
-    """The Generation service as `add_GenerationServicer_to_server` builds it, but with deserializers
-    that yield _UNPARSABLE for bytes that do not parse, which the handlers refuse as INVALID_ARGUMENT."""
-
-    def parse(cls: Any) -> Callable[[bytes], object]:
-        def deserialize(data: bytes) -> object:
-            try:
-                return cls.FromString(data)
-            except Exception:  # DecodeError, or a nesting/UTF-8 error: the bytes are the problem
-                return _UNPARSABLE
-
-        return deserialize
-
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            router.Generate,
-            request_deserializer=parse(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString,
-        ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            router.GetModelInfo,
-            request_deserializer=parse(pb.GetModelInfoRequest),
-            response_serializer=pb.ModelInfo.SerializeToString,
-        ),
-        "GetServerStats": grpc.unary_unary_rpc_method_handler(
-            router.GetServerStats,
-            request_deserializer=parse(pb.GetServerStatsRequest),
-            response_serializer=pb.ServerStats.SerializeToString,
-        ),
-    }
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def format_address(host: str, port: int) -> str:
-    """HOST:PORT, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

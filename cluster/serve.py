@@ -43,7 +43,7 @@ log = logging.getLogger("kvrelay")
 # flag dest -> where it lands in the config (a top-level key, or ("engine", key))
 _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
-    "metrics_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
+    "metrics_port", "health_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
     "default_max_tokens", "auth_token_file", "max_restarts",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
@@ -75,6 +75,7 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda where a GPU is visible, else cpu")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument("--health-port", type=int, help="plaintext gRPC health-only port (probes, when TLS is on)")
     p.add_argument("--max-queued-requests", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
     p.add_argument("--max-queued-tokens", type=int, help="tokens (prompt + max_tokens) in flight, likewise")
     p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit")
@@ -181,7 +182,8 @@ async def serve(
     # Imported here, not at module level: the CLI builds its parser from this module, and
     # `kvrelay generate` or `bench` must not need gRPC's health/reflection packages or Ray.
     from kvrelay.cluster.auth import load_security
-    from kvrelay.cluster.router import GenerationRouter, build_server, format_address
+    from kvrelay.cluster.grpc_server import build_health_server, build_server, format_address
+    from kvrelay.cluster.router import GenerationRouter
 
     if security is None:
         security = load_security(config)
@@ -189,7 +191,7 @@ async def serve(
     router = GenerationRouter(pool, config)
     signals = _Signals(asyncio.get_running_loop())
     stop_metrics: Callable[[], None] | None = None
-    server = None
+    server = health_server = None
     try:
         if not await signals.until_signal(router.start()):
             log.info("interrupted during start-up")
@@ -197,6 +199,10 @@ async def serve(
         signals.install()
         server, port = build_server(router, config, security)
         await server.start()
+        if config.health_port is not None:
+            health_server, health_port = build_health_server(router, config.host, config.health_port)
+            await health_server.start()
+            log.info("gRPC health (plaintext) on %s", format_address(config.host, health_port))
         if config.metrics_port is not None:
             metrics_port, stop_metrics = router.metrics.serve_http(config.host, config.metrics_port)
             log.info("metrics on http://%s/metrics", format_address(config.host, metrics_port))
@@ -218,6 +224,8 @@ async def serve(
             stop_metrics()
         if server is not None:
             await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         await router.stop()
         log.info("stopped")
 

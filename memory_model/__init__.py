@@ -42,6 +42,16 @@ One handoff, in order:
      never applied to any request) or when the pool reports P's incarnation dead (a dead
      process, and its CUDA context, write nothing more).
 
+  6. Restarts: a consumer that restarts gets a NEW mailbox region and a new pool (and a new
+     random epoch); the pool tells producers to drop the old mappings. Equality waits alone
+     would not be enough if the memory were kept: an old-epoch producer's late payload or
+     SIGNAL store could overwrite a fresh use of the slot (the checker's `restart-no-fence`
+     variant shows it), so old and new incarnations never share flag memory.
+  7. Relay (across nodes, `transport.py`): the producer gathers the blocks to host memory and
+     sends them through Ray; the consumer writes them and publishes in its own mailbox, only
+     while that use is still pending with the same value. A lost call (a producer that may or
+     may not have started) is treated like a timeout: quarantine until completion or death.
+
 Scopes. Everything crossing processes or GPUs is system scope (.sys / C11 atomics on shared
 memory); the done counter is GPU scope because only CTAs of P's launch touch it.
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of kvrelay in one call, for the lent GPU machines (device tool).
 # Full logs and JSON go to $OUT (or ./out); a short table is printed last.
-#   scripts/gpu_check.sh            # GPU tests + engine bench (1B and 8B shapes)
+#   scripts/gpu_check.sh            # GPU tests + engine bench + memory_model (litmus, handoff bench)
 #   scripts/gpu_check.sh tests      # GPU tests only
 #   scripts/gpu_check.sh bench      # engine bench only
+#   scripts/gpu_check.sh memory     # litmus + handoff bench only (on 2 GPUs: also across them)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"; mkdir -p "$out"
@@ -30,9 +31,17 @@ if [[ "$what" == all || "$what" == bench ]]; then
   python3 -m kvrelay.cli bench engine --json "$out/bench_engine.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench_engine.log"
   status[bench]=${PIPESTATUS[0]}
 fi
+if [[ "$what" == all || "$what" == memory ]]; then
+  python3 -m kvrelay.cli litmus --json "$out/litmus.json" ${LITMUS_ARGS:-} 2>&1 | tee "$out/litmus.log"
+  status[litmus]=${PIPESTATUS[0]}
+  python3 -m kvrelay.cli bench handoff --json "$out/bench_handoff.json" ${HANDOFF_ARGS:-} 2>&1 | tee "$out/bench_handoff.log"
+  status[handoff]=${PIPESTATUS[0]}
+fi
 echo
 echo "== summary"
 [[ -n "${status[tests]:-}" ]] && echo "gpu tests: exit ${status[tests]} ($(tail -n 1 "$out/gpu_tests.log"))"
 [[ -n "${status[bench]:-}" ]] && { echo "bench engine: exit ${status[bench]}"; sed -n '/^kvrelay bench engine on/,$p' "$out/bench_engine.log"; }
+[[ -n "${status[litmus]:-}" ]] && { echo "litmus: exit ${status[litmus]}"; tail -n 30 "$out/litmus.log"; }
+[[ -n "${status[handoff]:-}" ]] && { echo "bench handoff: exit ${status[handoff]}"; tail -n 20 "$out/bench_handoff.log"; }
 rc=0; for s in "${status[@]}"; do [[ "$s" == 0 ]] || rc=1; done
 exit $rc

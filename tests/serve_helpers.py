@@ -17,8 +17,9 @@ from ray_helpers import LoopThread
 
 from kvrelay.cluster.client import KvrelayClient
 from kvrelay.cluster.config import ServerConfig, load_config
+from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts, RayWorkerPool
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.router import GenerationRouter
 
 VOCAB = 320  # the tiny model's
 

@@ -45,7 +45,8 @@ from kvrelay.cluster.client import (
     connection_kwargs,
 )
 from kvrelay.cluster.config import TlsConfig, load_config
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.grpc_server import build_health_server, build_server
+from kvrelay.cluster.router import GenerationRouter
 
 TOKEN = "tok-0123456789abcdef"
 OTHER_TOKEN = "tok-fedcba9876543210"
@@ -313,6 +314,28 @@ def test_health_is_open_reflection_is_not(secure: Secure) -> None:
         with pytest.raises(grpc.RpcError) as e:
             list(info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_plaintext_health_port_serves_probes_and_nothing_else(secure: Secure) -> None:
+    """What Kubernetes' grpc probe needs when the main port has mTLS: health, in plaintext,
+    without a token; Generate is not served there at all."""
+    server, port = secure.lt.run(_health_server(secure))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            status = check(health_pb2.HealthCheckRequest(service="kvrelay.v1.Generation"), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                list(channel.unary_stream(GENERATE)(b"", timeout=10))
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        secure.lt.run(server.stop(0))
+
+
+async def _health_server(secure: Secure) -> tuple[Any, int]:
+    server, port = build_health_server(secure.router, "127.0.0.1", 0)
+    await server.start()
+    return server, port
 
 
 def test_no_security_configured_is_plaintext_and_open() -> None:

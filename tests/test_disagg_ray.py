@@ -18,8 +18,9 @@ from ray_helpers import LoopThread, ray_local  # noqa: F401
 from kvrelay.cluster.client import KvrelayClient
 from kvrelay.cluster.config import load_config
 from kvrelay.cluster.disagg import DisaggregatedPool
+from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.router import GenerationRouter
 from kvrelay.worker.sampling_params import SamplingParams
 
 VOCAB = 320

@@ -16,8 +16,9 @@ from test_disagg_ray import VOCAB, Served, _expected
 from kvrelay.cluster.client import Unavailable
 from kvrelay.cluster.config import load_config
 from kvrelay.cluster.disagg import DisaggregatedPool
+from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.router import GenerationRouter
 
 
 @pytest.fixture(scope="module")

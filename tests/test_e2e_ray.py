@@ -17,8 +17,9 @@ from ray_helpers import LoopThread, ray_local  # noqa: F401
 
 from kvrelay.cluster.client import DeadlineExceeded, KvrelayClient, KvrelayError, Unavailable
 from kvrelay.cluster.config import load_config
+from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import RayWorkerPool
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.router import GenerationRouter
 from kvrelay.worker.sampling_params import SamplingParams
 
 VOCAB = 320

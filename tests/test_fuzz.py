@@ -25,7 +25,8 @@ from ray_helpers import LoopThread
 from kvrelay.cluster.auth import TOKENS_ENV, load_security
 from kvrelay.cluster.client import KvrelayClient
 from kvrelay.cluster.config import load_config
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.grpc_server import build_server
+from kvrelay.cluster.router import GenerationRouter
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.engine import Engine
 

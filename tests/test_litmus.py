@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -293,6 +295,23 @@ def test_asm_blocks_predicate_every_access_on_lane_0() -> None:
     assert "@lt_p ld.relaxed.sys.global.u32 lt_v, [$1];" in poll_asm("sys").splitlines()
 
 
+@pytest.fixture
+def compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """litmus_kernels decorated for compilation even when another test module set
+    TRITON_INTERPRET=1 first (the decorator reads it); restored afterwards."""
+    import importlib
+
+    from kvrelay.memory_model import litmus_kernels
+
+    interpreting = os.environ.get("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    importlib.reload(litmus_kernels)
+    yield
+    if interpreting is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", interpreting)
+        importlib.reload(litmus_kernels)
+
+
 def _ptxas_available() -> bool:
     import triton
 
@@ -305,7 +324,7 @@ def _ptxas_available() -> bool:
     ("test", "variant", "scope", "role"), [("mp", "relacq", "gpu", -1), ("sb", "fence_sc", "sys", 1)]
 )
 def test_kernel_compiles_for_sm90_with_the_body_in_order(
-    test: str, variant: str, scope: str, role: int
+    test: str, variant: str, scope: str, role: int, compiled_kernels: object
 ) -> None:
     # Through ptxas, without a GPU: the asm is valid PTX and the body's accesses reach the PTX
     # in program order, lane 0 only.

@@ -36,7 +36,8 @@ from kvrelay.cluster.client import (
     Unavailable,
 )
 from kvrelay.cluster.config import load_config
-from kvrelay.cluster.router import GenerationRouter, build_server
+from kvrelay.cluster.grpc_server import build_server
+from kvrelay.cluster.router import GenerationRouter
 from kvrelay.cluster.text import ResponseBuilder
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc

@@ -163,10 +163,7 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (
-            ["--prefill-workers", "1", "--decode-workers", "1"],
-            "--prefill-workers/--decode-workers: disaggregated",
-        ),
+        (["--prefill-workers", "1"], "prefill_workers and decode_workers: give both"),
         (["--auth-token-file", "/nonexistent/tokens"], "auth_token_file: cannot read /nonexistent/tokens"),
         (["--auth-token-file", "/dev/null"], "auth_token_file: /dev/null holds no tokens"),
         (["--tls-key", "/k.pem"], "tls.key_file is set but tls.cert_file is not: give both"),
