@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kvrelay.cluster.bench_serve import add_bench_serve_args
 
     add_bench_serve_args(bench.add_parser("serve", help="load test of a running server over gRPC"))
+    from kvrelay.cluster.bench_disagg import add_bench_disagg_args
+
+    add_bench_disagg_args(
+        bench.add_parser("disagg", help="disaggregated vs colocated serving: TTFT and throughput")
+    )
     from kvrelay.memory_model.bench_handoff import add_bench_handoff_args
 
     add_bench_handoff_args(
@@ -310,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             names = args.variants.split(",") if args.variants else None
             return run_checker(names, show_traces=args.traces)
+        if args.bench_command == "disagg":
+            from kvrelay.cluster.bench_disagg import run_bench_disagg
+
+            return run_bench_disagg(args)
         if args.bench_command == "handoff":
             from kvrelay.memory_model.bench_handoff import run_bench_handoff
 
