@@ -17,6 +17,7 @@ from ray_helpers import LoopThread
 
 from kvrelay.cluster.client import KvrelayClient
 from kvrelay.cluster.config import ServerConfig, load_config
+from kvrelay.cluster.disagg import DisaggregatedPool
 from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts, RayWorkerPool
 from kvrelay.cluster.router import GenerationRouter
@@ -27,7 +28,7 @@ VOCAB = 320  # the tiny model's
 class RecordingRouter(GenerationRouter):
     """The router, also recording when each worker went down (and why) and came back."""
 
-    def __init__(self, pool: RayWorkerPool, config: ServerConfig) -> None:
+    def __init__(self, pool: Any, config: ServerConfig) -> None:
         super().__init__(pool, config)
         self.cond = threading.Condition()
         self.down: list[tuple[int, str, float]] = []  # (rank, why, time.monotonic())
@@ -55,7 +56,7 @@ class RecordingRouter(GenerationRouter):
 @dataclass
 class Served:
     lt: LoopThread
-    pool: RayWorkerPool
+    pool: Any  # RayWorkerPool or DisaggregatedPool
     router: RecordingRouter
     server: Any  # grpc.aio.Server
     address: str
@@ -103,17 +104,24 @@ def start_served(
     num_kv_blocks: int = 512,
     max_restarts: int = 3,
     timeouts: PoolTimeouts | None = None,
+    disaggregated: tuple[int, int] | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> Served:
-    """Router + server on 127.0.0.1 (any free port) over `num_workers` tiny-model CPU actors.
-    The caller must hold a Ray cluster (the `ray_local` fixture)."""
+    """Router + server on 127.0.0.1 (any free port) over `num_workers` tiny-model CPU actors,
+    or over (prefill, decode) workers of a DisaggregatedPool. The caller must hold a Ray
+    cluster (the `ray_local` fixture)."""
     lt = LoopThread()
-    config = load_config(
-        None,
-        {"port": 0, "workers": num_workers, "device": "cpu", "engine": {"num_kv_blocks": num_kv_blocks}},
-    )
-    pool = RayWorkerPool(
-        config.engine, num_workers=num_workers, device="cpu", max_restarts=max_restarts, timeouts=timeouts
-    )
+    engine = {"num_kv_blocks": num_kv_blocks, **(engine or {})}
+    config = load_config(None, {"port": 0, "device": "cpu", "engine": engine})
+    pool: Any
+    if disaggregated is None:
+        pool = RayWorkerPool(
+            config.engine, num_workers=num_workers, device="cpu", max_restarts=max_restarts, timeouts=timeouts
+        )
+    else:
+        pool = DisaggregatedPool(
+            config.engine, *disaggregated, "cpu", max_restarts=max_restarts, timeouts=timeouts
+        )
 
     async def start() -> Served:
         router = RecordingRouter(pool, config)

@@ -8,70 +8,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from engine_helpers import make_engine, random_prompts
-from ray_helpers import LoopThread, ray_local  # noqa: F401
+from ray_helpers import ray_local  # noqa: F401
+from serve_helpers import VOCAB, Served, start_served
 
-from kvrelay.cluster.client import KvrelayClient
-from kvrelay.cluster.config import load_config
-from kvrelay.cluster.disagg import DisaggregatedPool
-from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts
-from kvrelay.cluster.router import GenerationRouter
 from kvrelay.worker.sampling_params import SamplingParams
-
-VOCAB = 320
-
-
-@dataclass
-class Served:
-    lt: LoopThread
-    pool: DisaggregatedPool
-    router: GenerationRouter
-    server: Any
-    address: str
-
-    def client(self) -> KvrelayClient:
-        return KvrelayClient(self.address, timeout=120.0)
-
-    def wait_idle(self, timeout_s: float = 15.0) -> None:
-        """Until both kinds of worker hold no KV block (integrity checks included)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.lt.run(self.pool.check_integrity())
-            used = [s.num_used_blocks for s in self.lt.run(self.pool.stats()) if s is not None]
-            if not any(used):
-                return
-            assert time.monotonic() < deadline, f"blocks still in use: {used}"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
 def served(ray_local: None) -> Iterator[Served]:  # noqa: F811
-    lt = LoopThread()
-    config = load_config(
-        None,
-        {"port": 0, "device": "cpu", "engine": {"num_kv_blocks": 512, "handoff_timeout_s": 5.0}},
+    s = start_served(
+        disaggregated=(1, 1),
+        engine={"handoff_timeout_s": 5.0},
+        max_restarts=2,
+        timeouts=PoolTimeouts(stall_s=20.0, no_progress_s=60.0),
     )
-    pool = DisaggregatedPool(
-        config.engine, 1, 1, "cpu", max_restarts=2, timeouts=PoolTimeouts(stall_s=20.0, no_progress_s=60.0)
-    )
-
-    async def start() -> Served:
-        router = GenerationRouter(pool, config)  # type: ignore[arg-type]
-        await router.start()
-        server, port = build_server(router, config)
-        await server.start()
-        return Served(lt, pool, router, server, f"127.0.0.1:{port}")
-
-    s = lt.run(start(), timeout_s=180)
     yield s
-    lt.run(s.server.stop(0))
-    lt.run(s.router.stop())
-    lt.close()
+    s.stop()
 
 
 def _expected(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -10,43 +10,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from engine_helpers import random_prompts
-from ray_helpers import LoopThread, ray_local  # noqa: F401
-from test_disagg_ray import VOCAB, Served, _expected
+from ray_helpers import ray_local  # noqa: F401
+from serve_helpers import VOCAB, Served, start_served
+from test_disagg_ray import _expected
 
 from kvrelay.cluster.client import Unavailable
-from kvrelay.cluster.config import load_config
-from kvrelay.cluster.disagg import DisaggregatedPool
-from kvrelay.cluster.grpc_server import build_server
 from kvrelay.cluster.pool import PoolTimeouts
-from kvrelay.cluster.router import GenerationRouter
 
 
 @pytest.fixture(scope="module")
 def served(ray_local: None) -> Iterator[Served]:  # noqa: F811
-    lt = LoopThread()
-    engine = {
-        "num_kv_blocks": 512,
-        "kv_transport": "relay",
-        "handoff_policy": "fail",
-        "handoff_timeout_s": 5.0,
-    }
-    config = load_config(None, {"port": 0, "device": "cpu", "engine": engine})
-    pool = DisaggregatedPool(
-        config.engine, 1, 1, "cpu", max_restarts=2, timeouts=PoolTimeouts(stall_s=20.0, no_progress_s=60.0)
+    engine = {"kv_transport": "relay", "handoff_policy": "fail", "handoff_timeout_s": 5.0}
+    s = start_served(
+        disaggregated=(1, 1),
+        engine=engine,
+        max_restarts=2,
+        timeouts=PoolTimeouts(stall_s=20.0, no_progress_s=60.0),
     )
-
-    async def start() -> Served:
-        router = GenerationRouter(pool, config)  # type: ignore[arg-type]
-        await router.start()
-        server, port = build_server(router, config)
-        await server.start()
-        return Served(lt, pool, router, server, f"127.0.0.1:{port}")
-
-    s = lt.run(start(), timeout_s=180)
     yield s
-    lt.run(s.server.stop(0))
-    lt.run(s.router.stop())
-    lt.close()
+    s.stop()
 
 
 def test_relay_streams_equal_the_colocated_engine(served: Served) -> None:

@@ -8,65 +8,22 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from engine_helpers import make_engine, random_prompts
-from ray_helpers import LoopThread, ray_local  # noqa: F401
+from ray_helpers import ray_local  # noqa: F401
+from serve_helpers import VOCAB, Served, start_served
 
-from kvrelay.cluster.client import DeadlineExceeded, KvrelayClient, KvrelayError, Unavailable
-from kvrelay.cluster.config import load_config
-from kvrelay.cluster.grpc_server import build_server
-from kvrelay.cluster.pool import RayWorkerPool
-from kvrelay.cluster.router import GenerationRouter
+from kvrelay.cluster.client import DeadlineExceeded, KvrelayError, Unavailable
 from kvrelay.worker.sampling_params import SamplingParams
-
-VOCAB = 320
-
-
-@dataclass
-class Served:
-    lt: LoopThread
-    pool: RayWorkerPool
-    router: GenerationRouter
-    server: Any
-    address: str
-
-    def client(self) -> KvrelayClient:
-        return KvrelayClient(self.address, timeout=120.0)
-
-    def wait_idle(self, timeout_s: float = 10.0) -> None:
-        """Until every healthy actor's engine holds no KV block (its integrity check included)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.lt.run(self.pool.check_integrity())
-            stats = self.lt.run(self.pool.stats())
-            used = [s.num_used_blocks for s in stats if s is not None]
-            if not any(used):
-                return
-            assert time.monotonic() < deadline, f"blocks still in use: {used}"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
 def served(ray_local: None) -> Iterator[Served]:  # noqa: F811
-    lt = LoopThread()
-    config = load_config(None, {"port": 0, "workers": 2, "device": "cpu", "engine": {"num_kv_blocks": 512}})
-    pool = RayWorkerPool(config.engine, num_workers=2, device="cpu", max_restarts=2)
-
-    async def start() -> Served:
-        router = GenerationRouter(pool, config)
-        await router.start()
-        server, port = build_server(router, config)
-        await server.start()
-        return Served(lt, pool, router, server, f"127.0.0.1:{port}")
-
-    s = lt.run(start(), timeout_s=180)
+    s = start_served(num_workers=2, max_restarts=2)
     yield s
-    lt.run(s.server.stop(0))
-    lt.run(s.router.stop())
-    lt.close()
+    s.stop()
 
 
 def test_64_concurrent_streams_equal_the_in_process_engine(served: Served) -> None:
