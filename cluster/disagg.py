@@ -38,6 +38,8 @@ from kvrelay.worker.protocol import HandoffTarget, TokenDelta, WorkerLoad, WorkR
 from kvrelay.worker.request import FinishReason
 
 log = logging.getLogger("kvrelay")
+# After a lost submit to a prefill worker, ask it (if it survived) what it never received.
+_FORGET_AFTER_S = 1.0
 
 
 class DecodeClient:
@@ -218,9 +220,12 @@ class DisaggregatedPool:
             refused = await prefill.submit(reqs)
         except ConnectionError:
             # Lost with its worker: it may or may not have started them, so the decode worker
-            # gives up but keeps the blocks until that worker's completion or death is known.
+            # gives up but keeps the blocks until that worker's completion or death is known,
+            # or until the worker, if it is still alive, says it never got them.
             log.warning("prefill worker %d was lost with %d handoffs", prefill.rank, len(reqs))
-            self._settle([r.request_id for r in reqs], certain=False)
+            ids = [r.request_id for r in reqs]
+            self._settle(ids, certain=False)
+            self._spawn(self._forget_later(prefill, self._incarnations.get(prefill.rank), ids))
             return
         self.num_handoffs += len(reqs) - len(refused)
         if refused:
@@ -231,6 +236,21 @@ class DisaggregatedPool:
                 next(iter(refused.values())),
             )
             self._settle(list(refused))
+
+    async def _forget_later(self, prefill: RayWorkerClient, incarnation: str | None, ids: list[str]) -> None:
+        """After a lost submit: a prefill worker that survived says which ids it never received;
+        those are settled for certain (its death would settle all of them instead)."""
+        import ray.exceptions
+
+        await asyncio.sleep(_FORGET_AFTER_S)
+        if not prefill.healthy or self._incarnations.get(prefill.rank) != incarnation:
+            return  # down or restarted: producer_down settles them
+        try:
+            unseen: list[str] = await _future(prefill.actor.forget_handoffs.remote(ids))
+        except ray.exceptions.RayError:
+            return
+        if unseen:
+            self._settle(unseen)
 
     async def abort_prefill(self, request_ids: list[str]) -> None:
         by_rank: dict[int, list[str]] = {}
@@ -246,11 +266,12 @@ class DisaggregatedPool:
         certain=False: the prefill worker may have them; the decode worker only gives up."""
         by_decode: dict[int, list[str]] = {}
         for rid in failed:
-            where = self._inflight.pop(rid, None)
+            where = self._inflight.pop(rid, None) if certain else self._inflight.get(rid)
             if where is None:
                 continue
             d, p = where
-            self._prefill_outstanding[p] = max(self._prefill_outstanding.get(p, 0) - 1, 0)
+            if certain:
+                self._prefill_outstanding[p] = max(self._prefill_outstanding.get(p, 0) - 1, 0)
             by_decode.setdefault(d, []).append(rid)
         for d, ids in by_decode.items():
             w = self._decode.workers[d]

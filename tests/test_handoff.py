@@ -246,3 +246,27 @@ def test_relay_transport_equals_colocated_and_drops_late_deliveries() -> None:
     assert [acc["x0"], acc["x1"]] == _colocated(prompts[:2], params)
     assert q_blocks > 0
     _clean(prefill, decode)
+
+
+def test_prefill_loop_forgets_only_handoffs_it_never_received() -> None:
+    """After a lost submit the pool asks the prefill worker what it never got: those ids are
+    refused from then on, so freeing their reservations is safe; ids it got are not listed."""
+    from kvrelay.worker.engine_loop import EngineLoop
+    from kvrelay.worker.protocol import HandoffTarget, WorkRequest
+
+    loop = EngineLoop(make_engine(kv_role="prefill", num_kv_blocks=64))
+    try:
+        params = SamplingParams(max_tokens=1)
+        target = HandoffTarget("nobody", 0, 1, [0], 0)
+        assert loop.submit([WorkRequest("seen", [1, 2, 3], params, handoff=target)]) == {}
+        assert loop.forget_handoffs(["seen", "lost"]) == ["lost"]
+        refused = loop.submit([WorkRequest("lost", [1, 2, 3], params, handoff=target)])
+        assert refused == {"lost": "handoff: request_id 'lost' was already given up"}
+        deadline = time.monotonic() + 30
+        deltas = []
+        while not any(d.finish_reason for d in deltas) and time.monotonic() < deadline:
+            deltas += loop.poll(0.5).deltas
+        # "nobody" is not connected: the send fails and says so, writing nothing anywhere.
+        assert [d.error for d in deltas if d.finish_reason] == ["KV handoff failed: KeyError"]
+    finally:
+        loop.shutdown()

@@ -122,6 +122,10 @@ class WorkerActor:
     def handoff_failed(self, request_ids: Sequence[str], certain: bool = True) -> None:
         self._loop.handoff_failed(request_ids, certain=certain)
 
+    def forget_handoffs(self, request_ids: Sequence[str]) -> list[str]:
+        """Prefill worker: which of these it never received (and will now refuse)."""
+        return self._loop.forget_handoffs(request_ids)
+
     def producer_down(self, producer: str) -> None:
         self._loop.producer_down(producer)
 

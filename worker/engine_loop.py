@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -67,6 +68,10 @@ class EngineLoop:
         # yet published, with their latest counts. A step that raises fails exactly these (the
         # engine may already have dropped some of them mid-step).
         self._live: dict[str, RequestOutput] = {}
+        # Prefill workers: ids of handoffs ever accepted, and ids the pool gave up on before they
+        # arrived (refused if they arrive late); both bounded, oldest dropped first.
+        self._handoffs_seen: OrderedDict[str, None] = OrderedDict()
+        self._handoffs_forgotten: OrderedDict[str, None] = OrderedDict()
         self._consecutive_failures = 0
         self.num_wakeups = 0  # loop iterations; tests read it to prove the idle loop sleeps
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -132,6 +137,18 @@ class EngineLoop:
     def producer_down(self, producer: str) -> None:
         """Decode worker: `producer` is dead; its handoffs fall back, its quarantines end."""
         self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_down(producer)))
+
+    def forget_handoffs(self, request_ids: Sequence[str]) -> list[str]:
+        """Prefill worker: of these, the ids it never received; they are refused from now on, so
+        the pool may tell their decode workers that nothing will ever be written for them."""
+        ids = list(request_ids)
+        return self._call(lambda _: self._forget(ids))
+
+    def _forget(self, ids: list[str]) -> list[str]:
+        unseen = [rid for rid in ids if rid not in self._handoffs_seen]
+        for rid in unseen:
+            _remember(self._handoffs_forgotten, rid)
+        return unseen
 
     def kv_descriptor(self) -> PeerDescriptor:
         return self._receiver().descriptor
@@ -275,9 +292,13 @@ class EngineLoop:
             raise ValueError("handoff: this worker is not a prefill worker")
         if r.handoff is not None and r.params.max_tokens != 1:
             raise ValueError(f"handoff: a prefill request has max_tokens 1, got {r.params.max_tokens}")
+        if r.handoff is not None and r.request_id in self._handoffs_forgotten:
+            raise ValueError(f"handoff: request_id {r.request_id!r} was already given up")
         self._engine.add_request(
             r.request_id, r.prompt_token_ids, r.params, deadline=deadline, handoff=r.handoff
         )
+        if r.handoff is not None:
+            _remember(self._handoffs_seen, r.request_id)
         self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
 
     def _reserve_all(
@@ -447,6 +468,15 @@ def delta_of(out: RequestOutput) -> TokenDelta:
         cached_prompt_tokens=out.cached_prompt_tokens,
         error=out.error,
     )
+
+
+_REMEMBERED_IDS = 1 << 16
+
+
+def _remember(ids: OrderedDict[str, None], rid: str) -> None:
+    ids[rid] = None
+    if len(ids) > _REMEMBERED_IDS:
+        ids.popitem(last=False)
 
 
 def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
