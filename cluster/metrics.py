@@ -142,6 +142,11 @@ class _WorkerCollector(Collector):
                 "Tokens the worker's admitted requests still have to compute or produce.",
                 labels=["worker"],
             ),
+            "quarantined": GaugeMetricFamily(
+                "kvrelay_worker_kv_quarantined_blocks",
+                "KV blocks held back after a given-up handoff until its producer finishes or dies.",
+                labels=["worker"],
+            ),
         }
         counters = {
             "queries": CounterMetricFamily(
@@ -163,6 +168,11 @@ class _WorkerCollector(Collector):
             "eager": CounterMetricFamily(
                 "kvrelay_worker_eager_steps", "Engine steps run eagerly (no graph fit).", labels=["worker"]
             ),
+            "handoffs": CounterMetricFamily(
+                "kvrelay_worker_kv_handoffs",
+                "Disaggregated serving: prompts whose KV a decode worker received or gave up on.",
+                labels=["worker", "result"],
+            ),
         }
         for rank, healthy, load in snapshot:
             w = [str(rank)]
@@ -178,5 +188,8 @@ class _WorkerCollector(Collector):
             counters["preemptions"].add_metric(w, load.num_preemptions)
             counters["graph"].add_metric(w, load.num_graph_replays)
             counters["eager"].add_metric(w, load.num_eager_steps)
+            gauges["quarantined"].add_metric(w, load.num_quarantined_blocks)
+            counters["handoffs"].add_metric([*w, "received"], load.num_handoffs_received)
+            counters["handoffs"].add_metric([*w, "given_up"], load.num_handoffs_given_up)
         yield from gauges.values()
         yield from counters.values()

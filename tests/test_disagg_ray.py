@@ -42,6 +42,11 @@ def test_streams_equal_the_colocated_engine(served: Served) -> None:
         got = list(ex.map(lambda p: c.generate(p, max_tokens=10, ignore_eos=True).token_ids, prompts))
     assert [list(g) for g in got] == _expected(prompts, 10)
     assert served.pool.num_handoffs - before == 16, "every request went through a prefill worker"
+    registry = served.router.metrics.registry
+    received = registry.get_sample_value(
+        "kvrelay_worker_kv_handoffs_total", {"worker": "0", "result": "received"}
+    )
+    assert received is not None and received >= 16, received
     decode_stats, prefill_stats = served.lt.run(served.pool.stats())
     assert decode_stats is not None and prefill_stats is not None
     assert prefill_stats.num_steps > 0 and decode_stats.num_steps > 0

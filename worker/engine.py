@@ -53,6 +53,10 @@ class EngineStats:
     num_steps: int
     num_graph_replays: int
     num_eager_steps: int
+    # Disaggregated serving, decode workers (worker/handoff.py); 0 elsewhere.
+    num_handoffs_received: int = 0  # prompts whose KV arrived and went on to decode
+    num_handoffs_given_up: int = 0  # timed out, producer failed or died: recomputed or failed
+    num_quarantined_blocks: int = 0  # blocks held back from a given-up handoff
 
 
 class Engine:
@@ -490,6 +494,9 @@ class Engine:
             num_steps=self.num_steps,
             num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
             num_eager_steps=self.runner.num_eager_steps,
+            num_handoffs_received=self.handoff.num_completed if self.handoff else 0,
+            num_handoffs_given_up=self.handoff.num_given_up if self.handoff else 0,
+            num_quarantined_blocks=self.handoff.num_quarantined_blocks if self.handoff else 0,
         )
 
     def check_integrity(self) -> None:

@@ -452,6 +452,9 @@ def engine_load(engine: Engine) -> WorkerLoad:
         num_preemptions=s.num_preemptions,
         num_graph_replays=s.num_graph_replays,
         num_eager_steps=s.num_eager_steps,
+        num_handoffs_received=s.num_handoffs_received,
+        num_handoffs_given_up=s.num_handoffs_given_up,
+        num_quarantined_blocks=s.num_quarantined_blocks,
     )
 
 

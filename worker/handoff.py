@@ -110,6 +110,11 @@ class HandoffReceiver:
         """Active waits plus quarantines: the loop keeps polling while this is non-zero."""
         return len(self._pending)
 
+    @property
+    def num_quarantined_blocks(self) -> int:
+        alloc = self._engine.allocator
+        return sum(len(alloc.block_ids_view(k)) for k, p in self._pending.items() if p.request is None)
+
     def holds(self, request_id: str) -> bool:
         p = self._pending.get(request_id)
         return p is not None and p.request is not None

@@ -82,6 +82,9 @@ class WorkerLoad:
     num_preemptions: int = 0
     num_graph_replays: int = 0
     num_eager_steps: int = 0
+    num_handoffs_received: int = 0
+    num_handoffs_given_up: int = 0
+    num_quarantined_blocks: int = 0
 
 
 @dataclass(slots=True)
