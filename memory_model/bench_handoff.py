@@ -254,6 +254,14 @@ def add_bench_handoff_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-bandwidth", action="store_true")
+    parser.add_argument(
+        "--devices", default=None, help="SRC,DST GPU indices (default 0,1, or 0,0 on one GPU)"
+    )
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also every ordered GPU pair: one-way latency and 64 MB bandwidth",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
 
 
@@ -291,11 +299,12 @@ def run_bench_handoff(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"--{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
-    two = torch.cuda.device_count() >= 2
-    devices = (0, 1) if two else (0, 0)
+    count = torch.cuda.device_count()
+    devices = _devices(args.devices, count)
+    two = devices[0] != devices[1]
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0),
-        "topology": "cuda:0 -> cuda:1" if two else "one GPU: device-local",
+        "device": torch.cuda.get_device_name(devices[0]),
+        "topology": f"cuda:{devices[0]} -> cuda:{devices[1]}" if two else "one GPU: device-local",
         "latency": [],
         "bandwidth": [],
         "targets": {
@@ -312,11 +321,53 @@ def run_bench_handoff(args: argparse.Namespace) -> int:
     if not args.skip_bandwidth:
         src, dst = torch.device("cuda", devices[0]), torch.device("cuda", devices[1])
         results["bandwidth"] = measure_bandwidth(src, dst, args.sizes_mb, args.iters)
+    if args.matrix and count >= 2:
+        results["matrix"] = measure_matrix(count, args.rounds, args.launches, args.iters)
     print(format_table(results))
+    for row in results.get("matrix", []):
+        print(
+            f"cuda:{row['src']} -> cuda:{row['dst']}: one-way p50 {row['one_way_us_p50']:.2f} us, "
+            f"64 MB contiguous {row['contiguous_gbps']:.0f} GB/s ({row['contiguous_ratio']:.2f} of peer copy)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def _devices(flag: str | None, count: int) -> tuple[int, int]:
+    if flag is None:
+        return (0, 1) if count >= 2 else (0, 0)
+    try:
+        src, dst = (int(x) for x in flag.split(","))
+    except ValueError:
+        raise ValueError(f"--devices must be SRC,DST GPU indices, got {flag!r}") from None
+    if not (0 <= src < count and 0 <= dst < count):
+        raise ValueError(f"--devices {flag}: this machine has GPUs 0..{count - 1}")
+    return src, dst
+
+
+def measure_matrix(count: int, rounds: int, launches: int, iters: int) -> list[dict[str, Any]]:
+    """Every ordered pair of GPUs: one-way signal latency (GPU flags) and the 64 MB contiguous
+    handoff bandwidth against that pair's peer copy: the topology, as the handoff sees it."""
+    rows = []
+    for src in range(count):
+        for dst in range(count):
+            if src == dst:
+                continue
+            lat = measure_signal_latency((src, dst), "gpu", rounds, launches)
+            [bw] = measure_bandwidth(torch.device("cuda", src), torch.device("cuda", dst), [64], iters)
+            rows.append(
+                {
+                    "src": src,
+                    "dst": dst,
+                    "one_way_us_p50": lat["one_way_us"]["p50"],
+                    "contiguous_gbps": bw["contiguous_gbps"],
+                    "contiguous_ratio": bw["contiguous_ratio"],
+                    "peer_copy_gbps": bw["peer_copy_gbps"],
+                }
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

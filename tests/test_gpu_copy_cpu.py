@@ -291,3 +291,14 @@ def test_bench_args_and_table() -> None:
 def test_percentiles() -> None:
     got = bench_handoff._percentiles([float(x) for x in range(100, 0, -1)])
     assert got == {"p50": 51.0, "p90": 91.0, "p99": 100.0, "min": 1.0}
+
+
+def test_bench_handoff_devices_flag() -> None:
+    from kvrelay.memory_model.bench_handoff import _devices
+
+    assert _devices(None, 1) == (0, 0) and _devices(None, 8) == (0, 1)
+    assert _devices("3,5", 8) == (3, 5)
+    with pytest.raises(ValueError, match="SRC,DST"):
+        _devices("3", 8)
+    with pytest.raises(ValueError, match="GPUs 0..1"):
+        _devices("0,2", 2)
