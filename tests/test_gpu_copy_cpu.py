@@ -300,5 +300,5 @@ def test_bench_handoff_devices_flag() -> None:
     assert _devices("3,5", 8) == (3, 5)
     with pytest.raises(ValueError, match="SRC,DST"):
         _devices("3", 8)
-    with pytest.raises(ValueError, match="GPUs 0..1"):
+    with pytest.raises(ValueError, match=r"GPUs 0\.\.1"):
         _devices("0,2", 2)
