@@ -30,7 +30,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
-from kvrelay.cluster.pool import PoolTimeouts, RayWorkerClient, RayWorkerPool, _future
+from kvrelay.cluster.pool import PoolTimeouts, RayWorkerClient, RayWorkerPool
+from kvrelay.cluster.ray_util import ray_future
 from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import EngineStats
@@ -144,7 +145,7 @@ class DisaggregatedPool:
                     f"prefill workers serve {self._prefill.model}, decode workers {self._decode.model}"
                 )
             for w in self._decode.workers:
-                self._descriptors[w.rank] = await _future(w.actor.kv_descriptor.remote())
+                self._descriptors[w.rank] = await ray_future(w.actor.kv_descriptor.remote())
             for w in self._prefill.workers:
                 await self._connect_prefill(w)
         except BaseException:
@@ -158,9 +159,9 @@ class DisaggregatedPool:
         )
 
     async def _connect_prefill(self, w: RayWorkerClient) -> None:
-        self._incarnations[w.rank] = await _future(w.actor.incarnation.remote())
+        self._incarnations[w.rank] = await ray_future(w.actor.incarnation.remote())
         for rank, desc in self._descriptors.items():
-            await _future(w.actor.connect.remote(desc, self._decode.workers[rank].actor))
+            await ray_future(w.actor.connect.remote(desc, self._decode.workers[rank].actor))
 
     async def stop(self) -> None:
         await self._prefill.stop()
@@ -186,7 +187,7 @@ class DisaggregatedPool:
             return await decode.submit(requests)
         producer = self._incarnations[prefill.rank]
         try:
-            answers: dict[str, HandoffTarget | str] = await _future(
+            answers: dict[str, HandoffTarget | str] = await ray_future(
                 decode.actor.reserve.remote(requests, producer)
             )
         except ray.exceptions.RayError:
@@ -246,7 +247,7 @@ class DisaggregatedPool:
         if not prefill.healthy or self._incarnations.get(prefill.rank) != incarnation:
             return  # down or restarted: producer_down settles them
         try:
-            unseen: list[str] = await _future(prefill.actor.forget_handoffs.remote(ids))
+            unseen: list[str] = await ray_future(prefill.actor.forget_handoffs.remote(ids))
         except ray.exceptions.RayError:
             return
         if unseen:
@@ -321,13 +322,13 @@ class DisaggregatedPool:
         old = self._descriptors.get(rank)
         w = self._decode.workers[rank]
         try:
-            desc: PeerDescriptor = await _future(w.actor.kv_descriptor.remote())
+            desc: PeerDescriptor = await ray_future(w.actor.kv_descriptor.remote())
             self._descriptors[rank] = desc
             for p in self._prefill.workers:
                 if p.healthy:
                     if old is not None:
-                        await _future(p.actor.disconnect.remote(old.key))
-                    await _future(p.actor.connect.remote(desc, w.actor))
+                        await ray_future(p.actor.disconnect.remote(old.key))
+                    await ray_future(p.actor.connect.remote(desc, w.actor))
         except Exception:
             log.exception("could not re-introduce decode worker %d to the prefill workers", rank)
         on_worker_up(rank)

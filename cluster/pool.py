@@ -21,12 +21,12 @@ import asyncio
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
+from kvrelay.cluster.ray_util import ProgressWatchdog, error_summary, ray_future
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import EngineStats
@@ -46,7 +46,6 @@ _GPU_ENV = {
 # call can never delay it into looking like a stall; everything else shares the default group.
 _POLL_GROUP = "poll"
 _ACTOR_CONCURRENCY = 8
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +220,7 @@ class RayWorkerPool:
         bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": 1.0}
         self._pg = placement_group([dict(bundle) for _ in range(self._num_workers)], strategy="PACK")
         try:
-            await asyncio.wait_for(_future(self._pg.ready()), self._timeouts.start_s)
+            await asyncio.wait_for(ray_future(self._pg.ready()), self._timeouts.start_s)
         except asyncio.TimeoutError:
             raise RuntimeError(
                 f"cannot place {self._num_workers} workers of {bundle} each within "
@@ -333,7 +332,7 @@ class RayWorkerPool:
 
         t = self._timeouts
         try:
-            batch: StepBatch = await asyncio.wait_for(_future(w.poll_method.remote(t.poll_s)), t.stall_s)
+            batch: StepBatch = await asyncio.wait_for(ray_future(w.poll_method.remote(t.poll_s)), t.stall_s)
             return batch, None
         except ray.exceptions.RayActorError as e:
             log.warning("worker %d died: %s", w.rank, e)
@@ -356,7 +355,7 @@ class RayWorkerPool:
         warned = False
         while True:
             if probe is None:
-                probe = _future(w.actor.ready.remote())
+                probe = ray_future(w.actor.ready.remote())
             done, _ = await asyncio.wait([probe], timeout=interval)
             if not done:
                 continue
@@ -374,7 +373,7 @@ class RayWorkerPool:
                 raise RuntimeError(f"worker {w.rank} came back serving {desc}, not {self._model}")
             try:
                 # A worker that was only unreachable still holds the requests the router failed.
-                await asyncio.wait_for(_future(w.actor.reset.remote()), self._timeouts.call_s)
+                await asyncio.wait_for(ray_future(w.actor.reset.remote()), self._timeouts.call_s)
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
                 log.info("reset of worker %d failed: %s", w.rank, e)
                 probe = None
@@ -391,7 +390,7 @@ class RayWorkerPool:
                 return None
             try:
                 s: EngineStats = await asyncio.wait_for(
-                    _future(w.actor.stats.remote()), self._timeouts.call_s
+                    ray_future(w.actor.stats.remote()), self._timeouts.call_s
                 )
                 return s
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
@@ -405,7 +404,7 @@ class RayWorkerPool:
         healthy = [w for w in self._workers if w.healthy]
         results = await asyncio.gather(
             *(
-                asyncio.wait_for(_future(w.actor.check_integrity.remote()), self._timeouts.call_s)
+                asyncio.wait_for(ray_future(w.actor.check_integrity.remote()), self._timeouts.call_s)
                 for w in healthy
             ),
             return_exceptions=True,
@@ -421,11 +420,11 @@ class RayWorkerPool:
 
         async def one(rank: int, actor: Any) -> ModelDescription:
             try:
-                desc: ModelDescription = await _future(actor.ready.remote())
+                desc: ModelDescription = await ray_future(actor.ready.remote())
                 return desc
             except ray.exceptions.RayError as e:
                 log.error("worker %d failed to start: %s", rank, e)
-                kind, msg = _error_summary(e)
+                kind, msg = error_summary(e)
                 if kind == "ValueError":  # bad input (model path, config): the field is named in msg
                     raise ValueError(msg) from None
                 raise RuntimeError(f"worker {rank} failed to start: {kind}: {msg}") from None
@@ -445,29 +444,6 @@ class RayWorkerPool:
         return self._workers[rank].actor
 
 
-class ProgressWatchdog:
-    """When a worker that holds work last progressed: `observe` after every poll answer."""
-
-    def __init__(self, no_progress_s: float) -> None:
-        if not no_progress_s > 0:
-            raise ValueError(f"no_progress_s must be > 0 seconds, got {no_progress_s}")
-        self.no_progress_s = no_progress_s
-        self._since: float | None = None  # last progress, or when work last appeared
-
-    def observe(self, now: float, *, holds_work: bool, progressed: bool) -> float | None:
-        """Seconds without progress once that reaches `no_progress_s` (the worker is stalled),
-        else None. An idle worker has nothing to progress on, so idle time never counts."""
-        if progressed or not holds_work or self._since is None:
-            self._since = now
-            return None
-        stalled_s = now - self._since
-        return stalled_s if stalled_s >= self.no_progress_s else None
-
-    def reset(self, now: float) -> None:
-        """The worker came back empty: its clock starts again."""
-        self._since = now
-
-
 @dataclasses.dataclass(frozen=True)
 class _Callbacks:
     on_deltas: Callable[[int, list[TokenDelta]], None]
@@ -483,25 +459,9 @@ class _Callbacks:
             log.exception("pool callback %s%r raised", getattr(fn, "__name__", fn), args[:1])
 
 
-def _error_summary(e: BaseException) -> tuple[str, str]:
-    """(exception type, message) of what a Ray error wraps: the last line of its text, which for
-    an exception raised in an actor is `Type: message` (the lines above are its traceback)."""
-    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    kind, sep, msg = last.partition(": ")
-    if sep and kind.replace(".", "").isidentifier():
-        return kind.rsplit(".", 1)[-1], msg
-    return type(e).__name__, last
-
-
 def _same_model(a: ModelDescription, b: ModelDescription) -> bool:
     """Equal but for model_dir: a directory's path may differ between nodes."""
     return dataclasses.replace(a, model_dir=None) == dataclasses.replace(b, model_dir=None)
-
-
-def _future(ref: Any) -> asyncio.Future[Any]:
-    """A Ray ObjectRef as an asyncio future of this loop (so it can be waited on, shielded, timed)."""
-    return asyncio.wrap_future(ref.future())
 
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from ray_helpers import ray_local  # noqa: F401
 from serve_helpers import VOCAB, Served, start_served
 
 from kvrelay.cluster.client import GenerationResult, KvrelayError, Unavailable
-from kvrelay.cluster.pool import PoolTimeouts, ProgressWatchdog
+from kvrelay.cluster.pool import PoolTimeouts
+from kvrelay.cluster.ray_util import ProgressWatchdog
 
 NO_PROGRESS_S = 1.5
 TIMEOUTS = PoolTimeouts(poll_s=0.1, stall_s=3.0, probe_interval_s=0.2, no_progress_s=NO_PROGRESS_S)
