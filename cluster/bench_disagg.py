@@ -46,7 +46,7 @@ def add_bench_disagg_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write both runs and the ratios here")
 
 
-class _Server:
+class ServeSubprocess:
     """`kvrelay serve` in a subprocess of its own session; stopped with SIGTERM (a drain)."""
 
     def __init__(self, args: list[str], timeout_s: float) -> None:
@@ -87,7 +87,7 @@ def _pump(stream: Any, sink: Any) -> None:
         sink(line)
 
 
-def _harness(server: str, argv: list[str]) -> Any:
+def harness_config(server: str, argv: list[str]) -> Any:
     p = argparse.ArgumentParser()
     add_bench_serve_args(p)
     return config_from_args(p.parse_args(["--server", server, "--no-progress", *argv]))
@@ -107,10 +107,10 @@ def _points(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _measure(server_args: list[str], args: argparse.Namespace) -> dict[str, BenchMetrics]:
-    server = _Server(server_args, args.start_timeout)
+    server = ServeSubprocess(server_args, args.start_timeout)
     try:
         return {
-            name: asyncio.run(run(_harness(server.address, argv))).points[0].metrics
+            name: asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
             for name, argv in _points(args).items()
         }
     finally:

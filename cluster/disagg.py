@@ -84,23 +84,15 @@ class DisaggregatedPool:
             raise ValueError(
                 f"prefill_workers and decode_workers must be >= 1, got {num_prefill} and {num_decode}"
             )
-        common: dict[str, Any] = {"timeouts": timeouts, "log_to_driver": log_to_driver}
-        self._decode = RayWorkerPool(
-            dataclasses.replace(engine_config, kv_role="decode"),
-            num_decode,
-            device,
-            ray_address,
-            max_restarts,
-            **common,
-        )
-        self._prefill = RayWorkerPool(
-            dataclasses.replace(engine_config, kv_role="prefill"),
-            num_prefill,
-            device,
-            ray_address,
-            max_restarts,
-            **common,
-        )
+
+        def pool(role: str, n: int) -> RayWorkerPool:
+            config = dataclasses.replace(engine_config, kv_role=role)
+            return RayWorkerPool(
+                config, n, device, ray_address, max_restarts, timeouts=timeouts, log_to_driver=log_to_driver
+            )
+
+        self._decode = pool("decode", num_decode)
+        self._prefill = pool("prefill", num_prefill)
         self._clients: list[DecodeClient] = []
         self._descriptors: dict[int, PeerDescriptor] = {}  # decode rank -> its current incarnation
         self._incarnations: dict[int, str] = {}  # prefill rank -> its current incarnation

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from kvrelay.memory_model import ipc
+from kvrelay.worker.cuda_timing import median_cuda_ms
 
 TARGET_ONE_WAY_US = 2.0
 TARGET_CONTIGUOUS_RATIO = 0.80  # for copies >= 64 MB
@@ -155,16 +155,7 @@ def measure_signal_latency(
 
 def _median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
     with torch.cuda.device(device):
-        fn()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return median_cuda_ms(fn, iters, warmup=1)
 
 
 def _copy_gbps(

@@ -88,6 +88,10 @@ class _Slots:
         self.num_slots = num_slots
         self.words = region.view(np.int64, 0, num_slots * SLOT_WORDS).reshape(num_slots, SLOT_WORDS)
 
+    def close(self) -> None:
+        del self.words  # the one view of the region this object made
+        self.region.close()
+
     def word_address(self, slot: int, word: int) -> int:
         self._check(slot)
         return self.region.address + slot * SLOT_BYTES + word * 8
@@ -163,10 +167,6 @@ class Mailbox(_Slots):
         _write_payload(self.words[slot], payload)
         atomics.store(self.word_address(slot, W_SIGNAL), value, Order.RELEASE)
 
-    def close(self) -> None:
-        del self.words
-        self.region.close()
-
 
 class MailboxWriter(_Slots):
     """Producer side: a peer's mailbox opened by name."""
@@ -189,7 +189,3 @@ class MailboxWriter(_Slots):
     def signal_address(self, slot: int) -> int:
         """Host address of the SIGNAL word (a GPU producer registers the region and stores here)."""
         return self.word_address(slot, W_SIGNAL)
-
-    def close(self) -> None:
-        del self.words
-        self.region.close()

@@ -99,12 +99,16 @@ class PeerDescriptor:
 def allocate_shared_pool(layout: PoolLayout) -> tuple[list[torch.Tensor], SharedRegion]:
     """CPU pool tensors carved out of one shared region (zeroed, like `KVCacheSpec.allocate`)."""
     region = SharedRegion.create("kvrelay-kv", layout.num_layers * layout.layer_bytes)
-    dtype = _DTYPES[layout.dtype]
-    tensors = []
-    for i in range(layout.num_layers):
-        raw = region.array[i * layout.layer_bytes : (i + 1) * layout.layer_bytes]
-        tensors.append(torch.frombuffer(raw, dtype=dtype).view(layout.layer_shape))
-    return tensors, region
+    return layer_views(region, layout), region
+
+
+def layer_views(region: SharedRegion, layout: PoolLayout) -> list[torch.Tensor]:
+    """The pool's layer tensors over a shared region: layer i at byte i * layer_bytes."""
+    dtype, nbytes = _DTYPES[layout.dtype], layout.layer_bytes
+    return [
+        torch.frombuffer(region.array[i * nbytes : (i + 1) * nbytes], dtype=dtype).view(layout.layer_shape)
+        for i in range(layout.num_layers)
+    ]
 
 
 class _Peer:
@@ -120,19 +124,12 @@ class _Peer:
             self.region = SharedRegion(
                 desc.shm_name, desc.layout.num_layers * desc.layout.layer_bytes, create=False
             )
-            dtype = _DTYPES[desc.layout.dtype]
-            nbytes = desc.layout.layer_bytes
-            self.dst = [
-                torch.frombuffer(self.region.array[i * nbytes : (i + 1) * nbytes], dtype=dtype).view(
-                    desc.layout.layer_shape
-                )
-                for i in range(desc.layout.num_layers)
-            ]
+            self.dst = layer_views(self.region, desc.layout)
         elif desc.kind == "cuda_ipc":
-            from kvrelay.memory_model import ipc
+            from kvrelay.memory_model import gpu_copy, ipc
 
             self.dst = ipc.open_tensors(desc.ipc)
-            self.dst_table = torch.tensor([t.data_ptr() for t in self.dst], dtype=torch.int64, device=device)
+            self.dst_table = gpu_copy.build_layer_table(self.dst, device)
             self.signal_base = ipc.register_host(self.mailbox.region.address, self.mailbox.region.nbytes)
         else:
             raise ValueError(f"unknown KV transport kind {desc.kind!r}")

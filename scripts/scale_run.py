@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_disagg import _harness, _Server
+from kvrelay.cluster.bench_disagg import ServeSubprocess, harness_config
 from kvrelay.cluster.bench_metrics import BenchMetrics
 from kvrelay.cluster.bench_serve import run
 
@@ -50,8 +50,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _measure(server: _Server, argv: list[str]) -> BenchMetrics:
-    return asyncio.run(run(_harness(server.address, argv))).points[0].metrics
+def _measure(server: ServeSubprocess, argv: list[str]) -> BenchMetrics:
+    return asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
 
 
 def _row(m: BenchMetrics) -> dict[str, float]:
@@ -102,7 +102,7 @@ def main() -> int:
     # 1. colocated scaling (and the shared-prefix baseline of each size a split needs)
     split_sizes = {sum(int(x) for x in s.split(":")) for s in splits}
     for n in sizes:
-        server = _Server([*common, "--workers", str(n)], 900)
+        server = ServeSubprocess([*common, "--workers", str(n)], 900)
         try:
             row = {"sharegpt": _row(_measure(server, [*sharegpt, *n_req(n)]))}
             if n in split_sizes:
@@ -127,7 +127,7 @@ def main() -> int:
     for split in splits:
         pf, dc = (int(x) for x in split.split(":"))
         n = pf + dc
-        server = _Server([*common, "--prefill-workers", str(pf), "--decode-workers", str(dc)], 900)
+        server = ServeSubprocess([*common, "--prefill-workers", str(pf), "--decode-workers", str(dc)], 900)
         try:
             row = {
                 "sharegpt": _row(_measure(server, [*sharegpt, *n_req(n)])),

@@ -102,8 +102,8 @@ class HandoffReceiver:
     # ---- queries --------------------------------------------------------------------------
     @property
     def num_active(self) -> int:
-        """Requests waiting for their KV (they hold a sequence slot)."""
-        return sum(p.request is not None for p in self._pending.values())
+        """Requests waiting for their KV: each holds one of the scheduler's reserved sequences."""
+        return self._engine.scheduler.num_reserved
 
     @property
     def num_pending(self) -> int:
@@ -312,9 +312,10 @@ class HandoffReceiver:
         alloc, sched = self._engine.allocator, self._engine.scheduler
         for owner in self._pending:
             alloc.get_block_ids(owner)  # raises if the entry lost its blocks
-        if sched.num_reserved != self.num_active:
+        waiting = sum(p.request is not None for p in self._pending.values())
+        if sched.num_reserved != waiting:
             raise RuntimeError(
-                f"scheduler counts {sched.num_reserved} reserved sequences, receiver {self.num_active}"
+                f"scheduler counts {sched.num_reserved} reserved sequences, receiver {waiting}"
             )
         if self.mailbox.num_free + len(self._pending) != self.mailbox.num_slots:
             raise RuntimeError("mailbox slots leaked")

@@ -9,27 +9,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 from collections.abc import Callable
 
 import torch
 
 from kvrelay.worker.attention import triton_kernels as tk
 from kvrelay.worker.attention.triton_backend import TritonPagedAttention
-
-
-def _median_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from kvrelay.worker.cuda_timing import median_cuda_ms
 
 
 @functools.cache
@@ -37,7 +23,7 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30, iters: int = 20) -> float:
     """Device-to-device copy of ``nbytes``, counted as bytes read + written; once per process."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), iters, warmup=3)
+    ms = median_cuda_ms(lambda: dst.copy_(src), iters, warmup=3)
     return 2 * nbytes / ms / 1e6
 
 
@@ -54,7 +40,7 @@ def _graph_step_ms(steps: list[Callable[[], object]], iters: int) -> float:
     with torch.cuda.graph(graph):
         for step in steps:
             step()
-    return _median_ms(graph.replay, iters, warmup=3) / len(steps)
+    return median_cuda_ms(graph.replay, iters, warmup=3) / len(steps)
 
 
 def bench_decode_attention(
@@ -159,10 +145,10 @@ def bench_prefill_attention(
             num_stages=num_stages,
         )
 
-    triton_ms = _median_ms(run, iters, 2)
+    triton_ms = median_cuda_ms(run, iters, 2)
     qd = q.view(num_seqs, prompt, num_heads, head_dim).transpose(1, 2)
     kd = torch.randn(num_seqs, num_kv_heads, prompt, head_dim, dtype=dtype, device=device)
-    sdpa_ms = _median_ms(
+    sdpa_ms = median_cuda_ms(
         lambda: torch.nn.functional.scaled_dot_product_attention(
             qd, kd, kd, is_causal=True, scale=scale, enable_gqa=True
         ),
