@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_metrics import BenchMetrics, Distribution
+from kvrelay.cluster.bench_metrics import BenchMetrics, Distribution, ServerDelta, Slo
 
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
 _LATENCY_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
@@ -157,6 +157,39 @@ def to_json(run: BenchRun, *, samples: bool = True) -> dict[str, Any]:
             m["server"]["graph_replay_share"] = p.metrics.server.graph_replay_share
         points.append({"rate": p.rate, "max_concurrency": p.max_concurrency, "metrics": m})
     return _finite({"settings": run.settings, "server": run.server, "sweep": run.sweep, "points": points})
+
+
+def _unfinite(x: Any) -> Any:
+    return (
+        {None: math.nan, "inf": math.inf, "-inf": -math.inf}.get(x, x)
+        if not isinstance(x, list | dict)
+        else x
+    )
+
+
+def from_json(data: dict[str, Any]) -> BenchRun:
+    """The inverse of ``to_json`` (with samples): a run written on one machine, plotted on another."""
+    points = []
+    for p in data["points"]:
+        m = dict(p["metrics"])
+        for name in ("ttft", "tpot", "itl", "e2e"):
+            m[name] = Distribution(**{k: _unfinite(v) for k, v in m[name].items()})
+        m["slo"] = Slo(**m["slo"])
+        server = m.get("server")
+        if server is not None:
+            m["server"] = ServerDelta(
+                **{k: v for k, v in server.items() if k in ServerDelta.__dataclass_fields__}
+            )
+        for k in (
+            "request_throughput",
+            "output_throughput",
+            "total_token_throughput",
+            "goodput",
+            "duration_s",
+        ):
+            m[k] = _unfinite(m[k])
+        points.append(BenchPoint(_unfinite(p["rate"]), p["max_concurrency"], BenchMetrics(**m)))
+    return BenchRun(data["settings"], data["server"], points, data["sweep"])
 
 
 def write_json(path: Path, run: BenchRun) -> None:

@@ -83,6 +83,10 @@ class ServerConfig:
     device: str = "auto"  # auto: cuda where a GPU is visible, else cpu
     ray_address: str | None = None  # None: start a local Ray cluster
     max_restarts: int = 3  # per worker actor, before it stays down
+    # GPUs per worker actor (Ray's num_gpus): below 1, workers share a GPU (a small model on a
+    # large GPU; prefill and decode workers on one GPU). Sharing needs the engine's KV cache
+    # sized explicitly (kv_cache_memory or num_kv_blocks): gpu_memory_utilization is of the GPU.
+    gpus_per_worker: float = 1.0
     metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None: off
     # A plaintext port serving only grpc.health.v1 (no token): for probes that cannot speak TLS
     # (Kubernetes' grpc probes) when `port` has it. None: health is on `port` only.
@@ -135,6 +139,18 @@ class ServerConfig:
             )
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not (math.isfinite(self.gpus_per_worker) and 0 < self.gpus_per_worker <= 1):
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
+        if (
+            self.gpus_per_worker < 1
+            and self.engine.kv_cache_memory is None
+            and self.engine.num_kv_blocks is None
+        ):
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker} shares a GPU between workers: set "
+                "engine.kv_cache_memory (bytes per worker) or engine.num_kv_blocks, since "
+                "gpu_memory_utilization sizes the KV cache from the whole GPU"
+            )
         for name in ("drain_grace_s", "batch_window_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -79,6 +79,7 @@ class DisaggregatedPool:
         *,
         timeouts: PoolTimeouts | None = None,
         log_to_driver: bool = True,
+        gpus_per_worker: float = 1.0,
     ) -> None:
         if num_prefill < 1 or num_decode < 1:
             raise ValueError(
@@ -88,7 +89,14 @@ class DisaggregatedPool:
         def pool(role: str, n: int) -> RayWorkerPool:
             config = dataclasses.replace(engine_config, kv_role=role)
             return RayWorkerPool(
-                config, n, device, ray_address, max_restarts, timeouts=timeouts, log_to_driver=log_to_driver
+                config,
+                n,
+                device,
+                ray_address,
+                max_restarts,
+                timeouts=timeouts,
+                log_to_driver=log_to_driver,
+                gpus_per_worker=gpus_per_worker,
             )
 
         self._decode = pool("decode", num_decode)

@@ -135,6 +135,7 @@ class RayWorkerPool:
         timeouts: PoolTimeouts | None = None,
         log_to_driver: bool = True,
         env: dict[str, str] | None = None,
+        gpus_per_worker: float = 1.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -142,7 +143,10 @@ class RayWorkerPool:
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        if not 0 < gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {gpus_per_worker}")
         self._config = dataclasses.replace(engine_config, device=device)
+        self._gpus_per_worker = gpus_per_worker
         self._num_workers = num_workers
         self._device = device
         self._ray_address = ray_address
@@ -217,7 +221,7 @@ class RayWorkerPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpu = self._device == "cuda"
-        bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": 1.0}
+        bundle = {"GPU": self._gpus_per_worker, "CPU": 1.0} if gpu else {"CPU": 1.0}
         self._pg = placement_group([dict(bundle) for _ in range(self._num_workers)], strategy="PACK")
         try:
             await asyncio.wait_for(ray_future(self._pg.ready()), self._timeouts.start_s)
@@ -238,7 +242,7 @@ class RayWorkerPool:
         return [
             remote_cls.options(
                 num_cpus=1,
-                num_gpus=1 if gpu else 0,
+                num_gpus=self._gpus_per_worker if gpu else 0,
                 max_restarts=self._max_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

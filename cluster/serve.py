@@ -44,7 +44,7 @@ log = logging.getLogger("kvrelay")
 _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
     "metrics_port", "health_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
-    "default_max_tokens", "auth_token_file", "max_restarts",
+    "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
 # `timeout` signals both its child and its process group), not a second Ctrl-C.
@@ -88,6 +88,11 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates signed by these PEM CAs (mTLS)")
     p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPU share of a worker actor, in (0, 1] (default 1; below 1 needs --kv-cache-memory)",
+    )
     p.add_argument("--dtype", help="engine dtype: auto, float32, bfloat16, float16")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: sized from memory)")
     p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per worker")
@@ -135,7 +140,7 @@ def resolve_workers(config: ServerConfig) -> tuple[int, str]:
         raise ValueError("--device cuda: no CUDA GPU is visible here")
     workers = config.workers
     if workers is None:
-        workers = gpus if device == "cuda" and gpus > 0 else 1
+        workers = int(gpus / config.gpus_per_worker) if device == "cuda" and gpus > 0 else 1
     return workers, device
 
 
@@ -146,7 +151,14 @@ def make_pool(config: ServerConfig) -> WorkerPool:
     if config.prefill_workers is None and config.decode_workers is None:
         num_workers, device = resolve_workers(config)
         log.info("starting %d %s workers of %s", num_workers, device, config.engine.model)
-        return RayWorkerPool(config.engine, num_workers, device, config.ray_address, config.max_restarts)
+        return RayWorkerPool(
+            config.engine,
+            num_workers,
+            device,
+            config.ray_address,
+            config.max_restarts,
+            gpus_per_worker=config.gpus_per_worker,
+        )
     if not config.prefill_workers or not config.decode_workers:
         raise ValueError(
             "prefill_workers and decode_workers: give both, each >= 1, for disaggregated serving"
@@ -168,6 +180,7 @@ def make_pool(config: ServerConfig) -> WorkerPool:
         device,
         config.ray_address,
         config.max_restarts,
+        gpus_per_worker=config.gpus_per_worker,
     )
 
 

@@ -7,13 +7,16 @@
     *peer's* flag word and spins with ld.acquire.sys on its *own*; ``rounds`` round trips
     run inside one kernel launch per side, and one-way = round trip / 2, with percentiles
     over launches. Twice: flags in GPU memory (opened by CUDA IPC), and flags in one mapped
-    pinned host page (POSIX shm registered by both). With one GPU both processes share it:
-    their contexts time-slice unless MPS runs, so that figure measures the scheduler.
+    pinned host page (POSIX shm registered by both). Then a GPU kernel against a CPU process
+    on that page: the path by which a decode worker's scheduler learns of a completed copy.
+    One GPU runs only that last mode: two processes spinning on one GPU time-slice (one round
+    per ~2 ms slice unless MPS runs), which would measure the driver's scheduler.
 (b) Handoff bandwidth: ``copy_blocks_and_signal`` over an 8B-shaped pool (32 layers, 8 KV
     heads, 128 dims, bf16, 16-token blocks) from cuda:0 into cuda:1, contiguous and scattered
     block ids, next to a peer copy of one contiguous buffer of the same size measured in the
     same run (cudaMemcpyPeer through ``Tensor.copy_``). With one GPU both run device-local.
-    Bandwidth counts bytes copied (not read + written).
+    Bandwidth counts bytes copied (not read + written), over GPU time (events around 10
+    back-to-back launches); the host's cost per launch is reported beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import ctypes
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +52,9 @@ def _pingpong_worker(rank: int, cfg: dict[str, Any], conn: Any) -> None:
     own word exported to the other by IPC; or in the shm page named ``cfg["shm"]``."""
     from multiprocessing import shared_memory
 
+    if cfg["where"] == "cpu" and rank == 1:
+        _cpu_responder(cfg, conn)
+        return
     dev = torch.device("cuda", cfg["devices"][rank])
     torch.cuda.set_device(dev)
     out = torch.zeros(2, dtype=torch.int64, device=dev)
@@ -92,6 +99,33 @@ def _pingpong_worker(rank: int, cfg: dict[str, Any], conn: Any) -> None:
         shm.close()
 
 
+def _cpu_responder(cfg: dict[str, Any], conn: Any) -> None:
+    """The CPU side of a GPU <-> CPU ping-pong: what a decode worker's scheduler does when it
+    polls its host-visible mailbox. Spins with acquire loads on its own word of the shm page
+    and answers with a release store into the GPU's (CPU atomics, memory_model.atomics)."""
+    from multiprocessing import shared_memory
+
+    from kvrelay.memory_model import atomics
+
+    shm = shared_memory.SharedMemory(name=cfg["shm"])
+    host = _shm_address(shm)
+    mine, peer = host + _FLAG_STRIDE, host
+    rounds = cfg["rounds"]
+    load, store, acquire, release = atomics.load, atomics.store, atomics.Order.ACQUIRE, atomics.Order.RELEASE
+    for launch in range(cfg["launches"] + 1):
+        conn.send("ready")
+        conn.recv()
+        deadline = time.monotonic() + _PING_TIMEOUT_NS / 1e9
+        for r in range(rounds):
+            v = 1 + launch * rounds + r
+            while load(mine, acquire) != v:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cpu responder: launch {launch} round {r} timed out")
+            store(peer, v, release)
+    conn.send([])
+    shm.close()
+
+
 def _shm_address(shm: Any) -> int:
     # The ctypes view is dropped at return, so that shm.close() finds no exported buffer.
     return ctypes.addressof(ctypes.c_char.from_buffer(shm.buf))
@@ -100,13 +134,14 @@ def _shm_address(shm: Any) -> int:
 def measure_signal_latency(
     devices: tuple[int, int], where: str, rounds: int, launches: int
 ) -> dict[str, Any]:
-    """Ping-pong between two spawned processes; ``where`` is "gpu" or "host" (flag memory)."""
+    """Ping-pong between two spawned processes; ``where`` is "gpu" or "host" (flag memory of
+    two GPU kernels), or "cpu" (a GPU kernel on devices[0] and a CPU process, host flags)."""
     from multiprocessing import shared_memory
 
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    shm = shared_memory.SharedMemory(create=True, size=4096) if where == "host" else None
+    shm = shared_memory.SharedMemory(create=True, size=4096) if where in ("host", "cpu") else None
     # A new segment reads as zeros: no flag value (all >= 1) is there yet.
     cfg = {"devices": devices, "where": where, "rounds": rounds, "launches": launches}
     cfg["shm"] = shm.name if shm is not None else ""
@@ -140,7 +175,12 @@ def measure_signal_latency(
             shm.unlink()
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"ping-pong processes exited with {[p.exitcode for p in procs]}")
-    mode = "two GPUs" if devices[0] != devices[1] else "one GPU shared by two processes (time-sliced)"
+    if where == "cpu":
+        mode = "GPU kernel <-> CPU process (the scheduler's mailbox poll)"
+    elif devices[0] != devices[1]:
+        mode = "two GPUs"
+    else:
+        mode = "one GPU shared by two processes (time-sliced)"
     return {
         "where": where,
         "mode": mode,
@@ -153,9 +193,24 @@ def measure_signal_latency(
 # --------------------------------------------------------------------------- bandwidth
 
 
+_BATCH = 10  # back-to-back launches per timed sample: GPU time, not the host's launch cost
+
+
 def _median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
     with torch.cuda.device(device):
-        return median_cuda_ms(fn, iters, warmup=1)
+        return median_cuda_ms(fn, iters, warmup=2, batch=_BATCH)
+
+
+def _host_launch_us(fn: Callable[[], object], device: torch.device, calls: int = 50) -> float:
+    """Host microseconds per call of `fn` while the GPU keeps up (it only enqueues): the cost a
+    prefill worker's step loop pays per handoff, which overlaps the copy of the one before."""
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize(device)
+    return us
 
 
 def _copy_gbps(
@@ -165,27 +220,27 @@ def _copy_gbps(
     dst_ids: torch.Tensor,
     dst_blocks: int,
     iters: int,
-) -> float:
+) -> tuple[float, float]:
+    """GB/s of the handoff copy (GPU time) and the host's microseconds per launch."""
     from kvrelay.memory_model import gpu_copy
 
     device = src[0].device
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    copier = gpu_copy.BlockCopier(src, dst_table, dst_num_blocks=dst_blocks)
     signal = torch.zeros(1, dtype=torch.int64, device=device)
     value = [0]
 
     def launch() -> None:
         value[0] += 1
-        gpu_copy.copy_blocks_and_signal(
-            src, dst_table, src_ids, dst_ids, counter, signal.data_ptr(), value[0], dst_num_blocks=dst_blocks
-        )
+        copier(src_ids, dst_ids, signal.data_ptr(), value[0])
 
     ms = _median_ms(launch, iters, device)
-    torch.cuda.synchronize(device)
-    if signal.item() != value[0] or counter.item() != 0:
+    launch_us = _host_launch_us(launch, device)
+    if signal.item() != value[0] or copier.counter.item() != 0:
         raise RuntimeError(
-            f"copy signalled {signal.item()} (want {value[0]}), counter {counter.item()} (want 0)"
+            f"copy signalled {signal.item()} (want {value[0]}), counter {copier.counter.item()} (want 0)"
         )
-    return src[0][0, 0].numel() * src[0].element_size() * 2 * len(src) * src_ids.numel() / ms / 1e6
+    nbytes = src[0][0, 0].numel() * src[0].element_size() * 2 * len(src) * src_ids.numel()
+    return nbytes / ms / 1e6, launch_us
 
 
 def _peer_copy_gbps(nbytes: int, src_dev: torch.device, dst_dev: torch.device, iters: int) -> float:
@@ -228,8 +283,11 @@ def measure_bandwidth(
         row: dict[str, Any] = {"size_mb": moved / 2**20, "layers": n_layers, "blocks": n_blocks}
         row["peer_copy_gbps"] = _peer_copy_gbps(moved, src_dev, dst_dev, iters)
         for kind, (s_ids, d_ids) in ids.items():
-            gbps = _copy_gbps(src[:n_layers], table, s_ids.to(src_dev), d_ids.to(src_dev), pool_blocks, iters)
+            gbps, launch_us = _copy_gbps(
+                src[:n_layers], table, s_ids.to(src_dev), d_ids.to(src_dev), pool_blocks, iters
+            )
             row[f"{kind}_gbps"] = gbps
+            row[f"{kind}_launch_us"] = launch_us
             row[f"{kind}_ratio"] = gbps / row["peer_copy_gbps"]
         rows.append(row)
     return rows
@@ -262,12 +320,13 @@ def format_table(results: dict[str, Any]) -> str:
         p = lat["one_way_us"]
         ok = "ok" if p["p50"] <= TARGET_ONE_WAY_US else "MISS"
         lines.append(
-            f"signal one-way via {lat['where']:4s} flags, {lat['mode']}: p50 {p['p50']:.2f} us  "
+            f"signal one-way, {lat['where']:4s}: {lat['mode']}: p50 {p['p50']:.2f} us  "
             f"p90 {p['p90']:.2f}  p99 {p['p99']:.2f}  (target <= {TARGET_ONE_WAY_US} us: {ok})"
         )
     if results.get("bandwidth"):
         lines.append(
-            f"{'MB':>7} {'peer GB/s':>10} {'contig GB/s':>12} {'ratio':>6} {'scatter GB/s':>13} {'ratio':>6}  targets"
+            f"{'MB':>7} {'peer GB/s':>10} {'contig GB/s':>12} {'ratio':>6} {'scatter GB/s':>13} {'ratio':>6} "
+            f"{'launch us':>10}  targets"
         )
     for r in results.get("bandwidth", []):
         c_ok = r["contiguous_ratio"] >= TARGET_CONTIGUOUS_RATIO if r["size_mb"] >= 64 else None
@@ -277,7 +336,8 @@ def format_table(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"{r['size_mb']:7.1f} {r['peer_copy_gbps']:10.1f} {r['contiguous_gbps']:12.1f} "
-            f"{r['contiguous_ratio']:6.2f} {r['scattered_gbps']:13.1f} {r['scattered_ratio']:6.2f}  {verdict}"
+            f"{r['contiguous_ratio']:6.2f} {r['scattered_gbps']:13.1f} {r['scattered_ratio']:6.2f} "
+            f"{r.get('scattered_launch_us', float('nan')):10.1f}  {verdict}"
         )
     return "\n".join(lines)
 
@@ -305,10 +365,10 @@ def run_bench_handoff(args: argparse.Namespace) -> int:
         },
     }
     if not args.skip_latency:
-        # Time-sliced contexts advance one round per slice: keep the one-GPU run short.
-        rounds = args.rounds if two else min(args.rounds, 20)
-        for where in ("gpu", "host"):
-            results["latency"].append(measure_signal_latency(devices, where, rounds, args.launches))
+        # Two processes spinning on one GPU time-slice (one round per ~2 ms slice, unless MPS
+        # runs): that measures the driver's scheduler, so one GPU runs the CPU mode only.
+        for where in ("gpu", "host", "cpu") if two else ("cpu",):
+            results["latency"].append(measure_signal_latency(devices, where, args.rounds, args.launches))
     if not args.skip_bandwidth:
         src, dst = torch.device("cuda", devices[0]), torch.device("cuda", devices[1])
         results["bandwidth"] = measure_bandwidth(src, dst, args.sizes_mb, args.iters)

@@ -282,6 +282,102 @@ def _wait_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+class BlockCopier:
+    """A prepared handoff copy from one source pool into one destination pool: the pools are
+    checked and their address tables built once, so a call only checks its ids, picks a plan
+    (cached per block count) and launches. One copier owns one done-counter, so its launches
+    must stay on one stream (each call enqueues on the current stream of the source device).
+
+    Destination layers have the source layers' shape except ``dst_num_blocks``. Block ids
+    must be in range (the allocator's invariant; the kernel does not read them back).
+    """
+
+    def __init__(
+        self,
+        src_layers: Sequence[torch.Tensor],
+        dst_table: torch.Tensor,
+        *,
+        dst_num_blocks: int,
+        counter: torch.Tensor | None = None,
+    ) -> None:
+        first = _check_source(src_layers)
+        self.device = first.device
+        if (
+            dst_table.dtype != torch.int64
+            or dst_table.shape != (len(src_layers),)
+            or dst_table.device != self.device
+        ):
+            raise ValueError(
+                f"dst_table must be int64 [{len(src_layers)}] on {self.device}, "
+                f"got {dst_table.dtype} {tuple(dst_table.shape)} on {dst_table.device}"
+            )
+        if counter is None:
+            counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if counter.dtype != torch.int32 or counter.numel() != 1 or counter.device != self.device:
+            raise ValueError(
+                f"counter must be one int32 on {self.device}, got {counter.dtype} {tuple(counter.shape)}"
+            )
+        if dst_num_blocks < 1:
+            raise ValueError(f"dst_num_blocks must be >= 1, got {dst_num_blocks}")
+        _, self.src_pool_blocks, block_size, heads, dim = first.shape
+        self.num_layers = len(src_layers)
+        self.block_elems = block_size * heads * dim
+        self.elem_bytes = first.element_size()
+        self.max_ctas = max_ctas_for(self.device)
+        self.src_table = build_layer_table(src_layers, self.device)
+        self.dst_table = dst_table
+        self.dst_num_blocks = dst_num_blocks
+        self.counter = counter
+        self._plans: dict[int, CopyPlan] = {}
+        self._interpret = _interpreting()
+
+    def plan(self, num_blocks: int) -> CopyPlan:
+        plan = self._plans.get(num_blocks)
+        if plan is None:
+            plan = plan_copy(
+                self.num_layers, num_blocks, self.block_elems, self.elem_bytes, max_ctas=self.max_ctas
+            )
+            self._plans[num_blocks] = plan
+        return plan
+
+    def __call__(
+        self, src_block_ids: torch.Tensor, dst_block_ids: torch.Tensor, signal_addr: int, value: int
+    ) -> CopyPlan:
+        """Copy block ``src_block_ids[i]`` of every source layer (K and V) into block
+        ``dst_block_ids[i]`` of every destination layer, then publish ``value`` at
+        ``signal_addr`` with st.release.sys; returns the plan (no host synchronization)."""
+        _check_ids("src_block_ids", src_block_ids, self.device)
+        _check_ids("dst_block_ids", dst_block_ids, self.device)
+        if src_block_ids.numel() != dst_block_ids.numel():
+            raise ValueError(
+                f"src_block_ids has {src_block_ids.numel()} ids, dst_block_ids {dst_block_ids.numel()}"
+            )
+        _check_word_addr("signal_addr", signal_addr)
+        _check_value("value", value)
+        plan = self.plan(src_block_ids.numel())
+        with _on_device(self.device):
+            _copy_blocks_kernel[(plan.grid,)](
+                self.src_table,
+                self.dst_table,
+                src_block_ids,
+                dst_block_ids,
+                self.counter,
+                signal_addr,
+                value,
+                plan.num_blocks,
+                self.src_pool_blocks,
+                self.dst_num_blocks,
+                plan.num_items,
+                BLOCK_ELEMS=plan.block_elems,
+                CHUNK=plan.chunk_elems,
+                CHUNKS=plan.chunks_per_block,
+                ELEM=_INT_FOR_WIDTH[plan.elem_bytes],
+                INTERPRET=self._interpret,
+                num_warps=plan.num_warps,
+            )
+        return plan
+
+
 def copy_blocks_and_signal(
     src_layers: Sequence[torch.Tensor],
     dst_table: torch.Tensor,
@@ -293,63 +389,10 @@ def copy_blocks_and_signal(
     *,
     dst_num_blocks: int,
 ) -> CopyPlan:
-    """Copy block ``src_block_ids[i]`` of every source layer (K and V) into block
-    ``dst_block_ids[i]`` of the destination layer at ``dst_table[layer]``, then publish
-    ``value`` at ``signal_addr`` with st.release.sys. One launch on the current stream of
-    the source device; returns the plan it used (no host synchronization).
-
-    Destination layers have the source layers' shape except ``dst_num_blocks``. Block ids
-    must be in range (the allocator's invariant; this function does not read them back).
-    """
-    first = _check_source(src_layers)
-    device = first.device
-    _check_ids("src_block_ids", src_block_ids, device)
-    _check_ids("dst_block_ids", dst_block_ids, device)
-    if src_block_ids.numel() != dst_block_ids.numel():
-        raise ValueError(
-            f"src_block_ids has {src_block_ids.numel()} ids, dst_block_ids {dst_block_ids.numel()}"
-        )
-    if dst_table.dtype != torch.int64 or dst_table.shape != (len(src_layers),) or dst_table.device != device:
-        raise ValueError(
-            f"dst_table must be int64 [{len(src_layers)}] on {device}, "
-            f"got {dst_table.dtype} {tuple(dst_table.shape)} on {dst_table.device}"
-        )
-    if counter.dtype != torch.int32 or counter.numel() != 1 or counter.device != device:
-        raise ValueError(f"counter must be one int32 on {device}, got {counter.dtype} {tuple(counter.shape)}")
-    if dst_num_blocks < 1:
-        raise ValueError(f"dst_num_blocks must be >= 1, got {dst_num_blocks}")
-    _check_word_addr("signal_addr", signal_addr)
-    _check_value("value", value)
-    _, src_pool_blocks, block_size, heads, dim = first.shape
-    plan = plan_copy(
-        len(src_layers),
-        src_block_ids.numel(),
-        block_size * heads * dim,
-        first.element_size(),
-        max_ctas=max_ctas_for(device),
-    )
-    src_table = build_layer_table(src_layers, device)
-    with _on_device(device):
-        _copy_blocks_kernel[(plan.grid,)](
-            src_table,
-            dst_table,
-            src_block_ids,
-            dst_block_ids,
-            counter,
-            signal_addr,
-            value,
-            plan.num_blocks,
-            src_pool_blocks,
-            dst_num_blocks,
-            plan.num_items,
-            BLOCK_ELEMS=plan.block_elems,
-            CHUNK=plan.chunk_elems,
-            CHUNKS=plan.chunks_per_block,
-            ELEM=_INT_FOR_WIDTH[plan.elem_bytes],
-            INTERPRET=_interpreting(),
-            num_warps=plan.num_warps,
-        )
-    return plan
+    """One copy through a fresh ``BlockCopier`` (which see); repeated copies between the same
+    pools should keep a copier, which checks the pools once."""
+    copier = BlockCopier(src_layers, dst_table, dst_num_blocks=dst_num_blocks, counter=counter)
+    return copier(src_block_ids, dst_block_ids, signal_addr, value)
 
 
 def publish_signal(signal_addr: int, value: int, device: torch.device | None = None) -> None:
@@ -395,6 +438,6 @@ def wait_signal(
 
 def _on_device(device: torch.device | None) -> contextlib.AbstractContextManager[object]:
     """Triton launches on the current device's current stream: make it ``device``'s."""
-    if device is not None and device.type == "cuda":
+    if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()

@@ -118,6 +118,7 @@ class _Peer:
         self.region: SharedRegion | None = None
         self.dst: list[torch.Tensor] = []
         self.dst_table: torch.Tensor | None = None
+        self.copier: Any = None  # gpu_copy.BlockCopier, made by the sender at its first GPU send
         self.signal_base = 0  # device-usable address of the mailbox (GPU producers)
         if desc.kind == "shm":
             assert desc.shm_name is not None
@@ -142,6 +143,7 @@ class _Peer:
             ipc.close_peer(self.desc.ipc.owner_key)
         self.dst = []
         self.dst_table = None
+        self.copier = None
         self.mailbox.close()
         if self.region is not None:
             self.region.close()
@@ -253,23 +255,17 @@ class KVSender:
         if not src_block_ids:
             gpu_copy.publish_signal(signal, expected)
             return
-        src_ids = (
-            torch.tensor(src_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
-        )
-        dst_ids = (
-            torch.tensor(dst_block_ids, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
-        )
-        assert peer.dst_table is not None and self._counter is not None
-        gpu_copy.copy_blocks_and_signal(
-            self.src,
-            peer.dst_table,
-            src_ids,
-            dst_ids,
-            self._counter,
-            signal,
-            expected,
-            dst_num_blocks=peer.desc.layout.num_blocks,
-        )
+        # Both id lists in one pinned buffer (torch's caching host allocator keeps it alive
+        # until the copy has run) and one host-to-device copy.
+        ids = torch.tensor([*src_block_ids, *dst_block_ids], dtype=torch.int32).pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
+        n = len(src_block_ids)
+        if peer.copier is None:
+            assert peer.dst_table is not None and self._counter is not None
+            peer.copier = gpu_copy.BlockCopier(
+                self.src, peer.dst_table, dst_num_blocks=peer.desc.layout.num_blocks, counter=self._counter
+            )
+        peer.copier(ids[:n], ids[n:], signal, expected)
 
     def close(self) -> None:
         for key in [*self._peers, *self._relays]:

@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh tests      # GPU tests only
 #   scripts/gpu_check.sh bench      # engine bench only
 #   scripts/gpu_check.sh memory     # litmus + handoff bench only (on 2 GPUs: also across them)
+#   scripts/gpu_check.sh serve      # serving sweeps (1B, 8B; ShareGPT-like, shared-prefix) and
+#                                   # disaggregated vs colocated (bench disagg): not in "all"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"; mkdir -p "$out"
@@ -37,11 +39,20 @@ if [[ "$what" == all || "$what" == memory ]]; then
   python3 -m kvrelay.cli bench handoff --json "$out/bench_handoff.json" ${HANDOFF_ARGS:-} 2>&1 | tee "$out/bench_handoff.log"
   status[handoff]=${PIPESTATUS[0]}
 fi
+if [[ "$what" == serve ]]; then
+  python3 scripts/serve_sweep.py --out "$out/serve" ${SWEEP_ARGS:-} 2>&1 | tee "$out/serve_sweep.log"
+  status[serve]=${PIPESTATUS[0]}
+  python3 -m kvrelay.cli bench disagg --json "$out/bench_disagg.json" ${DISAGG_ARGS:-} 2>&1 | tee "$out/bench_disagg.log"
+  status[disagg]=${PIPESTATUS[0]}
+  tar -czf "$out/serve.tar.gz" -C "$out" serve && rm -rf "$out/serve"
+fi
 echo
 echo "== summary"
 [[ -n "${status[tests]:-}" ]] && echo "gpu tests: exit ${status[tests]} ($(tail -n 1 "$out/gpu_tests.log"))"
 [[ -n "${status[bench]:-}" ]] && { echo "bench engine: exit ${status[bench]}"; sed -n '/^kvrelay bench engine on/,$p' "$out/bench_engine.log"; }
 [[ -n "${status[litmus]:-}" ]] && { echo "litmus: exit ${status[litmus]}"; tail -n 30 "$out/litmus.log"; }
 [[ -n "${status[handoff]:-}" ]] && { echo "bench handoff: exit ${status[handoff]}"; tail -n 20 "$out/bench_handoff.log"; }
+[[ -n "${status[serve]:-}" ]] && { echo "serve sweeps: exit ${status[serve]}"; grep -E "^ *(inf|[0-9.]+) +[0-9]+ +[0-9]+ " "$out/serve_sweep.log"; }
+[[ -n "${status[disagg]:-}" ]] && { echo "bench disagg: exit ${status[disagg]}"; tail -n 12 "$out/bench_disagg.log"; }
 rc=0; for s in "${status[@]}"; do [[ "$s" == 0 ]] || rc=1; done
 exit $rc

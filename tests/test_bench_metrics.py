@@ -4,6 +4,7 @@ a seed, the server-counter deltas, and the report writers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,12 +15,21 @@ import pytest
 from kvrelay.cluster.bench_metrics import (
     Distribution,
     RequestRecord,
+    ServerDelta,
     Slo,
     compute_metrics,
     parse_prometheus,
     server_delta,
 )
-from kvrelay.cluster.bench_report import BenchPoint, BenchRun, format_table, markdown, to_json, write_plots
+from kvrelay.cluster.bench_report import (
+    BenchPoint,
+    BenchRun,
+    format_table,
+    from_json,
+    markdown,
+    to_json,
+    write_plots,
+)
 from kvrelay.cluster.bench_workloads import (
     SHAREGPT_INPUT,
     LengthRange,
@@ -284,3 +294,26 @@ def test_report_writers(tmp_path: Path) -> None:
     md = markdown(run, [Path("plots/latency_cdf.png")])
     assert "## Sweep over rate" in md and "![latency_cdf](plots/latency_cdf.png)" in md
     assert "p99 TTFT ms" not in format_table(_run(None))  # no sweep summary for a single run
+
+
+def test_json_round_trip_for_plotting_elsewhere() -> None:
+    """A result written on the GPU machine (no matplotlib there) is plotted here from its JSON."""
+    run = _run("rate")
+    server = ServerDelta(
+        prefix_cache_queries=10, prefix_cache_hits=4, preemptions=0, graph_replays=3, eager_steps=1
+    )
+    run = BenchRun(
+        run.settings,
+        run.server,
+        [
+            BenchPoint(p.rate, p.max_concurrency, dataclasses.replace(p.metrics, server=server))
+            for p in run.points
+        ],
+        run.sweep,
+    )
+    data = json.loads(json.dumps(to_json(run)))
+    back = from_json(data)
+    assert to_json(back) == data
+    assert back.points[-1].rate == math.inf and back.points[0].metrics.server.prefix_cache_hit_rate == 0.4
+    assert back.points[0].metrics.samples == run.points[0].metrics.samples
+    assert format_table(back) == format_table(run)

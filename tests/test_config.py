@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvrelay.cluster.config import ServerConfig, TlsConfig, load_config
 from kvrelay.cluster.routing import BalanceConfig
@@ -103,6 +104,12 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         ("tls:\n  require_client_cert: 1\n", "tls.require_client_cert must be bool or null, got int 1"),
         ("auth_token_file: ''\n", "auth_token_file must be a file path or null, got an empty string"),
         ("max_concurrent_streams: 0\n", "max_concurrent_streams must be >= 1, got 0"),
+        ("gpus_per_worker: 1.5\n", "gpus_per_worker must be in (0, 1], got 1.5"),
+        ("gpus_per_worker: 0\n", "gpus_per_worker must be in (0, 1], got 0"),
+        (
+            "gpus_per_worker: 0.5\n",
+            "gpus_per_worker 0.5 shares a GPU between workers: set engine.kv_cache_memory",
+        ),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -141,3 +148,13 @@ def test_config_is_frozen() -> None:
     c = load_config(None)
     with pytest.raises(AttributeError):
         c.port = 1  # type: ignore[misc]
+
+
+def test_shared_gpus_default_to_more_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvrelay.cluster import serve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    c = load_config(write(tmp_path, "gpus_per_worker: 0.5\nengine:\n  kv_cache_memory: 1048576\n"))
+    assert serve.resolve_workers(c) == (4, "cuda")
+    assert serve.resolve_workers(load_config(None)) == (2, "cuda")
