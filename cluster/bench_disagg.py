@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,8 @@ class ServeSubprocess:
         self.stderr: list[str] = []
         out, err = self.proc.stdout, self.proc.stderr
         assert out is not None and err is not None
-        threading.Thread(target=_pump, args=(out, lines.put), daemon=True).start()
-        threading.Thread(target=_pump, args=(err, self.stderr.append), daemon=True).start()
+        threading.Thread(target=_pump, args=(out, lines.put, ""), daemon=True).start()
+        threading.Thread(target=_pump, args=(err, self.stderr.append, None), daemon=True).start()
         try:
             line = lines.get(timeout=timeout_s)
         except queue.Empty:
@@ -67,6 +68,7 @@ class ServeSubprocess:
             raise RuntimeError(f"kvrelay serve {' '.join(args)}: not ready in {timeout_s:g} s") from None
         if not line.startswith(_READY):
             self.stop()
+            time.sleep(0.2)  # the stderr pump's last lines
             raise RuntimeError(f"kvrelay serve {' '.join(args)} failed: {''.join(self.stderr[-5:]).strip()}")
         self.address = line[len(_READY) :].strip()
 
@@ -82,9 +84,11 @@ class ServeSubprocess:
                 self.proc.wait(10)
 
 
-def _pump(stream: Any, sink: Any) -> None:
+def _pump(stream: Any, sink: Any, at_eof: str | None) -> None:
     for line in stream:
         sink(line)
+    if at_eof is not None:
+        sink(at_eof)  # the server died before its ready line: say so now, not at the timeout
 
 
 def harness_config(server: str, argv: list[str]) -> Any:

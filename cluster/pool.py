@@ -269,9 +269,12 @@ class RayWorkerPool:
         actors, self._actors = self._actors, []
         if actors:
             # A graceful shutdown first, so each engine loop aborts its requests and logs it.
-            await asyncio.wait(
-                [asyncio.ensure_future(a.shutdown.remote()) for a in actors], timeout=self._timeouts.call_s
-            )
+            calls = [asyncio.ensure_future(a.shutdown.remote()) for a in actors]
+            done, pending = await asyncio.wait(calls, timeout=self._timeouts.call_s)
+            for f in done:
+                f.exception()  # a dead actor's error is expected here: retrieved, not logged by asyncio
+            for f in pending:
+                f.cancel()
             for a in actors:
                 ray.kill(a, no_restart=True)
         self._workers = []
@@ -427,8 +430,9 @@ class RayWorkerPool:
                 desc: ModelDescription = await ray_future(actor.ready.remote())
                 return desc
             except ray.exceptions.RayError as e:
-                log.error("worker %d failed to start: %s", rank, e)
                 kind, msg = error_summary(e)
+                log.error("worker %d failed to start: %s: %s", rank, kind, msg)
+                log.debug("worker %d start failure in full: %s", rank, e)
                 if kind == "ValueError":  # bad input (model path, config): the field is named in msg
                     raise ValueError(msg) from None
                 raise RuntimeError(f"worker {rank} failed to start: {kind}: {msg}") from None

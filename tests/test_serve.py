@@ -175,3 +175,22 @@ def test_refused_before_anything_starts(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError) as e:
         run_serve(parse(*argv))
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_worker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    """A bad model path fails inside the Ray worker actors: the operator still reads one line
+    naming the field, from the router and from the worker, and no traceback from either."""
+    config = tmp_path / "kvrelay.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    p = ServeProcess(["--config", str(config), "--model", str(tmp_path / "nope")])
+    try:
+        code = p.proc.wait(180)
+    finally:
+        p.kill()
+    time.sleep(0.2)  # the pumps' last lines
+    err = "".join(p.stderr)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"kvrelay: error: model: '{tmp_path / 'nope'}' is not 'tiny' nor an existing directory"
+    )
+    assert "Traceback" not in err and "never retrieved" not in err, err

@@ -65,7 +65,16 @@ class WorkerActor:
         self.rank = rank
         self._device = config.device
         self._incarnation = f"{config.kv_role}-{rank}-{uuid.uuid4().hex[:12]}"
-        engine = Engine(config)
+        self._start_error: Exception | None = None
+        try:
+            engine = Engine(config)
+        except (ValueError, RuntimeError, OSError) as e:
+            # Bad input (a model path, a config value) or a device that cannot hold the model: kept
+            # for ready() to raise, so the operator reads one line from the router instead of
+            # Ray's printout of a failed creation task, traceback and all.
+            log.error("worker %d cannot start: %s: %s", rank, type(e).__name__, e)
+            self._start_error = e
+            return
         self._model = ModelDescription(
             model=config.model,
             vocab_size=engine.model_config.vocab_size,
@@ -85,6 +94,8 @@ class WorkerActor:
         )
 
     def ready(self) -> ModelDescription:
+        if self._start_error is not None:
+            raise self._start_error
         return self._model
 
     def device_info(self) -> tuple[str, int]:
