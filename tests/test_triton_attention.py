@@ -369,3 +369,31 @@ def test_bench_decode_attention_reports_bandwidth() -> None:
     result = bench_decode_attention(batch=8, context=512, iters=5)
     assert result["attn_ms"] > 0 and result["attn_gbps"] > 0 and result["copy_gbps"] > 0
     assert result["ratio"] == pytest.approx(result["attn_gbps"] / result["copy_gbps"])
+
+
+@pytest.mark.gpu
+def test_prefill_compiles_once_for_any_batch_gpu() -> None:
+    """Serving meets a new sequence count and block-table width on many steps; none of them may
+    compile a new kernel variant (a compile stalls every stream of the worker for ~1-2 s)."""
+    knobs = pytest.importorskip("triton").knobs
+    if not hasattr(knobs.runtime, "jit_cache_hook"):
+        pytest.skip("this Triton has no jit_cache_hook")
+    compiles: list[str] = []
+
+    def hook(**kwargs: object) -> bool:
+        compiles.append(str(kwargs.get("repr")).split("[", 1)[0])
+        return False  # count, then compile as usual
+
+    backend = TritonPagedAttention(prefill_impl="triton")
+    batches = [[(17, 17)], [(16, 16), (100, 100)], [(5, 40)] * 16, [(33, 33)] * 17, [(1, 300), (1000, 1000)]]
+    shape = {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "block_size": 16, "dtype": torch.bfloat16}
+    run_backend(PagedBatch(batches[0], **shape), backend, 0.125)  # type: ignore[arg-type]
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        for seqs in batches[1:]:
+            batch = PagedBatch(seqs, **shape)  # type: ignore[arg-type]
+            assert rel_err(run_backend(batch, backend, 0.125), batch.reference(0.125)) <= TOL[torch.bfloat16]
+    finally:
+        knobs.runtime.jit_cache_hook = old
+    assert "_prefill_kernel" not in compiles, compiles

@@ -430,7 +430,10 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# The batch's sequence count and block-table width vary step to step: specialized (Triton keys
+# integers on == 1 and % 16), each new combination would compile a variant in the middle of
+# serving, seconds of stall the first time a step batches several prompts.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
