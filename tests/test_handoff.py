@@ -9,6 +9,7 @@ and an acquire fence. Outputs are compared with one colocated engine (same weigh
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 
@@ -269,4 +270,44 @@ def test_prefill_loop_forgets_only_handoffs_it_never_received() -> None:
         # "nobody" is not connected: the send fails and says so, writing nothing anywhere.
         assert [d.error for d in deltas if d.finish_reason] == ["KV handoff failed: KeyError"]
     finally:
+        loop.shutdown()
+
+
+def test_decode_loop_streams_the_first_token_before_its_next_step() -> None:
+    """TTFT: the decode worker's loop publishes a handed-off request's first token as soon as
+    the KV has arrived, while the next model step runs, not merged with the token that step
+    makes. Here that step is held until the first token has been polled."""
+    from kvrelay.worker.engine_loop import EngineLoop
+    from kvrelay.worker.protocol import WorkRequest
+
+    prefill, decode = _pair()
+    gate = threading.Event()
+    real_step = decode.step
+
+    def held_step() -> list[RequestOutput]:
+        if decode.scheduler.running:  # admitted: hold the step that would make token 2
+            assert gate.wait(30), "the first token was never polled"
+        return real_step()
+
+    decode.step = held_step  # type: ignore[method-assign]
+    loop = EngineLoop(decode)
+    try:
+        [prompt] = random_prompts(1, [40], decode.model_config.vocab_size, seed=3)
+        params = SamplingParams(max_tokens=4)
+        [(rid, target)] = loop.reserve([WorkRequest("r0", prompt, params)], PRODUCER).items()
+        assert not isinstance(target, str), target
+        prefill.add_request(rid, prompt, dataclasses.replace(params, max_tokens=1), handoff=target)
+        while prefill.has_unfinished_requests():
+            prefill.step()
+        first = loop.poll(10).deltas
+        gate.set()
+        assert [len(d.token_ids) for d in first] == [1], first
+        deltas = list(first)
+        deadline = time.monotonic() + 30
+        while not any(d.finish_reason for d in deltas) and time.monotonic() < deadline:
+            deltas += loop.poll(0.5).deltas
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert tokens == _colocated([prompt], params)[0]
+    finally:
+        gate.set()
         loop.shutdown()

@@ -255,6 +255,15 @@ class EngineLoop:
                     fut.set_result(fn(outputs))
                 except BaseException as e:
                     fut.set_exception(e)
+        if engine.handoff is not None and engine.handoff.num_active > 0:
+            # Handed-off requests whose KV has arrived stream their first token now, while the
+            # step below runs, not merged with the second token after it (TTFT).
+            arrived = self._admit_handoffs()
+            if self._broken is not None:
+                return False
+            if arrived:
+                self._publish(outputs + arrived)
+                outputs = []
         if engine.has_unfinished_requests():
             steps = engine.num_steps
             stepped = self._step()
@@ -356,6 +365,13 @@ class EngineLoop:
             return self._fail_step(e)
         self._consecutive_failures = 0
         return outputs
+
+    def _admit_handoffs(self) -> list[RequestOutput]:
+        assert self._engine.handoff is not None
+        try:
+            return self._engine.handoff.poll()
+        except Exception as e:
+            return self._fail_step(e)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """Fail every in-flight request; keep serving only if the engine is still consistent."""
