@@ -48,6 +48,10 @@ MAX_CONSECUTIVE_FAILURES = 3
 # When requests are live but a step scheduled nothing (none fits yet), wait this long before
 # retrying rather than spin; deadlines are checked at the next schedule.
 _STALLED_STEP_WAIT_S = 0.005
+# While only KV handoffs are awaited, the mailbox is polled this often: a short real sleep
+# rather than a sleep(0) spin, which keeps a core busy and the GIL contended by the actor's RPC
+# threads; it adds at most this to noticing an arrival (no TTFT difference measured on the CPU).
+_HANDOFF_POLL_S = 50e-6
 
 
 class EngineLoopBroken(RuntimeError):
@@ -272,10 +276,10 @@ class EngineLoop:
                 # live request, those aborted just above included.
                 return False
             if not stepped and engine.num_steps == steps:
-                # Waiting for a KV handoff: poll the mailbox again at once (yielding the GIL to
-                # the actor's RPC threads); otherwise nothing can run until something changes.
+                # Waiting for a KV handoff: poll the mailbox again soon; otherwise nothing can
+                # run until something changes.
                 waiting_for_kv = engine.handoff is not None and engine.handoff.num_active > 0
-                time.sleep(0 if waiting_for_kv else _STALLED_STEP_WAIT_S)
+                time.sleep(_HANDOFF_POLL_S if waiting_for_kv else _STALLED_STEP_WAIT_S)
             outputs += stepped
         self._publish(outputs)
         return True
