@@ -5,7 +5,8 @@ workers, then P prefill + D decode workers (P + D = N, so both get the same devi
 drives each with the load-test harness (`cluster/bench_serve.py`) over the same requests:
 
     ttft        long prompts, short outputs, one request at a time: time to first token
-                without queueing, so the disaggregated figure is prefill + handoff + one poll
+                without queueing, so the disaggregated figure is the reserve call to the decode
+                worker + prefill + handoff + one poll
     throughput  the ShareGPT-like workload, every request at once: pool output throughput
 
 and prints each figure with its ratio (disaggregated / colocated). On a GPU machine this is
