@@ -11,15 +11,16 @@ plain attributes that the event loop replaces whole, never a structure it mutate
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.protocol import WorkerLoad
+from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, WorkerLoad
 
 # (rank, healthy, latest load) of every worker
 WorkerSnapshot = Callable[[], Sequence[tuple[int, bool, WorkerLoad]]]
@@ -174,6 +175,12 @@ class _WorkerCollector(Collector):
                 labels=["worker", "result"],
             ),
         }
+        handoff_wait = HistogramMetricFamily(
+            "kvrelay_worker_kv_handoff_wait_seconds",
+            "Disaggregated serving, decode workers: from a request's reservation to its KV's arrival "
+            "(reserve answer, prefill queue and compute, copy, signal).",
+            labels=["worker"],
+        )
         for rank, healthy, load in snapshot:
             w = [str(rank)]
             gauges["healthy"].add_metric(w, 1.0 if healthy else 0.0)
@@ -191,5 +198,12 @@ class _WorkerCollector(Collector):
             gauges["quarantined"].add_metric(w, load.num_quarantined_blocks)
             counters["handoffs"].add_metric([*w, "received"], load.num_handoffs_received)
             counters["handoffs"].add_metric([*w, "given_up"], load.num_handoffs_given_up)
+            if load.handoff_wait_counts:
+                cumulative = list(itertools.accumulate(load.handoff_wait_counts))
+                bounds = [*(str(b) for b in HANDOFF_WAIT_BUCKETS_S), "+Inf"]
+                handoff_wait.add_metric(
+                    w, list(zip(bounds, cumulative, strict=True)), load.handoff_wait_sum_s
+                )
         yield from gauges.values()
         yield from counters.values()
+        yield handoff_wait

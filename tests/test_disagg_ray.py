@@ -47,6 +47,8 @@ def test_streams_equal_the_colocated_engine(served: Served) -> None:
         "kvrelay_worker_kv_handoffs_total", {"worker": "0", "result": "received"}
     )
     assert received is not None and received >= 16, received
+    waits = registry.get_sample_value("kvrelay_worker_kv_handoff_wait_seconds_count", {"worker": "0"})
+    assert waits == received, (waits, received)
     decode_stats, prefill_stats = served.lt.run(served.pool.stats())
     assert decode_stats is not None and prefill_stats is not None
     assert prefill_stats.num_steps > 0 and decode_stats.num_steps > 0

@@ -92,6 +92,8 @@ def test_disaggregated_equals_colocated(params: SamplingParams) -> None:
     assert [acc[f"r{i}"] for i in range(len(prompts))] == _colocated(prompts, params)
     assert all(done[f"r{i}"].finish_reason is FinishReason.LENGTH for i in range(len(prompts)))
     assert decode.handoff is not None and decode.handoff.num_completed == len(prompts)
+    stats = decode.stats()  # every arrival timed from its reservation, in the Prometheus buckets
+    assert sum(stats.handoff_wait_counts) == len(prompts) and stats.handoff_wait_sum_s > 0
     _clean(prefill, decode)
 
 

@@ -57,6 +57,8 @@ class EngineStats:
     num_handoffs_received: int = 0  # prompts whose KV arrived and went on to decode
     num_handoffs_given_up: int = 0  # timed out, producer failed or died: recomputed or failed
     num_quarantined_blocks: int = 0  # blocks held back from a given-up handoff
+    handoff_wait_counts: tuple[int, ...] = ()  # per protocol.HANDOFF_WAIT_BUCKETS_S bound, then +Inf
+    handoff_wait_sum_s: float = 0.0
 
 
 class Engine:
@@ -497,6 +499,8 @@ class Engine:
             num_handoffs_received=self.handoff.num_completed if self.handoff else 0,
             num_handoffs_given_up=self.handoff.num_given_up if self.handoff else 0,
             num_quarantined_blocks=self.handoff.num_quarantined_blocks if self.handoff else 0,
+            handoff_wait_counts=tuple(self.handoff.wait_counts) if self.handoff else (),
+            handoff_wait_sum_s=self.handoff.wait_sum_s if self.handoff else 0.0,
         )
 
     def check_integrity(self) -> None:

@@ -475,6 +475,8 @@ def engine_load(engine: Engine) -> WorkerLoad:
         num_handoffs_received=s.num_handoffs_received,
         num_handoffs_given_up=s.num_handoffs_given_up,
         num_quarantined_blocks=s.num_quarantined_blocks,
+        handoff_wait_counts=s.handoff_wait_counts,
+        handoff_wait_sum_s=s.handoff_wait_sum_s,
     )
 
 

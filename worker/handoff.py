@@ -19,6 +19,7 @@ entry, and running + reserved sequences never exceed max_num_seqs.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 import time
@@ -30,7 +31,7 @@ import torch
 
 from kvrelay.memory_model.mailbox import Mailbox, Payload, Status
 from kvrelay.memory_model.transport import PeerDescriptor, PoolLayout, node_id
-from kvrelay.worker.protocol import HandoffTarget
+from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget
 from kvrelay.worker.request import FinishReason, Request, RequestOutput
 from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
@@ -57,6 +58,7 @@ class _Pending:
     owner: str  # allocator owner of the reserved blocks
     request: Request | None  # None once given up (the entry then only guards its blocks)
     request_id: str
+    reserved_at: float = 0.0  # time.monotonic()
 
 
 class HandoffReceiver:
@@ -79,6 +81,9 @@ class HandoffReceiver:
         self.mailbox = Mailbox(num_slots, epoch=secrets.randbelow((1 << 32) - 1) + 1)
         self._pending: dict[str, _Pending] = {}  # request id (or quarantine id) -> entry
         self.num_completed = 0
+        # Reservation to KV arrival, per HANDOFF_WAIT_BUCKETS_S bound and +Inf (Prometheus).
+        self.wait_counts = [0] * (len(HANDOFF_WAIT_BUCKETS_S) + 1)
+        self.wait_sum_s = 0.0
         self.num_given_up = 0
         self.descriptor = self._describe(kv_caches, layout)
 
@@ -143,8 +148,9 @@ class HandoffReceiver:
         slot, expected = self.mailbox.take()
         req = eng.new_request(request_id, prompt, params, deadline)
         req.num_cached_prompt_tokens = num_cached
+        now = time.monotonic()
         self._pending[request_id] = _Pending(
-            slot, expected, producer, time.monotonic() + self.timeout_s, request_id, req, request_id
+            slot, expected, producer, now + self.timeout_s, request_id, req, request_id, reserved_at=now
         )
         sched.num_reserved += 1
         blocks = alloc.get_block_ids(request_id)
@@ -181,6 +187,9 @@ class HandoffReceiver:
             return self._apply_policy(req, f"KV handoff: {why}")
         req = self._forget(rid, p)
         self.num_completed += 1
+        wait = time.monotonic() - p.reserved_at
+        self.wait_counts[bisect.bisect_left(HANDOFF_WAIT_BUCKETS_S, wait)] += 1
+        self.wait_sum_s += wait
         return [self._engine.admit_handed_off(req, _token_logprobs(payload))]
 
     def deliver(

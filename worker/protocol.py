@@ -65,6 +65,12 @@ class TokenDelta:
     error: str | None = None
 
 
+# Upper bounds (seconds) of the decode workers' handoff-wait histogram: from a request's
+# reservation to its KV's arrival (the router's reserve answer, the prefill worker's queue and
+# prompt compute, the copy and its signal). Prometheus adds +Inf.
+HANDOFF_WAIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 @dataclass(slots=True)
 class WorkerLoad:
     """What the router balances on; sent with every poll."""
@@ -85,6 +91,10 @@ class WorkerLoad:
     num_handoffs_received: int = 0
     num_handoffs_given_up: int = 0
     num_quarantined_blocks: int = 0
+    # Per HANDOFF_WAIT_BUCKETS_S bound, then +Inf: handoffs received with a wait in that bucket
+    # (not cumulative); and the waits' sum in seconds.
+    handoff_wait_counts: tuple[int, ...] = ()
+    handoff_wait_sum_s: float = 0.0
 
 
 @dataclass(slots=True)
