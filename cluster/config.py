@@ -98,8 +98,12 @@ class ServerConfig:
     # 16 MiB holds a prompt of 3M token ids (at most 5 bytes each), past any max_model_len.
     max_message_bytes: int = 16 * 1024 * 1024
     max_metadata_bytes: int = 8 * 1024  # request headers (the bearer token rides there)
-    # HTTP/2 streams one connection may hold open; further calls wait in the client.
-    max_concurrent_streams: int = 1024
+    # HTTP/2 streams one connection may hold open; further calls wait in the client. Twice the
+    # admission limit: at exactly as many streams as it keeps open, a client opens the next
+    # stream while the server still counts one the client has seen end, and gRPC refuses it
+    # (REFUSED_STREAM: UNAVAILABLE, seen with 1024 streams on one connection by `kvrelay bench
+    # router`); admission then answers excess load with a clear RESOURCE_EXHAUSTED instead.
+    max_concurrent_streams: int = 2048
     drain_grace_s: float = 30.0  # after SIGTERM/SIGINT, how long in-flight streams may run on
     default_max_tokens: int = 16  # for requests that leave max_tokens at 0
     # Requests arriving within this window that go to one worker are submitted in one call;

@@ -189,9 +189,11 @@ async def serve(
     *,
     ready: Callable[[str], None] | None = None,
     security: ServerSecurity | None = None,
+    pool: WorkerPool | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain; `ready(address)` is called once serving (default:
-    print the ready line). security: default `load_security(config)`, read before the pool starts."""
+    print the ready line). security: default `load_security(config)`, read before the pool starts.
+    pool: default `make_pool(config)` (`kvrelay bench router` passes a synthetic one)."""
     # Imported here, not at module level: the CLI builds its parser from this module, and
     # `kvrelay generate` or `bench` must not need gRPC's health/reflection packages or Ray.
     from kvrelay.cluster.auth import load_security
@@ -200,7 +202,8 @@ async def serve(
 
     if security is None:
         security = load_security(config)
-    pool = make_pool(config)
+    if pool is None:
+        pool = make_pool(config)
     router = GenerationRouter(pool, config)
     signals = _Signals(asyncio.get_running_loop())
     stop_metrics: Callable[[], None] | None = None

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_disagg_args(
         bench.add_parser("disagg", help="disaggregated vs colocated serving: TTFT and throughput")
     )
+    from kvrelay.cluster.bench_router import add_bench_router_args
+
+    add_bench_router_args(
+        bench.add_parser("router", help="the gRPC router's own cost under many streams (no model)")
+    )
     from kvrelay.memory_model.bench_handoff import add_bench_handoff_args
 
     add_bench_handoff_args(
@@ -319,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kvrelay.cluster.bench_disagg import run_bench_disagg
 
             return run_bench_disagg(args)
+        if args.bench_command == "router":
+            from kvrelay.cluster.bench_router import run_bench_router
+
+            return run_bench_router(args)
         if args.bench_command == "handoff":
             from kvrelay.memory_model.bench_handoff import run_bench_handoff
 

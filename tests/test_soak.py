@@ -164,17 +164,21 @@ def test_soak_mixed_requests_with_a_worker_killed_midway(served: Served) -> None
     assert sum(by_status.values()) == len(outcomes) >= 2 * CONCURRENCY, by_status
     assert all(by_kind[k] > 0 for k in KINDS), by_kind
     assert by_status["UNAVAILABLE"] > 0, "the kill failed the streams on worker 0"
-    # Every request ended exactly once on the router too, with the client's status; only a
+    # Every request the router saw ended exactly once there, with the client's status; only a
     # client's own deadline reaches the server as a cancel, so those two are compared as a sum.
-    # A handler whose client already went away may still be unwinding: give it a moment.
+    # A call whose client deadline passes before gRPC hands it to the server never reaches the
+    # router at all (rare; more so on a loaded machine): those alone may be missing from its
+    # counts. A handler whose client already went away may still be unwinding: give it a moment.
+    ended_by_client = ("CANCELLED", "DEADLINE_EXCEEDED")
+    client_ended = sum(by_status[c] for c in ended_by_client)
     deadline = time.monotonic() + 10.0
     while (router := router_counts(served) - before).total() < len(outcomes) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert router.total() == len(outcomes), (router, by_status)
     for code in ("OK", "INVALID_ARGUMENT", "UNAVAILABLE"):
         assert router[code] == by_status[code], (code, router, by_status)
-    ended_by_client = ("CANCELLED", "DEADLINE_EXCEEDED")
-    assert sum(router[c] for c in ended_by_client) == sum(by_status[c] for c in ended_by_client)
+    router_ended = sum(router[c] for c in ended_by_client)
+    assert client_ended - max(5, client_ended // 100) <= router_ended <= client_ended, (router, by_status)
+    assert router.total() == len(outcomes) - (client_ended - router_ended)
     rec = served.router
     assert [(rank, why) for rank, why, _ in rec.down] == [(0, "worker 0 died")], rec.down
     assert [rank for rank, _ in rec.up] == [0]

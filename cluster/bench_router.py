@@ -1,0 +1,533 @@
+"""`kvrelay bench router`: the gRPC router's own cost under many concurrent streams, no model compute.
+
+    kvrelay bench router --streams 64,256,1024 --workers 2 --step-ms 20 --ttft-ms 20 --json out.json
+
+The server is `kvrelay serve`'s own (`cluster/serve.py`: router, gRPC server, signals, drain) in a
+spawned child process, over a `SyntheticPool`: each of its workers is one asyncio task that every
+`--step-ms` emits one token for every request it holds, as one `on_deltas` batch (a decode step
+that costs nothing). The load-test harness (`cluster/bench_serve.py`) runs in this process; for each
+`--streams` value it sends one warm-up wave of that many requests (not measured), then
+`--requests-per-stream` x streams requests with at most `streams` open at once.
+
+Figures per point, over the measured run only:
+- server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second; pool CPU is
+  the synthetic workers' own share of it (making the deltas), router CPU the rest (gRPC, router,
+  metrics: what a real server spends beside its pool). Client CPU is this process's (the harness):
+  near 1.0 it, not the router, is the limit.
+- added TTFT: client TTFT - the synthetic TTFT. A worker emits a request's first token at its first
+  tick once the request has waited `--ttft-ms`, so the wait it imposes is ttft plus up to one step,
+  by the tick's phase (which a closed loop of streams does not make uniform); the pool measures
+  those waits, and their mean over the run is what is subtracted (both are reported). Single
+  requests' added TTFT is thus noisy by up to a step; the mean is exact.
+- added ITL: client inter-token latency - `--step-ms` (one token per tick per request).
+Both include the client's own latency (one Python process), as any client-side figure does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.request import FinishReason
+from kvrelay.worker.sampler import TokenLogprobs
+from kvrelay.worker.sampling_params import SamplingParams
+
+# The synthetic model: token-id prompts only (no tokenizer), room for any number of streams.
+SYNTHETIC_MODEL = ModelDescription(
+    model="synthetic",
+    vocab_size=32000,
+    max_model_len=4096,
+    eos_token_ids=(2,),
+    block_size=16,
+    kv_capacity_tokens=1 << 24,
+    model_dir=None,
+)
+_FIRST_TOKEN = 1000  # emitted ids start here and cycle below vocab_size, skipping EOS and stop ids
+_START_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 30.0
+_PUBLISH_S = 0.05  # how often the server child publishes its pool's figures
+
+DeltasCallback = Callable[[int, list[TokenDelta]], None]
+
+
+# ---- the synthetic pool -----------------------------------------------------------------------
+@dataclass(eq=False)
+class _Held:
+    """One request on a synthetic worker."""
+
+    request_id: str
+    prompt_tokens: int
+    params: SamplingParams
+    submitted_at: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() after which it is aborted; None = none
+    emitted: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - self.emitted
+
+
+def _delta(h: _Held, tokens: list[int], finish: FinishReason | None, expired: bool = False) -> TokenDelta:
+    logprobs = [TokenLogprobs(t, 0.0, ((t, 0.0),) * min(h.params.logprobs, 1)) for t in tokens]
+    return TokenDelta(
+        request_id=h.request_id,
+        token_ids=tokens,
+        logprobs=logprobs if h.params.logprobs else [],
+        finish_reason=finish,
+        deadline_exceeded=expired,
+        prompt_tokens=h.prompt_tokens,
+        completion_tokens=h.emitted,
+        cached_prompt_tokens=0,
+    )
+
+
+class SyntheticWorker:
+    """A worker whose decode step costs nothing: every tick, one token per request it holds."""
+
+    def __init__(self, rank: int, step_s: float, ttft_s: float) -> None:
+        self.rank = rank
+        self.step_s = step_s
+        self.ttft_s = ttft_s
+        self._held: dict[str, _Held] = {}
+        self._ended: list[TokenDelta] = []  # final ABORT deltas, sent with the next tick's batch
+        self.cpu_s = 0.0  # thread CPU spent making deltas (the pool's own cost, not the router's)
+        self.first_token_wait_s = 0.0  # sum over first tokens of (tick time - submit time)
+        self.num_first_tokens = 0
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def load(self) -> WorkerLoad:
+        bs, capacity = SYNTHETIC_MODEL.block_size, SYNTHETIC_MODEL.kv_capacity_tokens
+        used = sum(-(-(h.prompt_tokens + h.emitted) // bs) for h in self._held.values())
+        total = capacity // bs
+        waiting = sum(h.emitted == 0 for h in self._held.values())
+        return WorkerLoad(
+            num_running=len(self._held) - waiting,
+            num_waiting=waiting,
+            kv_usage=used / total,
+            num_free_blocks=total - used,
+            outstanding_tokens=sum(h.remaining for h in self._held.values()),
+            num_kv_blocks=total,
+        )
+
+    async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
+        now = time.monotonic()
+        for r in requests:
+            deadline = None if r.timeout_s is None else now + r.timeout_s
+            self._held[r.request_id] = _Held(r.request_id, len(r.prompt_token_ids), r.params, now, deadline)
+        return {}
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            h = self._held.pop(rid, None)
+            if h is not None:
+                self._ended.append(_delta(h, [], FinishReason.ABORT))
+
+    def tick(self, now: float) -> list[TokenDelta]:
+        """One decode step: the deltas of every request that advanced or ended."""
+        started = time.thread_time()
+        out, self._ended = self._ended, []
+        for h in list(self._held.values()):
+            if h.deadline is not None and now >= h.deadline:
+                del self._held[h.request_id]
+                out.append(_delta(h, [], FinishReason.ABORT, expired=True))
+                continue
+            if h.emitted == 0:
+                if now - h.submitted_at < self.ttft_s:
+                    continue
+                self.first_token_wait_s += now - h.submitted_at
+                self.num_first_tokens += 1
+            token = self._token(h)
+            h.emitted += 1
+            # The synthetic model never samples EOS, so ignore_eos or not, only max_tokens ends it.
+            finish = FinishReason.LENGTH if h.remaining == 0 else None
+            if finish is not None:
+                del self._held[h.request_id]
+            out.append(_delta(h, [token], finish))
+        self.cpu_s += time.thread_time() - started
+        return out
+
+    def _token(self, h: _Held) -> int:
+        token = _FIRST_TOKEN + h.emitted % (SYNTHETIC_MODEL.vocab_size - _FIRST_TOKEN)
+        while token in SYNTHETIC_MODEL.eos_token_ids or token in h.params.stop_token_ids:
+            token = _FIRST_TOKEN + (token + 1 - _FIRST_TOKEN) % (SYNTHETIC_MODEL.vocab_size - _FIRST_TOKEN)
+        return token
+
+    async def run(self, on_deltas: DeltasCallback) -> None:
+        """Tick every step_s on a fixed schedule; a late tick (the loop was busy) is not made up with
+        a burst: the next one is a whole step later, as a real engine's next step would be."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += self.step_s
+            delay = next_at - loop.time()
+            if delay < 0:
+                next_at -= delay
+            await asyncio.sleep(max(delay, 0.0))
+            deltas = self.tick(time.monotonic())
+            if deltas:
+                on_deltas(self.rank, deltas)
+
+
+class SyntheticPool:
+    """A `WorkerPool` of `SyntheticWorker`s: no engine, no Ray; its workers never die."""
+
+    def __init__(self, num_workers: int, step_s: float, ttft_s: float) -> None:
+        self._workers = [SyntheticWorker(rank, step_s, ttft_s) for rank in range(num_workers)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def workers(self) -> Sequence[SyntheticWorker]:
+        return self._workers
+
+    @property
+    def model(self) -> ModelDescription:
+        return SYNTHETIC_MODEL
+
+    def stats(self) -> tuple[float, float, int]:
+        """(CPU seconds making deltas, summed synthetic TTFTs in seconds, first tokens), all workers."""
+        ws = self._workers
+        return (
+            sum(w.cpu_s for w in ws),
+            sum(w.first_token_wait_s for w in ws),
+            sum(w.num_first_tokens for w in ws),
+        )
+
+    async def start(
+        self,
+        on_deltas: DeltasCallback,
+        on_worker_down: Callable[[int, str], None],
+        on_worker_up: Callable[[int], None],
+    ) -> None:
+        self._tasks = [
+            asyncio.create_task(w.run(on_deltas), name=f"synthetic-{w.rank}") for w in self._workers
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# ---- the server child -------------------------------------------------------------------------
+def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> None:
+    """The spawned server: `kvrelay serve` with its pool made synthetic; SIGTERM drains and stops it.
+    pool_stats (3 doubles of shared memory, read by the parent) is kept at `SyntheticPool.stats()`."""
+    from kvrelay.cluster import serve
+    from kvrelay.cluster.config import ServerConfig
+
+    most = max(cfg.streams)
+    config = ServerConfig(
+        port=0,
+        max_queued_requests=max(1024, 2 * most),
+        max_queued_tokens=max(4 << 20, 2 * most * (cfg.input_len + cfg.output_len)),
+        # Headroom over the streams the harness keeps open on its one connection: at exactly that many,
+        # a stream the client has seen end may still count on the server, and the next one is
+        # refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE at the client) -- an error, not a cost.
+        max_concurrent_streams=2 * max(1024, most),
+    )
+    pool = SyntheticPool(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3)
+
+    async def publish_stats() -> None:
+        while True:
+            pool_stats[:] = pool.stats()
+            await asyncio.sleep(_PUBLISH_S)
+
+    async def main() -> int:
+        task = asyncio.create_task(publish_stats())
+        try:
+            return await serve.serve(config, ready=conn.send, pool=pool)
+        finally:
+            task.cancel()
+
+    sys.exit(asyncio.run(main()))
+
+
+class ServerChild:
+    """The server process."""
+
+    def __init__(self, cfg: BenchRouterConfig) -> None:
+        ctx = mp.get_context("spawn")
+        self._pool_stats = ctx.Array("d", 3, lock=False)
+        receive, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_serve_child, args=(cfg, send, self._pool_stats), daemon=True)
+        self.proc.start()
+        send.close()
+        if not receive.poll(_START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"the router server did not start in {_START_TIMEOUT_S:g} s")
+        try:
+            self.address: str = receive.recv()
+        except EOFError:
+            self.stop()
+            raise RuntimeError(
+                f"the router server exited during start-up (code {self.proc.exitcode})"
+            ) from None
+
+    def stats(self) -> tuple[float, float, float, int]:
+        """(process CPU seconds, `SyntheticPool.stats()` as last published)."""
+        # /proc/PID/stat: the command (field 2) is in parentheses and may hold spaces; utime and
+        # stime are fields 14 and 15, the 12th and 13th after the closing parenthesis.
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks = int(fields[11]) + int(fields[12])
+        pool_cpu, waits, firsts = self._pool_stats[:]
+        return ticks / os.sysconf("SC_CLK_TCK"), pool_cpu, waits, int(firsts)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            assert self.proc.pid is not None
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.join(_STOP_TIMEOUT_S)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# ---- config, measurement, output --------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchRouterConfig:
+    streams: tuple[int, ...]
+    workers: int = 2
+    step_ms: float = 20.0
+    ttft_ms: float = 20.0
+    input_len: int = 128
+    output_len: int = 64
+    requests_per_stream: int = 2
+    seed: int = 0
+    json_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                bool(self.streams) and all(s >= 1 for s in self.streams),
+                f"--streams must be >= 1, got {self.streams}",
+            ),
+            (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (math.isfinite(self.step_ms) and self.step_ms > 0, f"--step-ms must be > 0, got {self.step_ms}"),
+            (
+                math.isfinite(self.ttft_ms) and self.ttft_ms >= 0,
+                f"--ttft-ms must be >= 0, got {self.ttft_ms}",
+            ),
+            (self.input_len >= 1, f"--input-len must be >= 1, got {self.input_len}"),
+            (self.output_len >= 1, f"--output-len must be >= 1, got {self.output_len}"),
+            (
+                self.input_len + self.output_len <= SYNTHETIC_MODEL.max_model_len,
+                f"--input-len/--output-len: {self.input_len} + {self.output_len} tokens exceed "
+                f"max_model_len {SYNTHETIC_MODEL.max_model_len}",
+            ),
+            (
+                self.requests_per_stream >= 1,
+                f"--requests-per-stream must be >= 1, got {self.requests_per_stream}",
+            ),
+            (
+                self.json_path is None or self.json_path.parent.is_dir(),
+                f"--json: directory {self.json_path and self.json_path.parent} does not exist",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50: float
+    p90: float
+    p99: float
+
+    @staticmethod
+    def of_ms(samples_s: Sequence[float], minus_ms: float) -> Percentiles:
+        if not samples_s:
+            return Percentiles(math.nan, math.nan, math.nan)
+        a = np.asarray(samples_s) * 1e3 - minus_ms
+        p50, p90, p99 = (float(x) for x in np.percentile(a, (50, 90, 99)))
+        return Percentiles(p50, p90, p99)
+
+
+@dataclass(frozen=True)
+class RouterPoint:
+    """One measured run at one number of concurrent streams."""
+
+    streams: int
+    requests: int
+    completed: int
+    failed: int
+    errors: dict[str, int]
+    output_tokens: int
+    wall_s: float  # the CPU window: the harness run, connection set-up included
+    server_cpu: float  # CPU-seconds per wall-second, whole server process
+    pool_cpu: float  # of which the synthetic workers
+    router_cpu: float  # server - pool
+    client_cpu: float  # the harness (this process)
+    request_throughput: float  # as the harness reports them
+    output_throughput: float
+    synthetic_ttft_ms: float  # mean wait the pool imposed before first tokens (ttft + tick phase)
+    added_ttft_ms: Percentiles
+    added_itl_ms: Percentiles
+
+
+def add_bench_router_args(p: argparse.ArgumentParser) -> None:
+    """Values are checked by `BenchRouterConfig`, so every bad one is one line naming its flag."""
+    p.add_argument("--streams", default="64,256,1024", help="concurrent streams; a comma list sweeps")
+    p.add_argument("--workers", type=int, default=2, help="synthetic workers")
+    p.add_argument("--step-ms", type=float, default=20.0, help="synthetic decode step: one token per request")
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="synthetic time to first token")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (token ids)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens of every request")
+    p.add_argument("--requests-per-stream", type=int, default=2, help="measured requests = this x streams")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
+    try:
+        streams = tuple(int(t) for t in args.streams.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--streams: expected comma-separated integers, got {args.streams!r}") from None
+    return BenchRouterConfig(
+        streams=streams,
+        workers=args.workers,
+        step_ms=args.step_ms,
+        ttft_ms=args.ttft_ms,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        requests_per_stream=args.requests_per_stream,
+        seed=args.seed,
+        json_path=args.json,
+    )
+
+
+def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
+    """The metrics of one harness run (no warm-up of its own)."""
+    from kvrelay.cluster.bench_disagg import harness_config
+    from kvrelay.cluster.bench_serve import run
+
+    argv = [
+        "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
+        "--output-len", str(cfg.output_len), "--num-requests", str(num_requests), "--warmup-requests", "0",
+        "--max-concurrency", str(streams), "--request-rate", "inf", "--seed", str(cfg.seed),
+    ]  # fmt: skip
+    return asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
+
+
+def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> RouterPoint:
+    _harness(cfg, server, streams, streams)  # warm-up: one wave, not measured
+    time.sleep(2 * _PUBLISH_S)
+    (cpu0, pool0, waits0, firsts0), client0, t0 = server.stats(), time.process_time(), time.perf_counter()
+    m = _harness(cfg, server, streams, cfg.requests_per_stream * streams)
+    wall = time.perf_counter() - t0
+    time.sleep(2 * _PUBLISH_S)
+    (cpu1, pool1, waits1, firsts1), client1 = server.stats(), time.process_time()
+    server_cpu, pool_cpu = (cpu1 - cpu0) / wall, (pool1 - pool0) / wall
+    synthetic_ttft_ms = (waits1 - waits0) / max(firsts1 - firsts0, 1) * 1e3
+    return RouterPoint(
+        streams=streams,
+        requests=m.completed + m.failed,
+        completed=m.completed,
+        failed=m.failed,
+        errors=dict(m.errors),
+        output_tokens=m.output_tokens,
+        wall_s=wall,
+        server_cpu=server_cpu,
+        pool_cpu=pool_cpu,
+        router_cpu=server_cpu - pool_cpu,
+        client_cpu=(client1 - client0) / wall,
+        request_throughput=m.request_throughput,
+        output_throughput=m.output_throughput,
+        synthetic_ttft_ms=synthetic_ttft_ms,
+        added_ttft_ms=Percentiles.of_ms(m.samples["ttft"], synthetic_ttft_ms),
+        added_itl_ms=Percentiles.of_ms(m.samples["itl"], cfg.step_ms),
+    )
+
+
+def run_points(cfg: BenchRouterConfig) -> list[RouterPoint]:
+    """Every --streams value in turn, on one server."""
+    server = ServerChild(cfg)
+    try:
+        return [measure(cfg, server, s) for s in cfg.streams]
+    finally:
+        server.stop()
+
+
+def format_table(points: Sequence[RouterPoint]) -> str:
+    header = (
+        "streams", "syn ttft", "srv cpu", "pool cpu", "router cpu", "client cpu", "req/s", "out tok/s",
+        "+ttft p50/p90/p99 ms", "+itl p50/p90/p99 ms", "failed",
+    )  # fmt: skip
+
+    def pct(p: Percentiles) -> str:
+        return f"{p.p50:.1f}/{p.p90:.1f}/{p.p99:.1f}"
+
+    rows = [
+        (
+            str(p.streams),
+            f"{p.synthetic_ttft_ms:.1f}",
+            f"{p.server_cpu:.2f}",
+            f"{p.pool_cpu:.2f}",
+            f"{p.router_cpu:.2f}",
+            f"{p.client_cpu:.2f}",
+            f"{p.request_throughput:.1f}",
+            f"{p.output_throughput:.0f}",
+            pct(p.added_ttft_ms),
+            pct(p.added_itl_ms),
+            str(p.failed),
+        )
+        for p in points
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return (
+        "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
+        + "\n"
+    )
+
+
+def run_bench_router(args: argparse.Namespace) -> int:
+    """`kvrelay bench router`: 0 when every measured request completed, else 1. Bad flags raise
+    ValueError naming the flag."""
+    cfg = config_from_args(args)
+    points = run_points(cfg)
+    sys.stdout.write(f"{cfg.workers} synthetic workers, step {cfg.step_ms:g} ms, ttft {cfg.ttft_ms:g} ms, ")
+    sys.stdout.write(f"{os.cpu_count()} CPUs; CPU figures are CPU-seconds per wall-second\n")
+    sys.stdout.write(format_table(points))
+    if cfg.json_path is not None:
+        settings = asdict(cfg) | {"json_path": str(cfg.json_path), "cpu_count": os.cpu_count()}
+        doc = {"settings": settings, "points": [asdict(p) for p in points]}
+        try:
+            cfg.json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--json: cannot write: {e.strerror or e}") from None
+    return 0 if all(p.failed == 0 for p in points) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvrelay bench router")
+    add_bench_router_args(p)
+    try:
+        return run_bench_router(p.parse_args(argv))
+    except ValueError as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
