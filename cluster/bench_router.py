@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import math
 import multiprocessing as mp
@@ -259,7 +260,14 @@ def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> N
         finally:
             task.cancel()
 
-    sys.exit(asyncio.run(main()))
+    if cfg.profile_path is None:
+        sys.exit(asyncio.run(main()))
+    profiler = cProfile.Profile()  # the event loop's thread: the router, gRPC handlers, the pool
+    try:
+        code = profiler.runcall(asyncio.run, main())
+    finally:
+        profiler.dump_stats(cfg.profile_path)
+    sys.exit(code)
 
 
 class ServerChild:
@@ -315,6 +323,7 @@ class BenchRouterConfig:
     requests_per_stream: int = 2
     seed: int = 0
     json_path: Path | None = None
+    profile_path: Path | None = None  # cProfile of the server process (pstats format)
 
     def __post_init__(self) -> None:
         checks = [
@@ -342,6 +351,10 @@ class BenchRouterConfig:
             (
                 self.json_path is None or self.json_path.parent.is_dir(),
                 f"--json: directory {self.json_path and self.json_path.parent} does not exist",
+            ),
+            (
+                self.profile_path is None or self.profile_path.parent.is_dir(),
+                f"--profile: directory {self.profile_path and self.profile_path.parent} does not exist",
             ),
         ]
         for ok, message in checks:
@@ -397,6 +410,9 @@ def add_bench_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests-per-stream", type=int, default=2, help="measured requests = this x streams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
+    p.add_argument(
+        "--profile", type=Path, default=None, help="cProfile the server process into this file (pstats)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
@@ -414,6 +430,7 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         requests_per_stream=args.requests_per_stream,
         seed=args.seed,
         json_path=args.json,
+        profile_path=args.profile,
     )
 
 

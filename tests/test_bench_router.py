@@ -121,3 +121,5 @@ def test_bench_router_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -
     )
     assert main(["bench", "router", "--step-ms", "0"]) == 2
     assert "--step-ms must be > 0, got 0.0" in capsys.readouterr().err
+    assert main(["bench", "router", "--profile", "/nonexistent/dir/router.prof"]) == 2
+    assert "--profile: directory /nonexistent/dir does not exist" in capsys.readouterr().err
