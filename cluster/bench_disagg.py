@@ -92,10 +92,13 @@ def _pump(stream: Any, sink: Any, at_eof: str | None) -> None:
         sink(at_eof)  # the server died before its ready line: say so now, not at the timeout
 
 
-def harness_config(server: str, argv: list[str]) -> Any:
+def measure_point(server: str, argv: list[str]) -> BenchMetrics:
+    """One run of the load-test harness against `server` (`kvrelay bench serve` flags in `argv`,
+    one point, no progress bar): its figures."""
     p = argparse.ArgumentParser()
     add_bench_serve_args(p)
-    return config_from_args(p.parse_args(["--server", server, "--no-progress", *argv]))
+    cfg = config_from_args(p.parse_args(["--server", server, "--no-progress", *argv]))
+    return asyncio.run(run(cfg)).points[0].metrics
 
 
 def _points(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -114,10 +117,7 @@ def _points(args: argparse.Namespace) -> dict[str, list[str]]:
 def _measure(server_args: list[str], args: argparse.Namespace) -> dict[str, BenchMetrics]:
     server = ServeSubprocess(server_args, args.start_timeout)
     try:
-        return {
-            name: asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
-            for name, argv in _points(args).items()
-        }
+        return {name: measure_point(server.address, argv) for name, argv in _points(args).items()}
     finally:
         server.stop()
 

@@ -293,13 +293,11 @@ class ServerChild:
 
     def stats(self) -> tuple[float, float, float, int]:
         """(process CPU seconds, `SyntheticPool.stats()` as last published)."""
-        # /proc/PID/stat: the command (field 2) is in parentheses and may hold spaces; utime and
-        # stime are fields 14 and 15, the 12th and 13th after the closing parenthesis.
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks = int(fields[11]) + int(fields[12])
+        from kvrelay.cluster.bench_metrics import process_cpu_seconds
+
+        assert self.proc.pid is not None
         pool_cpu, waits, firsts = self._pool_stats[:]
-        return ticks / os.sysconf("SC_CLK_TCK"), pool_cpu, waits, int(firsts)
+        return process_cpu_seconds(self.proc.pid), pool_cpu, waits, int(firsts)
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -436,15 +434,14 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
 
 def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
     """The metrics of one harness run (no warm-up of its own)."""
-    from kvrelay.cluster.bench_disagg import harness_config
-    from kvrelay.cluster.bench_serve import run
+    from kvrelay.cluster.bench_disagg import measure_point
 
     argv = [
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
         "--output-len", str(cfg.output_len), "--num-requests", str(num_requests), "--warmup-requests", "0",
         "--max-concurrency", str(streams), "--request-rate", "inf", "--seed", str(cfg.seed),
     ]  # fmt: skip
-    return asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
+    return measure_point(server.address, argv)
 
 
 def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> RouterPoint:

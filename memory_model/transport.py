@@ -26,13 +26,16 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvrelay.memory_model.mailbox import MailboxWriter, Payload, Status
 from kvrelay.memory_model.shm import SharedRegion
+
+if TYPE_CHECKING:  # gpu_copy imports Triton: only where a GPU sends
+    from kvrelay.memory_model.gpu_copy import BlockCopier
 
 log = logging.getLogger("kvrelay")
 
@@ -118,7 +121,7 @@ class _Peer:
         self.region: SharedRegion | None = None
         self.dst: list[torch.Tensor] = []
         self.dst_table: torch.Tensor | None = None
-        self.copier: Any = None  # gpu_copy.BlockCopier, made by the sender at its first GPU send
+        self.copier: BlockCopier | None = None  # made by the sender at its first GPU send
         self.signal_base = 0  # device-usable address of the mailbox (GPU producers)
         if desc.kind == "shm":
             assert desc.shm_name is not None

@@ -20,17 +20,14 @@ turn; every figure comes from the load-test harness (cluster/bench_serve.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_disagg import ServeSubprocess, harness_config
-from kvrelay.cluster.bench_metrics import BenchMetrics
-from kvrelay.cluster.bench_serve import run
+from kvrelay.cluster.bench_disagg import ServeSubprocess, measure_point
+from kvrelay.cluster.bench_metrics import BenchMetrics, process_cpu_seconds
 
 DEFAULT_SPLITS = {2: ["1:1"], 4: ["1:3", "2:2"], 8: ["1:7", "2:6", "4:4"]}
 
@@ -44,14 +41,8 @@ def _gpus() -> int:
         return 0
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def _measure(server: ServeSubprocess, argv: list[str]) -> BenchMetrics:
-    return asyncio.run(run(harness_config(server.address, argv))).points[0].metrics
+    return measure_point(server.address, argv)
 
 
 def _row(m: BenchMetrics) -> dict[str, float]:
@@ -108,10 +99,10 @@ def main() -> int:
             if n in split_sizes:
                 row["shared_prefix"] = _row(_measure(server, [*prefix, *n_req(n)]))
             if n == sizes[-1]:
-                before, t0 = _cpu_seconds(server.proc.pid), time.monotonic()
+                before, t0 = process_cpu_seconds(server.proc.pid), time.monotonic()
                 m = _measure(server, ["--workload", "sharegpt", "--max-concurrency", str(args.streams),
                                       "--num-requests", str(2 * args.streams)])  # fmt: skip
-                cpu = (_cpu_seconds(server.proc.pid) - before) / (time.monotonic() - t0)
+                cpu = (process_cpu_seconds(server.proc.pid) - before) / (time.monotonic() - t0)
                 out["router"] = {"streams": args.streams, "serve_process_cpu": cpu, **_row(m)}
         finally:
             server.stop()
