@@ -128,7 +128,7 @@ def test_poll_merges_every_step_per_request(
 
 def test_load_counts_tokens_left_to_compute_and_generate(engine: Engine, loop: EngineLoop) -> None:
     real_step = engine.step
-    engine.step = lambda: []  # type: ignore[method-assign]  # nothing runs: requests stay waiting
+    engine.step = lambda **_: []  # type: ignore[method-assign]  # nothing runs: requests stay waiting
     assert loop.submit([work("a", [5] * 10), work("b", [6] * 5, SamplingParams(max_tokens=3))]) == {}
     load = loop.poll(0.05).load
     assert load is not None
@@ -229,12 +229,12 @@ def test_failed_step_aborts_in_flight_requests_and_the_loop_serves_on(
     real_step = engine.step
     calls = 0
 
-    def flaky_step() -> Any:
+    def flaky_step(**kw: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("injected step failure")
-        return real_step()
+        return real_step(**kw)
 
     engine.step = flaky_step  # type: ignore[method-assign]
     assert loop.submit([work("a", prompts[0]), work("b", prompts[1])]) == {}
@@ -252,7 +252,7 @@ def test_inconsistent_engine_breaks_the_loop(
     engine: Engine, loop: EngineLoop, prompts: list[list[int]]
 ) -> None:
 
-    def bad_step() -> Any:
+    def bad_step(**_: Any) -> Any:
         raise RuntimeError("injected step failure")
 
     def bad_check() -> None:

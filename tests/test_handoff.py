@@ -286,10 +286,10 @@ def test_decode_loop_streams_the_first_token_before_its_next_step() -> None:
     gate = threading.Event()
     real_step = decode.step
 
-    def held_step() -> list[RequestOutput]:
+    def held_step(**kw: bool) -> list[RequestOutput]:
         if decode.scheduler.running:  # admitted: hold the step that would make token 2
             assert gate.wait(30), "the first token was never polled"
-        return real_step()
+        return real_step(**kw)
 
     decode.step = held_step  # type: ignore[method-assign]
     loop = EngineLoop(decode)

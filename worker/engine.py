@@ -360,9 +360,10 @@ class Engine:
         return None
 
     # ---- one step ---------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; returns an output per request that advanced."""
-        outputs = self.handoff.poll() if self.handoff is not None else []
+    def step(self, *, poll_handoffs: bool = True) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; returns an output per request that advanced.
+        poll_handoffs=False: the caller has just polled the KV mailbox itself (the engine loop)."""
+        outputs = self.handoff.poll() if self.handoff is not None and poll_handoffs else []
         sched = self.scheduler.schedule()
         outputs += [
             self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired

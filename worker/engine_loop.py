@@ -259,9 +259,10 @@ class EngineLoop:
                     fut.set_result(fn(outputs))
                 except BaseException as e:
                     fut.set_exception(e)
-        if engine.handoff is not None and engine.handoff.num_active > 0:
-            # Handed-off requests whose KV has arrived stream their first token now, while the
-            # step below runs, not merged with the second token after it (TTFT).
+        if engine.handoff is not None and engine.handoff.num_pending > 0:
+            # The one mailbox poll of this iteration (the step below skips its own): handed-off
+            # requests whose KV has arrived stream their first token now, while the step runs,
+            # not merged with the second token after it (TTFT).
             arrived = self._admit_handoffs()
             if self._broken is not None:
                 return False
@@ -364,7 +365,7 @@ class EngineLoop:
 
     def _step(self) -> list[RequestOutput]:
         try:
-            outputs = self._engine.step()
+            outputs = self._engine.step(poll_handoffs=False)
         except Exception as e:
             return self._fail_step(e)
         self._consecutive_failures = 0
