@@ -28,6 +28,7 @@ from kvrelay.worker.model.config import ModelConfig
 from kvrelay.worker.model.loader import load_model, resolve_model
 from kvrelay.worker.model.presets import is_random_model, random_model
 from kvrelay.worker.model_runner import ModelRunner
+from kvrelay.worker.penalties import PenaltyState
 from kvrelay.worker.protocol import HandoffTarget
 from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from kvrelay.worker.sampler import Sampler, TokenLogprobs
@@ -127,6 +128,8 @@ class Engine:
                 dtype=self.dtype,
             )
         self.sampler = Sampler()
+        # Token counts of penalized requests, on the device across steps (no memory until one comes).
+        self.penalties = PenaltyState(self.model_config.vocab_size, self.device)
         self.handoff: HandoffReceiver | None = None
         self.kv_sender: KVSender | None = None
         if config.kv_role == "decode":
@@ -378,6 +381,7 @@ class Engine:
             logits,
             [s.request.params for s in sampling],
             [s.request.generator or self._default_generator for s in sampling],
+            self.penalties.batch([s.request for s in sampling]),
         )
         token_ids = sampled.token_ids.tolist()
         for s in sched.scheduled:
@@ -430,6 +434,7 @@ class Engine:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+        self.penalties.release(req.request_id)
         out = self._output(req, tokens, text, logprobs, reason)
         out.deadline_exceeded = deadline_exceeded
         return out

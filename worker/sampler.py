@@ -1,7 +1,8 @@
-"""Turns one batch of next-token logits into token ids (greedy, temperature, top-k/top-p/min-p) and logprobs.
+"""Turns one batch of next-token logits into token ids (penalties, then greedy or temperature,
+top-k/top-p/min-p) and logprobs.
 
-Determinism contract: a row's token depends only on its own logits, its own params and the state of its
-own generator. Every sampled row draws exactly V exponentials per step from its generator (seeded rows
+Determinism contract: a row's token depends only on its own logits, its own params, its own token
+history (through the penalties, worker/penalties.py) and the state of its own generator. Every sampled row draws exactly V exponentials per step from its generator (seeded rows
 from the request's, unseeded rows from a sampler-owned one) and picks `argmax(probs / q)` (the exponential
 race, equivalent to drawing from `probs`), so a seeded request gets the same tokens whatever else is in
 the batch and in whatever order. Greedy rows draw nothing.
@@ -14,13 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrelay.worker.penalties import PenaltyBatch, apply_penalties
 from kvrelay.worker.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
 class TokenLogprobs:
     token_id: int  # the sampled token
-    logprob: float  # its logprob under the raw (pre-temperature, pre-filter) distribution
+    # Its logprob under the raw distribution: before penalties, temperature and filters (vLLM v1's
+    # default, logprobs_mode="raw_logprobs").
+    logprob: float
     top: tuple[tuple[int, float], ...]  # top-N (token id, logprob), highest first
 
 
@@ -43,17 +47,21 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        penalties: PenaltyBatch | None = None,
     ) -> SamplerOutput:
+        """logits: [N, V] raw next-token logits (left unmodified); penalties: the rows that have any
+        (PenaltyState.batch), applied before greedy argmax and before temperature and the filters."""
         n, _ = _check_inputs(logits, params, generators)
+        x = logits if penalties is None else _penalized(logits, penalties)
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if len(sampled_rows) == n:
-            token_ids = self._sample(logits, params, generators)
+            token_ids = self._sample(x, params, generators)
         else:
-            token_ids = logits.argmax(dim=-1)  # [N]; the common all-greedy batch stops here
+            token_ids = x.argmax(dim=-1)  # [N]; the common all-greedy batch stops here
             if sampled_rows:
                 rows = torch.tensor(sampled_rows, device=logits.device)
                 token_ids[rows] = self._sample(
-                    logits[rows], [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows]
+                    x[rows], [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows]
                 )
         logprobs = _gather_logprobs(logits, params, token_ids)
         return SamplerOutput(token_ids=token_ids.to("cpu", torch.int64), logprobs=logprobs)
@@ -122,6 +130,15 @@ def _check_inputs(
     return n, vocab
 
 
+def _penalized(logits: torch.Tensor, p: PenaltyBatch) -> torch.Tensor:
+    """[N, V] float32 copy of logits with p's rows penalized; the raw logits stay for the logprobs."""
+    x = logits.float().clone()
+    if p.rows.shape[0] == x.shape[0]:  # every row penalized: no gather / scatter
+        return apply_penalties(x, p.prompt_mask, p.output_counts, p.repetition, p.presence, p.frequency)
+    x[p.rows] = apply_penalties(x[p.rows], p.prompt_mask, p.output_counts, p.repetition, p.presence, p.frequency)
+    return x
+
+
 def _apply_filters(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Top-k, then top-p, then min-p, each on the distribution the previous one left (the order of
     vLLM's v0 sampler and of HF generate). x: [M, V] temperature-scaled logits, overwritten; filtered
@@ -159,8 +176,8 @@ def _apply_filters(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
 def _gather_logprobs(
     logits: torch.Tensor, params: Sequence[SamplingParams], token_ids: torch.Tensor
 ) -> list[TokenLogprobs | None]:
-    """Logprobs of the raw logits (before temperature and filters, vLLM's default), only for rows
-    that ask. One device-to-host copy for the whole batch."""
+    """Logprobs of the raw logits (before penalties, temperature and filters: vLLM v1's default),
+    only for rows that ask. One device-to-host copy for the whole batch."""
     out: list[TokenLogprobs | None] = [None] * len(params)
     rows = [i for i, p in enumerate(params) if p.logprobs > 0]
     if not rows:
