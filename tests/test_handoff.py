@@ -82,8 +82,10 @@ def _clean(*engines: Engine) -> None:
     [
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=12, temperature=0.8, top_k=50, seed=7, ignore_eos=True, logprobs=3),
+        # The decode worker's counts must include the first token, which the prefill worker sampled.
+        SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=1.0),
     ],
-    ids=["greedy", "seeded-logprobs"],
+    ids=["greedy", "seeded-logprobs", "penalized"],
 )
 def test_disaggregated_equals_colocated(params: SamplingParams) -> None:
     prefill, decode = _pair()

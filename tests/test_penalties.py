@@ -147,8 +147,10 @@ def test_sampler_mixed_batch_matches_penalize_then_sample(seed: int) -> None:
             raw_lp = raw[i].log_softmax(-1)
             assert math.isclose(lp.logprob, float(raw_lp[expected]), abs_tol=1e-5)
             assert [t for t, _ in lp.top] == raw_lp.topk(r.params.logprobs).indices.tolist()
-    # The penalties change the outcome here, so the equalities above are not vacuous.
-    assert out.token_ids.tolist() != Sampler(seed=0)(raw, params, _generators(reqs)).token_ids.tolist()
+    # The penalties change several rows' tokens here, so the equalities above are not vacuous.
+    plain = Sampler(seed=0)(raw, params, _generators(reqs)).token_ids.tolist()
+    changed = [i for i, r in enumerate(reqs) if r.params.has_penalties and plain[i] != int(out.token_ids[i])]
+    assert len(changed) >= 3
 
 
 def test_seeded_penalized_row_is_independent_of_batch() -> None:
