@@ -226,6 +226,9 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: int = 0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments. Only what protobuf cannot carry is checked here
@@ -245,6 +248,9 @@ def build_request(
         stop_token_ids=[_check_uint("stop_token_ids[]", t) for t in stop_token_ids],
         ignore_eos=bool(ignore_eos),
         logprobs=_check_uint("logprobs", logprobs),
+        repetition_penalty=float(repetition_penalty),
+        presence_penalty=float(presence_penalty),
+        frequency_penalty=float(frequency_penalty),
     )
     if isinstance(prompt, str):
         return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
@@ -364,6 +370,9 @@ class _ClientBase(Generic[StreamT, ResultT]):
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
         logprobs: int = 0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         request_id: str = "",
         timeout: float | None = None,
     ) -> ResultT:
@@ -371,7 +380,8 @@ class _ClientBase(Generic[StreamT, ResultT]):
         request = build_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-            logprobs=logprobs, request_id=request_id,
+            logprobs=logprobs, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, request_id=request_id,
         )  # fmt: skip
         return self._generate(request, self._deadline(timeout))
 
@@ -389,6 +399,9 @@ class _ClientBase(Generic[StreamT, ResultT]):
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
         logprobs: int = 0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         request_id: str = "",
         timeout: float | None = None,
     ) -> StreamT:
@@ -397,7 +410,8 @@ class _ClientBase(Generic[StreamT, ResultT]):
         request = build_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-            logprobs=logprobs, request_id=request_id,
+            logprobs=logprobs, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, request_id=request_id,
         )  # fmt: skip
         return self._stream(request, self._deadline(timeout))
 

@@ -118,6 +118,7 @@ def sampling_params(s: pb.SamplingParams, limits: Limits) -> SamplingParams:
         raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
     if s.logprobs > limits.max_logprobs:
         raise ValueError(f"logprobs: at most {limits.max_logprobs}, got {s.logprobs}")
+    repetition, presence, frequency = _penalties(s)
     # The checks above mirror SamplingParams' own; anything it still refuses names its field too.
     return SamplingParams(
         max_tokens=max_tokens,
@@ -130,7 +131,23 @@ def sampling_params(s: pb.SamplingParams, limits: Limits) -> SamplingParams:
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs,
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
     )
+
+
+def _penalties(s: pb.SamplingParams) -> tuple[float, float, float]:
+    """(repetition, presence, frequency); repetition_penalty is optional in the proto (unset = 1, off)
+    because its off value is not the proto's zero, which would be refused."""
+    repetition = float(s.repetition_penalty) if s.HasField("repetition_penalty") else 1.0
+    if not math.isfinite(repetition) or repetition <= 0:
+        raise ValueError(f"repetition_penalty: must be finite and > 0 (1 = off), got {repetition}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = float(getattr(s, name))
+        if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+            raise ValueError(f"{name}: must be in [-2, 2] (0 = off), got {value}")
+    return repetition, float(s.presence_penalty), float(s.frequency_penalty)
 
 
 def _check_stop(stop: Sequence[str], limits: Limits) -> None:

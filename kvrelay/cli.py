@@ -26,6 +26,9 @@ _SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
     "stop_token_ids": list,
     "ignore_eos": bool,
     "logprobs": int,
+    "repetition_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
 }
 
 
@@ -255,6 +258,9 @@ def _generate_remote(
                     stop_token_ids=p.stop_token_ids,
                     ignore_eos=p.ignore_eos,
                     logprobs=p.logprobs,
+                    repetition_penalty=p.repetition_penalty,
+                    presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
                 )
                 usage = r.usage
                 return {

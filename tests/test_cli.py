@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import hf_reference, make_checkpoint
 from engine_helpers import hf_greedy, random_prompts
 
 from kvrelay.cli import main
@@ -55,6 +55,29 @@ def test_generate_prompts_file_matches_transformers(
         assert row["prompt_tokens"] == len(p)
 
 
+def test_generate_prompts_file_penalties_match_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_engine_penalties import reference_greedy
+
+    from kvrelay.worker.sampling_params import SamplingParams
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", seed=2)
+    prompts = random_prompts(2, [5, 12], 300, seed=12)
+    fields = [
+        {"max_tokens": 10, "ignore_eos": True, "repetition_penalty": 1.6, "frequency_penalty": 0.5},
+        {"max_tokens": 10, "ignore_eos": True, "presence_penalty": 1, "frequency_penalty": -0.25},
+    ]
+    lines = [json.dumps({"prompt_ids": p, **f}) for p, f in zip(prompts, fields, strict=True)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["generate", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--json"]
+    code, out, _ = run_cli([*args, "--prompts-file", str(tmp_path / "prompts.jsonl")], capsys)
+    assert code == 0
+    hf = hf_reference(ckpt)
+    expected = [reference_greedy(hf, p, SamplingParams(**f)) for p, f in zip(prompts, fields, strict=True)]
+    assert [json.loads(line)["token_ids"] for line in out.splitlines()] == expected
+
+
 def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["generate", "--prompt", "Hello", "--max-tokens", "8", "--json"], capsys)
     assert code == 0
@@ -72,6 +95,8 @@ def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> Non
         (['{"prompt_ids": [1, "x"]}'], "line 1: 'prompt_ids' must be a list of integers"),
         (['{"text": "a", "top_p": 0}'], "prompt 1: top_p must be in (0, 1], got 0"),
         (['{"prompt_ids": [1, 100000]}'], "token id 100000 is outside the vocabulary [0, 320)"),
+        (['{"text": "a", "presence_penalty": 3}'], "prompt 1: presence_penalty must be in [-2, 2], got 3"),
+        (['{"text": "a", "repetition_penalty": "x"}'], "field 'repetition_penalty' has the wrong type"),
     ],
 )
 def test_generate_errors_are_one_line(

@@ -199,7 +199,8 @@ def test_stream_chunks_and_request_fields(client: KvrelayClient, fake: FakeGener
     chunks = list(
         client.stream(
             [5, 6, 7], max_tokens=9, temperature=0.5, top_p=0.75, top_k=4, min_p=0.125, seed=0,
-            stop=["\n\n", "END"], stop_token_ids=[2, 3], ignore_eos=True, logprobs=2, request_id="req-7",
+            stop=["\n\n", "END"], stop_token_ids=[2, 3], ignore_eos=True, logprobs=2, repetition_penalty=1.25,
+            presence_penalty=-0.5, frequency_penalty=1.5, request_id="req-7",
         )
     )  # fmt: skip
     assert chunks == EXPECTED_CHUNKS
@@ -218,6 +219,7 @@ def test_stream_chunks_and_request_fields(client: KvrelayClient, fake: FakeGener
         [2, 3],
     )
     assert (s.ignore_eos, s.logprobs) == (True, 2)
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (1.25, -0.5, 1.5)
 
 
 def test_generate_collects_and_defaults(client: KvrelayClient, fake: FakeGeneration) -> None:
@@ -232,6 +234,8 @@ def test_generate_collects_and_defaults(client: KvrelayClient, fake: FakeGenerat
         0,
         False,
     )
+    # Penalties off: repetition_penalty 1 (what the server assumes when unset), the others 0.
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (1.0, 0.0, 0.0)
     result = client.generate("auth")
     assert (result.text, result.request_id, result.finish_reason) == ("<none>", "srv-1", "stop")
     assert fake.requests[-1].text == "auth"

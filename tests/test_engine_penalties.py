@@ -26,7 +26,7 @@ PARAMS = [
 ]
 
 
-def _reference_greedy(model: torch.nn.Module, prompt: list[int], params: SamplingParams) -> list[int]:
+def reference_greedy(model: torch.nn.Module, prompt: list[int], params: SamplingParams) -> list[int]:
     """Full recompute with transformers at every step, reference penalties, argmax."""
     out: list[int] = []
     for _ in range(params.max_tokens):
@@ -42,7 +42,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int
     ckpt = make_checkpoint(tmp_path_factory.mktemp("llama"), "llama", seed=5)
     model = hf_reference(ckpt)
     prompts = random_prompts(len(PARAMS), [3, 9, 20, 6, 14], 256, seed=8)
-    expected = [_reference_greedy(model, p, s) for p, s in zip(prompts, PARAMS, strict=True)]
+    expected = [reference_greedy(model, p, s) for p, s in zip(prompts, PARAMS, strict=True)]
     return ckpt, prompts, expected
 
 

@@ -303,6 +303,9 @@ INVALID = [
     (_request(stop=["x" * 257]), "stop: each stop string must be 1..256 characters, got 257"),
     (_request(stop_token_ids=[320]), "stop_token_ids: token id 320 is outside the vocabulary"),
     (_request(logprobs=21), "logprobs: at most 20, got 21"),
+    (_request(repetition_penalty=0.0), "repetition_penalty: must be finite and > 0 (1 = off), got 0.0"),
+    (_request(presence_penalty=2.5), "presence_penalty: must be in [-2, 2] (0 = off), got 2.5"),
+    (_request(frequency_penalty=-3.0), "frequency_penalty: must be in [-2, 2] (0 = off), got -3.0"),
     (_request(request_id="r" * 257), "request_id: at most 256 characters, got 257"),
 ]  # fmt: skip
 

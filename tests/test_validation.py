@@ -71,6 +71,15 @@ def test_work_request_keeps_stop_strings_on_the_router() -> None:
         ({"stop_token_ids": [320]}, ["stop_token_ids", "320"]),
         ({"stop_token_ids": [1] * 65}, ["stop_token_ids", "64"]),
         ({"logprobs": 21}, ["logprobs", "20"]),
+        ({"repetition_penalty": 0.0}, ["repetition_penalty", "> 0"]),
+        ({"repetition_penalty": -1.0}, ["repetition_penalty", "> 0"]),
+        ({"repetition_penalty": math.inf}, ["repetition_penalty", "finite"]),
+        ({"repetition_penalty": math.nan}, ["repetition_penalty", "finite"]),
+        ({"presence_penalty": 2.5}, ["presence_penalty", "[-2, 2]"]),
+        ({"presence_penalty": -2.01}, ["presence_penalty", "[-2, 2]"]),
+        ({"presence_penalty": math.nan}, ["presence_penalty", "[-2, 2]"]),
+        ({"frequency_penalty": -3.0}, ["frequency_penalty", "[-2, 2]"]),
+        ({"frequency_penalty": math.inf}, ["frequency_penalty", "[-2, 2]"]),
     ],
 )
 def test_bad_sampling_names_field_and_limit(fields: dict[str, Any], needles: list[str]) -> None:
@@ -90,6 +99,16 @@ def test_limits_at_the_edge_pass() -> None:
         LIMITS,
     )
     assert (p.top_k, p.logprobs, len(p.stop), len(p.stop_token_ids)) == (320, 20, 16, 64)
+
+
+def test_penalties_convert_and_default_to_off() -> None:
+    p = sampling_params(sampling(), LIMITS)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert not p.has_penalties
+    # Values exact in float32, so the proto's float carries them unchanged; the edges are allowed.
+    p = sampling_params(sampling(repetition_penalty=1.25, presence_penalty=-2.0, frequency_penalty=2.0), LIMITS)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.25, -2.0, 2.0)
+    assert p.has_penalties
 
 
 def test_stop_strings_need_a_tokenizer() -> None:
