@@ -192,9 +192,9 @@ def test_state_counts_stay_exact_across_steps_preemption_and_reuse() -> None:
     that arrives with output already (a handed-off first token) starts counted, slots are reused."""
     rng = random.Random(4)
     state = PenaltyState(VOCAB, CPU)
-    live = [
-        _request(f"a{i}", _ids(rng, 5), [], frequency_penalty=1.0 + 0.1 * i) for i in range(3)
-    ] + [_request("plain", _ids(rng, 4), [])]
+    live = [_request(f"a{i}", _ids(rng, 5), [], frequency_penalty=1.0 + 0.1 * i) for i in range(3)] + [
+        _request("plain", _ids(rng, 4), [])
+    ]
     live.append(_request("handed-off", _ids(rng, 6), [17], repetition_penalty=1.3))
     next_id = 0
     for step in range(12):
@@ -224,7 +224,8 @@ def test_penalized_sampler_on_cuda_matches_cpu_reference(seed: int) -> None:
     batch = state.batch(reqs)
     assert batch is not None and batch.output_counts.device.type == "cuda"
     gens: list[torch.Generator | None] = [
-        None if r.params.seed is None else torch.Generator(device=cuda).manual_seed(r.params.seed) for r in reqs
+        None if r.params.seed is None else torch.Generator(device=cuda).manual_seed(r.params.seed)
+        for r in reqs
     ]
     out = Sampler(seed=0)(logits.to(cuda), [r.params for r in reqs], gens, batch)
     ref = _reference_logits(logits, reqs)

@@ -106,7 +106,9 @@ def test_penalties_convert_and_default_to_off() -> None:
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
     assert not p.has_penalties
     # Values exact in float32, so the proto's float carries them unchanged; the edges are allowed.
-    p = sampling_params(sampling(repetition_penalty=1.25, presence_penalty=-2.0, frequency_penalty=2.0), LIMITS)
+    p = sampling_params(
+        sampling(repetition_penalty=1.25, presence_penalty=-2.0, frequency_penalty=2.0), LIMITS
+    )
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.25, -2.0, 2.0)
     assert p.has_penalties
 

@@ -135,7 +135,9 @@ def _penalized(logits: torch.Tensor, p: PenaltyBatch) -> torch.Tensor:
     x = logits.float().clone()
     if p.rows.shape[0] == x.shape[0]:  # every row penalized: no gather / scatter
         return apply_penalties(x, p.prompt_mask, p.output_counts, p.repetition, p.presence, p.frequency)
-    x[p.rows] = apply_penalties(x[p.rows], p.prompt_mask, p.output_counts, p.repetition, p.presence, p.frequency)
+    x[p.rows] = apply_penalties(
+        x[p.rows], p.prompt_mask, p.output_counts, p.repetition, p.presence, p.frequency
+    )
     return x
 
 
