@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -69,4 +70,22 @@ def test_penalized_greedy_survives_preemption(llama: tuple[Path, list[list[int]]
     outs = engine.generate(prompts, PARAMS)
     assert engine.stats().num_preemptions > 0
     assert [o.token_ids for o in outs] == expected
+    engine.check_integrity()
+
+
+def test_slots_freed_on_finish_and_abort() -> None:
+    engine = make_engine()
+    prompts = random_prompts(3, [4, 7, 9], 256, seed=9)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, dataclasses.replace(PARAMS[i], max_tokens=2 + 4 * i))
+    engine.add_request("plain", prompts[0], PARAMS[-1])
+    engine.step()
+    assert engine.penalties.num_slots == 3  # the unpenalized request never takes one
+    engine.step()
+    assert engine.penalties.num_slots == 2  # p0 finished after its 2 tokens
+    engine.abort_request("p2")
+    assert engine.penalties.num_slots == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.penalties.num_slots == 0 and engine.penalties.capacity == 0
     engine.check_integrity()
