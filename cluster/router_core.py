@@ -39,7 +39,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,7 +307,7 @@ class RouterCore:
             raise RouterError(Status.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
         return request_id, params, ids, ticket
 
-    async def responses(self, s: _Stream) -> AsyncIterator[pb.GenerateResponse]:
+    async def responses(self, s: _Stream) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The stream's responses until its last (finish reason and usage); RouterError on failure."""
         while True:
             event = await s.events.get()
@@ -356,6 +356,12 @@ class RouterCore:
         self._release_worker(s)
         if not self._streams:
             self._idle.set()
+
+    def cancel(self, s: _Stream) -> None:
+        """The client went away while the reader waits: wake it with CANCELLED and abort the request
+        on its worker now, not when the reader next runs."""
+        self._fail(s, Status.CANCELLED, "the client went away")
+        self._release_worker(s)
 
     def _fail(self, s: _Stream, status: Status, message: str) -> None:
         """Queue a failure for the stream's reader, and release what it holds now (the reader may be
