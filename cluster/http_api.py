@@ -156,6 +156,11 @@ class OpenAIApi:
         except RouterError as e:
             self.core.close(None, e.status, arrival)
             raise HttpError.of(e) from None
+        if stream.failed:  # refused at once (no worker): an HTTP status, not an SSE error event
+            event = stream.events.get_nowait()
+            assert isinstance(event, RouterError), event
+            self.core.close(stream, event.status, arrival)
+            raise HttpError.of(event)
         codec = self.core.codec
         completion = Completion(
             chat=chat,

@@ -34,7 +34,8 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    """Started with `start()` (returns the bound port), stopped with `stop()`."""
+    """Started with `start()` (returns the bound port), stopped with `stop()`. Built over a started
+    core: the model it serves is the pool's."""
 
     def __init__(
         self, core: RouterCore, config: ServerConfig, security: ServerSecurity, port: int | None = None
@@ -42,7 +43,7 @@ class HttpServer:
         self._host = config.host
         self._port = config.http_port if port is None else port
         assert self._port is not None, "http_port is not set"
-        app = build_app(core, config.engine.model, security.tokens, config.max_message_bytes)
+        app = build_app(core, core.model_name, security.tokens, config.max_message_bytes)
         tls = config.tls
         self._config = uvicorn.Config(
             app,
