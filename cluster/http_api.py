@@ -171,9 +171,9 @@ class OpenAIApi:
         )
         if req.stream:
             events = self._events(request, stream, completion, req.include_usage, arrival)
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            # The generator closes the stream as it ends; when it never started (the client left
+            # before the headers went out) the response's own end does.
+            return _EventStream(events, lambda: self.core.close(stream, Status.CANCELLED, arrival))
         return await self._whole(request, stream, completion, arrival)
 
     async def _events(
@@ -196,8 +196,9 @@ class OpenAIApi:
             yield _DONE
         except RouterError as e:
             status = e.status
-            yield _sse(HttpError.of(e).body())
-            yield _DONE
+            if status is not Status.CANCELLED:  # else nobody is listening
+                yield _sse(HttpError.of(e).body())
+                yield _DONE
         except Exception:
             failure = internal_error("streaming completion")
             status = failure.status
@@ -234,6 +235,20 @@ class OpenAIApi:
             if message["type"] == "http.disconnect":
                 self.core.cancel(stream)
                 return
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events; `on_end` runs however the response ends, sent or not."""
+
+    def __init__(self, events: AsyncIterator[str], on_end: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
 
 
 def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

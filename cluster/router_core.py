@@ -343,8 +343,10 @@ class RouterCore:
         """The adapter is done with the request, whatever way (s None: it never opened): release
         everything the stream holds. outcome is what the client was told (for the logs and metrics
         the adapter keeps; the worker is aborted whatever it is)."""
+        if s is not None and s.closed:
+            return  # closed before (an adapter's safety net may call again)
         self.metrics.e2e.observe(time.monotonic() - arrival)
-        if s is None or s.closed:
+        if s is None:
             return
         s.closed = True
         self._dequeue(s)  # a pending submit batch skips it
@@ -360,6 +362,8 @@ class RouterCore:
     def cancel(self, s: _Stream) -> None:
         """The client went away while the reader waits: wake it with CANCELLED and abort the request
         on its worker now, not when the reader next runs."""
+        if s.closed:
+            return
         self._fail(s, Status.CANCELLED, "the client went away")
         self._release_worker(s)
 
