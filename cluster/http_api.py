@@ -152,7 +152,10 @@ class OpenAIApi:
         self, request: Request, req: Any, prompt: Prompt, arrival: float, *, chat: bool, want_logprobs: bool
     ) -> Response:
         try:
-            stream = await self.core.open(prompt, req.sampling(), "", None, arrival)
+            # chat without max_tokens runs to the end of the context, as OpenAI and vLLM do
+            stream = await self.core.open(
+                prompt, req.sampling(), "", None, arrival, max_tokens_to_context=chat
+            )
         except RouterError as e:
             self.core.close(None, e.status, arrival)
             raise HttpError.of(e) from None

@@ -6,8 +6,9 @@ every limit that depends on the model (max_tokens against the context, logprobs,
 vocabulary) is the router core's, so HTTP and gRPC refuse the same requests with the same message.
 Unknown fields are ignored, as vLLM's server does (OpenAI's own answers 400); `extra="ignore"`.
 
-Defaults follow OpenAI: temperature 1.0 and top_p 1.0 when absent. An absent max_tokens (and
-max_completion_tokens) takes the server's `default_max_tokens`, as over gRPC.
+Defaults follow OpenAI: temperature 1.0 and top_p 1.0 when absent. Without max_tokens (or
+max_completion_tokens) a chat completion may run to the end of the context (OpenAI's and vLLM's
+default), a completion takes the server's `default_max_tokens` (16, OpenAI's too).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ request, aborts it there (batched like submits) so its KV blocks are freed withi
 from __future__ import annotations
 
 import asyncio
-import enum
+import dataclasses
 import logging
 import time
 import uuid
@@ -47,6 +47,7 @@ from kvrelay.cluster.admission import Admission, AdmissionFull, Ticket
 from kvrelay.cluster.config import ServerConfig
 from kvrelay.cluster.interfaces import WorkerClient, WorkerPool
 from kvrelay.cluster.metrics import ServerMetrics
+from kvrelay.cluster.router_errors import RouterError, Status, internal_error
 from kvrelay.cluster.routing import Balancer, PerWorkerBatcher
 from kvrelay.cluster.text import ResponseBuilder, TextCodec
 from kvrelay.cluster.validation import (
@@ -56,6 +57,7 @@ from kvrelay.cluster.validation import (
     check_prompt,
     check_prompt_input,
     check_request_id,
+    remaining_context,
     sampling_params,
     work_request,
 )
@@ -63,47 +65,10 @@ from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad
 from kvrelay.worker.sampling_params import SamplingParams
 
+__all__ = ["RouterCore", "RouterError", "Status", "Stream", "internal_error"]
 log = logging.getLogger("kvrelay")
 # A token id is a uint32 varint of at most 5 bytes on the wire.
 _MAX_BYTES_PER_TOKEN_ID = 5
-
-
-class Status(enum.Enum):
-    """How a request ended, in the protocol-neutral terms each adapter maps to its own codes (the
-    names are gRPC's, so the gRPC adapter maps by name)."""
-
-    OK = "ok"
-    CANCELLED = "cancelled"  # the client went away
-    INVALID_ARGUMENT = "invalid_argument"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
-    ALREADY_EXISTS = "already_exists"
-    RESOURCE_EXHAUSTED = "resource_exhausted"  # admission is full
-    UNAVAILABLE = "unavailable"  # draining, starting, no worker, a worker died
-    INTERNAL = "internal"
-
-
-class RouterError(Exception):
-    """Ends a request with a status; the message is for the client (no path, address or traceback).
-    For INVALID_ARGUMENT, `param` is the field the message starts with ("max_tokens: ...")."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    @property
-    def param(self) -> str | None:
-        if self.status is not Status.INVALID_ARGUMENT:
-            return None
-        head, sep, _ = self.message.partition(":")
-        return head if sep and head.replace("_", "").replace(".", "").isalnum() else None
-
-
-def internal_error(what: str) -> RouterError:
-    """INTERNAL with an id to quote; the exception being handled goes to the log under that id."""
-    error_id = uuid.uuid4().hex[:12]
-    log.exception("%s failed (error id %s)", what, error_id)
-    return RouterError(Status.INTERNAL, f"internal error (id {error_id})")
 
 
 @dataclass(eq=False)
@@ -240,10 +205,14 @@ class RouterCore:
         request_id: str = "",
         deadline: float | None = None,
         arrival: float | None = None,
+        *,
+        max_tokens_to_context: bool = False,
     ) -> _Stream:
         """Validate, tokenize, admit, register and route; raises RouterError when refused.
         sampling: the wire-neutral params (proto zeros are defaults), checked against the model's
-        limits here. deadline: time.monotonic() after which the request is over (None: none)."""
+        limits here. deadline: time.monotonic() after which the request is over (None: none).
+        max_tokens_to_context: a max_tokens left 0 means the rest of the context (what one worker's
+        KV cache holds at most), not the server's default (OpenAI chat's and vLLM's default)."""
         arrival = time.monotonic() if arrival is None else arrival
         if self._draining:
             raise RouterError(Status.UNAVAILABLE, "the server is shutting down")
@@ -251,7 +220,10 @@ class RouterCore:
         if limits is None or codec is None or balancer is None:
             raise RouterError(Status.UNAVAILABLE, "the server is starting")
         self._num_requests_total += 1
-        request_id, params, ids, ticket = await self._admit(prompt, sampling, request_id, limits, codec)
+        to_context = max_tokens_to_context and sampling.max_tokens == 0
+        request_id, params, ids, ticket = await self._admit(
+            prompt, sampling, request_id, limits, codec, to_context
+        )
         self._seq += 1
         s = _Stream(
             request_id=request_id,
@@ -278,7 +250,13 @@ class RouterCore:
         return s
 
     async def _admit(
-        self, prompt: Prompt, sampling: pb.SamplingParams, request_id: str, limits: Limits, codec: TextCodec
+        self,
+        prompt: Prompt,
+        sampling: pb.SamplingParams,
+        request_id: str,
+        limits: Limits,
+        codec: TextCodec,
+        to_context: bool,
     ) -> tuple[str, SamplingParams, list[int], Ticket]:
         """(request id, sampling params, prompt ids, admission ticket), or RouterError."""
         try:
@@ -294,6 +272,8 @@ class RouterCore:
                 ids = await codec.encode(prompt)
             else:
                 ids = prompt
+            if to_context:
+                params = dataclasses.replace(params, max_tokens=max(1, remaining_context(len(ids), limits)))
             check_prompt(ids, params, limits)
             ticket = self._admission.admit(len(ids) + params.max_tokens)
         except ValueError as e:

@@ -257,6 +257,12 @@ def check_prompt(ids: Sequence[int], params: SamplingParams, limits: Limits) -> 
         )
 
 
+def remaining_context(num_prompt_tokens: int, limits: Limits) -> int:
+    """The most tokens a prompt of this length may generate: to the end of the context, within
+    one worker's KV cache (<= 0 when the prompt alone fills it; check_prompt then refuses it)."""
+    return min(limits.max_model_len, limits.kv_capacity_tokens) - num_prompt_tokens
+
+
 def work_request(
     worker_id: str, ids: list[int], params: SamplingParams, timeout_s: float | None
 ) -> WorkRequest:

@@ -15,6 +15,7 @@ from kvrelay.cluster.validation import (
     check_prompt,
     check_request_id,
     prompt_of,
+    remaining_context,
     sampling_params,
     work_request,
 )
@@ -192,3 +193,12 @@ def test_penalties_pass_through_and_are_bounded() -> None:
         with pytest.raises(ValueError) as e:
             sampling_params(sampling(**fields), LIMITS)
         assert str(e.value) == message
+
+
+def test_remaining_context_is_bounded_by_the_context_and_one_workers_kv() -> None:
+    assert remaining_context(100, LIMITS) == 2048 - 100  # KV capacity 2048 < max_model_len 4096
+    assert remaining_context(100, dataclasses.replace(LIMITS, kv_capacity_tokens=10**6)) == 4096 - 100
+    params = SamplingParams(max_tokens=remaining_context(100, LIMITS))
+    check_prompt([1] * 100, params, LIMITS)  # accepted exactly at the bound
+    with pytest.raises(ValueError, match=r"^max_tokens: prompt \(101 tokens\)"):
+        check_prompt([1] * 101, params, LIMITS)
