@@ -129,6 +129,8 @@ class OpenAIApi:
             body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HttpError.bad_request(f"request body: not valid JSON ({e})") from None
+        except RecursionError:
+            raise HttpError.bad_request("request body: JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise HttpError.bad_request(f"request body: must be a JSON object, got {type(body).__name__}")
         return body

@@ -305,6 +305,11 @@ def test_body_errors(main: HttpServed) -> None:
             c.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"}), 400
         )
         assert bad_json["message"].startswith("request body: not valid JSON")
+        deep = _error(
+            c.post("/v1/completions", content=b"[" * 60_000, headers={"content-type": "application/json"}),
+            400,
+        )
+        assert deep["message"] == "request body: JSON nested too deeply"
         not_object = _error(c.post("/v1/completions", json=[1]), 400)
         assert not_object["message"] == "request body: must be a JSON object, got list"
         wrong_type = _error(
