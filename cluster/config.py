@@ -88,6 +88,9 @@ class ServerConfig:
     # sized explicitly (kv_cache_memory or num_kv_blocks): gpu_memory_utilization is of the GPU.
     gpus_per_worker: float = 1.0
     metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None: off
+    # The OpenAI-compatible HTTP API (cluster/http_api.py) on `host`, beside the gRPC port, with
+    # the same TLS and tokens; None: off.
+    http_port: int | None = None
     # A plaintext port serving only grpc.health.v1 (no token): for probes that cannot speak TLS
     # (Kubernetes' grpc probes) when `port` has it. None: health is on `port` only.
     health_port: int | None = None
@@ -118,7 +121,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must not be empty")
-        for name in ("port", "metrics_port", "health_port"):
+        for name in ("port", "metrics_port", "health_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")

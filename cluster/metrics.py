@@ -64,6 +64,12 @@ class ServerMetrics:
             ["code"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "kvrelay_http_requests",
+            "OpenAI HTTP API responses by route and HTTP status (a stream counts when it starts).",
+            ["route", "status"],
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "kvrelay_generation_tokens", "Tokens streamed to clients.", registry=r
         )

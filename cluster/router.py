@@ -1,39 +1,24 @@
-"""The gRPC router: the `kvrelay.v1.Generation` servicer over a `WorkerPool`, and the server around it.
+"""The gRPC router: the `kvrelay.v1.Generation` servicer, a thin adapter over `RouterCore`
+(cluster/router_core.py owns streams, admission, routing, batching, drain and metrics).
 
-A Generate call is validated (INVALID_ARGUMENT naming the field and the limit), tokenized if it is
-text, admitted or refused (RESOURCE_EXHAUSTED), given a worker (`routing.Balancer`; UNAVAILABLE
-when none is healthy) and queued for submission: every request bound for one worker within one
-event-loop iteration (or `batch_window_s`) goes in one `submit` call. The worker's deltas come back
-through `on_deltas` into the stream's queue, and the handler turns each into one GenerateResponse.
+A Generate call's prompt (text, token ids, or chat messages) and sampling params go to
+`RouterCore.open`; its responses are the core's; its end is `RouterCore.close` with the status the
+client saw. `RouterError`'s protocol-neutral status maps to the gRPC code of the same name; a
+cancelled call is CANCELLED, or DEADLINE_EXCEEDED when its deadline passed. Anything unexpected is
+logged with an id and reported as INTERNAL "internal error (id ...)"; what a client sees never
+holds a path, an address or a traceback. A message that does not parse as the method's request is
+INVALID_ARGUMENT (gRPC's own deserializer would make it INTERNAL).
 
-Request ids: the client's (empty: the server assigns a uuid) is echoed in every response; a second
-call with the id of a stream still open is refused with ALREADY_EXISTS. Workers see ids of the
-router's own, so a client reusing an id right after cancelling it never meets the old request.
-
-Ending a stream, whatever way, releases its admission ticket and, if the worker still runs the
-request, aborts it there (batched like submits) so its KV blocks are freed within one step:
-- finished by the worker (STOP, LENGTH, or ABORT when the worker gave up on it): OK;
-- a stop string matched on the text: OK, STOP;
-- the client cancelled, or its deadline passed here: CANCELLED / DEADLINE_EXCEEDED (the remaining
-  deadline also travels with the request, so the worker stops it by itself; a request whose
-  deadline passes before it is sent never reaches a worker);
-- the worker died (`on_worker_down`): UNAVAILABLE at once for each of its streams;
-- the server drains and the grace period ends: UNAVAILABLE.
-Anything unexpected is logged here with an id and reported as INTERNAL "internal error (id ...)";
-what a client sees never holds a path, an address or a traceback. A message that does not parse as
-the method's request is INVALID_ARGUMENT (gRPC's own deserializer would make it INTERNAL).
-
-Authentication and TLS (cluster/auth.py) are applied by `build_server`, before any handler here runs.
+Health (grpc.health.v1) follows `RouterCore.serving`. Authentication and TLS (cluster/auth.py) are
+applied by `build_server`, before any handler here runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -41,40 +26,20 @@ import grpc.aio
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2
 
-from kvrelay.cluster.admission import Admission, AdmissionFull, Ticket
 from kvrelay.cluster.config import ServerConfig
-from kvrelay.cluster.interfaces import WorkerClient, WorkerPool
-from kvrelay.cluster.metrics import ServerMetrics, add_worker_stats
-from kvrelay.cluster.routing import Balancer, PerWorkerBatcher
-from kvrelay.cluster.text import ResponseBuilder, TextCodec
-from kvrelay.cluster.validation import (
-    Limits,
-    check_prompt,
-    check_request_id,
-    model_info,
-    prompt_of,
-    sampling_params,
-    work_request,
-)
+from kvrelay.cluster.interfaces import WorkerPool
+from kvrelay.cluster.metrics import add_worker_stats
+from kvrelay.cluster.router_core import RouterCore, RouterError, Status, _Stream, internal_error
+from kvrelay.cluster.validation import model_info, prompt_of
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
-from kvrelay.worker.protocol import TokenDelta, WorkerLoad
-from kvrelay.worker.sampling_params import SamplingParams
 
-log = logging.getLogger("kvrelay")
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "kvrelay.v1.Generation"
 Code = grpc.StatusCode
-# A token id is a uint32 varint of at most 5 bytes on the wire.
-_MAX_BYTES_PER_TOKEN_ID = 5
 
 
-class _Failed(Exception):
-    """Ends a call with a status; the message is for the client (no path, address or traceback)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def grpc_code(status: Status) -> grpc.StatusCode:
+    return Code[status.name]
 
 
 class _Unparsable:
@@ -84,149 +49,51 @@ class _Unparsable:
 _UNPARSABLE = _Unparsable()
 
 
-def _internal_error(what: str) -> _Failed:
-    """INTERNAL with an id to quote; the exception being handled goes to the log under that id."""
-    error_id = uuid.uuid4().hex[:12]
-    log.exception("%s failed (error id %s)", what, error_id)
-    return _Failed(Code.INTERNAL, f"internal error (id {error_id})")
-
-
 def _parsed(request: object, cls: type[Message]) -> None:
     if not isinstance(request, cls):
-        raise _Failed(Code.INVALID_ARGUMENT, f"request: not a valid {cls.DESCRIPTOR.full_name} message")
+        raise RouterError(Status.INVALID_ARGUMENT, f"request: not a valid {cls.DESCRIPTOR.full_name} message")
 
 
-@dataclass(eq=False)
-class _Stream:
-    """One Generate call from admission to its end; touched on the event loop only."""
-
-    request_id: str  # the client's
-    worker_id: str  # the router's, unique for the router's lifetime
-    prompt_ids: list[int]
-    params: SamplingParams
-    ticket: Ticket
-    arrival: float  # time.monotonic()
-    deadline: float | None  # time.monotonic() after which the call is over; None = none
-    out: ResponseBuilder
-    events: asyncio.Queue[TokenDelta | _Failed] = field(default_factory=asyncio.Queue)
-    rank: int = -1
-    queued: bool = False  # in a pending submit batch (counted in num_queued)
-    sent: bool = False  # handed to a worker's submit (the worker may hold it)
-    submit_returned: bool = False  # that submit answered, so an abort now cannot overtake it
-    worker_done: bool = False  # nothing left on the worker: it finished, died, or was told to abort
-    failed: bool = False  # a failure is queued; later deltas are ignored
-    closed: bool = False  # the handler ended; the ticket is released
-    first_token_at: float | None = None
-    last_token_at: float = 0.0
-
-
-class GenerationRouter(pb_grpc.GenerationServicer):
+class GenerationRouter(RouterCore, pb_grpc.GenerationServicer):
     def __init__(self, pool: WorkerPool, config: ServerConfig) -> None:
-        self._pool = pool
-        self.config = config
+        super().__init__(pool, config)
         self.health = health.aio.HealthServicer()
-        self.metrics = ServerMetrics(self._worker_snapshot)
-        self._admission = Admission(config.max_queued_requests, config.max_queued_tokens)
-        self._codec: TextCodec | None = None
-        self._limits: Limits | None = None
-        self._balancer: Balancer | None = None
-        self._streams: dict[str, _Stream] = {}  # by client request id
-        self._by_worker_id: dict[str, _Stream] = {}
-        self._seq = 0
-        self._num_queued = 0  # admitted, not yet sent to a worker
-        self._num_requests_total = 0
-        self._draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._submits = PerWorkerBatcher(self._submit, config.batch_window_s)
-        self._aborts = PerWorkerBatcher(self._abort)  # at once: every step they wait costs KV
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.metrics.in_flight.set_function(lambda: len(self._streams))
-        self.metrics.queued.set_function(lambda: self._num_queued)
 
-    # ---- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the pool (every worker ready), load the tokenizer, then report SERVING."""
-        await self._pool.start(self.on_deltas, self.on_worker_down, self.on_worker_up)
-        model = self._pool.model
-        longest = model.max_model_len * _MAX_BYTES_PER_TOKEN_ID
-        if longest > self.config.max_message_bytes:
-            log.warning(
-                "max_message_bytes %d may refuse prompts near max_model_len %d (up to %d bytes of ids)",
-                self.config.max_message_bytes, model.max_model_len, longest,
-            )  # fmt: skip
-        self._codec = await asyncio.to_thread(TextCodec.load, model)
-        self._limits = Limits.of(
-            model, accepts_text=self._codec.accepts_text, default_max_tokens=self.config.default_max_tokens
-        )
-        self._balancer = Balancer(self.config.routing, model.block_size, model.kv_capacity_tokens)
-        self._update_health()
-
-    async def drain(self, grace_s: float) -> None:
-        """NOT_SERVING and refuse new calls at once; let open streams finish for up to grace_s, then
-        fail the rest with UNAVAILABLE."""
-        self._draining = True
-        await self._sync_health()
-        if self._streams:
-            log.info("draining: %d streams open, %.1f s grace", len(self._streams), grace_s)
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except asyncio.TimeoutError:
-            log.warning("drain grace over: failing %d open streams", len(self._streams))
-            for s in list(self._streams.values()):
-                self._fail(s, Code.UNAVAILABLE, "the server shut down before the request finished")
-            try:
-                await asyncio.wait_for(self._idle.wait(), 2.0)
-            except asyncio.TimeoutError:
-                log.warning("%d streams did not end after the grace period", len(self._streams))
-
-    async def stop(self) -> None:
-        """Stop the pool (after drain and after the gRPC server stopped)."""
-        self._submits.close()
-        self._aborts.close()
-        await self._pool.stop()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._codec is not None:
-            self._codec.close()
-
-    # ---- the RPCs -----------------------------------------------------------------------
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
         stream: _Stream | None = None
-        failure: _Failed | None = None
-        code = Code.OK
+        failure: RouterError | None = None
+        status = Status.OK
         try:
             _parsed(request, pb.GenerateRequest)
-            stream = await self._open(request, context, arrival)
-            while True:
-                event = await stream.events.get()
-                if isinstance(event, _Failed):
-                    raise event
-                resp, finished = self._respond(stream, event)
-                if resp is not None:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else arrival + remaining
+            try:
+                prompt = prompt_of(request)
+            except ValueError as e:
+                raise RouterError(Status.INVALID_ARGUMENT, str(e)) from None
+            stream = await self.open(prompt, request.sampling, request.request_id, deadline, arrival)
+            async with contextlib.aclosing(self.responses(stream)) as responses:
+                async for resp in responses:
                     yield resp
-                if finished:
-                    break
-        except _Failed as f:
-            failure, code = f, f.code
+        except RouterError as f:
+            failure, status = f, f.status
         except (asyncio.CancelledError, GeneratorExit):
             # CancelledError: the client cancelled (or its deadline passed) while we waited;
             # GeneratorExit: it went away while a response was being written (grpc closes us).
-            expired = (
-                stream is not None and stream.deadline is not None and time.monotonic() >= stream.deadline
-            )
-            code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
+            expired = stream is not None and stream.expired
+            status = Status.DEADLINE_EXCEEDED if expired else Status.CANCELLED
             raise
         except Exception:
-            failure = _internal_error(f"Generate (request_id {request.request_id[:64]!r})")
-            code = failure.code
+            failure = internal_error(f"Generate (request_id {request.request_id[:64]!r})")
+            status = failure.status
         finally:
-            self._close(stream, code, arrival)
+            self.metrics.requests.labels(code=grpc_code(status).name).inc()
+            self.close(stream, status, arrival)
         if failure is not None:
-            await context.abort(failure.code, failure.message)
+            await context.abort(grpc_code(failure.status), failure.message)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -249,15 +116,15 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         try:
             _parsed(request, cls)
             return answer()
-        except _Failed as f:
+        except RouterError as f:
             failure = f
         except Exception:
-            failure = _internal_error(cls.DESCRIPTOR.name)
-        await context.abort(failure.code, failure.message)
+            failure = internal_error(cls.DESCRIPTOR.name)
+        await context.abort(grpc_code(failure.status), failure.message)
 
     def _model_info(self) -> pb.ModelInfo:
         if self._limits is None:
-            raise _Failed(Code.UNAVAILABLE, "the server is starting")
+            raise RouterError(Status.UNAVAILABLE, "the server is starting")
         return model_info(self._pool.model, self._limits)
 
     def _server_stats(self) -> pb.ServerStats:
@@ -270,232 +137,10 @@ class GenerationRouter(pb_grpc.GenerationServicer):
         add_worker_stats(stats, self._worker_snapshot())
         return stats
 
-    # ---- opening a stream ---------------------------------------------------------------
-    async def _open(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, arrival: float
-    ) -> _Stream:
-        """Validate, tokenize, admit, register and route; raises _Failed when refused."""
-        if self._draining:
-            raise _Failed(Code.UNAVAILABLE, "the server is shutting down")
-        limits, codec, balancer = self._limits, self._codec, self._balancer
-        if limits is None or codec is None or balancer is None:
-            raise _Failed(Code.UNAVAILABLE, "the server is starting")
-        self._num_requests_total += 1
-        request_id, params, ids, ticket = await self._admit(request, limits, codec)
-        remaining = context.time_remaining()
-        self._seq += 1
-        s = _Stream(
-            request_id=request_id,
-            worker_id=f"{self._seq:x}",
-            prompt_ids=ids,
-            params=params,
-            ticket=ticket,
-            arrival=arrival,
-            deadline=None if remaining is None else time.monotonic() + remaining,
-            out=ResponseBuilder(request_id, codec.detokenizer(ids, params.stop)),
-        )
-        self._streams[request_id] = s
-        self._by_worker_id[s.worker_id] = s
-        self._idle.clear()
-        rank = balancer.pick(ids, self._pool.workers)
-        if rank is None:
-            self._fail(s, Code.UNAVAILABLE, "no worker is available; retry later")
-            return s
-        s.rank = rank
-        balancer.sent(rank, s.worker_id, ticket.tokens)
-        s.queued = True
-        self._num_queued += 1
-        self._submits.add(rank, s)
-        return s
-
-    async def _admit(
-        self, request: pb.GenerateRequest, limits: Limits, codec: TextCodec
-    ) -> tuple[str, SamplingParams, list[int], Ticket]:
-        """(request id, sampling params, prompt ids, admission ticket), or _Failed."""
-        try:
-            request_id = check_request_id(request.request_id, limits) or uuid.uuid4().hex
-            params = sampling_params(request.sampling, limits)
-            prompt = prompt_of(request, limits)
-            if request_id in self._streams:
-                raise _Failed(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
-            self._admission.check_room()  # before tokenizing: a flood must not queue up tokenizer work
-            ids = prompt if isinstance(prompt, list) else await codec.encode(prompt)
-            check_prompt(ids, params, limits)
-            ticket = self._admission.admit(len(ids) + params.max_tokens)
-        except ValueError as e:
-            raise _Failed(Code.INVALID_ARGUMENT, str(e)) from None
-        except AdmissionFull as e:
-            raise _Failed(Code.RESOURCE_EXHAUSTED, str(e)) from None
-        if request_id in self._streams or self._draining:  # while the prompt was being tokenized
-            self._admission.release(ticket)
-            if self._draining:
-                raise _Failed(Code.UNAVAILABLE, "the server is shutting down")
-            raise _Failed(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
-        return request_id, params, ids, ticket
-
-    # ---- streaming ----------------------------------------------------------------------
-    def _respond(self, s: _Stream, d: TokenDelta) -> tuple[pb.GenerateResponse | None, bool]:
-        """The response for one delta, and whether it is the last."""
-        if d.deadline_exceeded:
-            raise _Failed(Code.DEADLINE_EXCEEDED, "deadline exceeded")
-        if d.error is not None:  # a serving-system failure (a KV handoff under the "fail" policy)
-            raise _Failed(Code.UNAVAILABLE, f"{d.error}; retry the request")
-        resp, stopped = s.out.build(d)
-        if stopped:
-            self._release_worker(s)
-        if resp is not None and resp.token_ids:
-            now = time.monotonic()
-            if s.first_token_at is None:
-                s.first_token_at = now
-                self.metrics.ttft.observe(now - s.arrival)
-            else:
-                self.metrics.inter_token.observe((now - s.last_token_at) / len(resp.token_ids))
-            s.last_token_at = now
-            self.metrics.generated_tokens.inc(len(resp.token_ids))
-        return resp, s.out.finished
-
-    def _fail(self, s: _Stream, code: grpc.StatusCode, message: str) -> None:
-        """Queue a failure for the stream's handler, and release what it holds now (the handler may be
-        blocked writing to a slow client)."""
-        if s.failed or s.closed:
-            return
-        s.failed = True
-        self._dequeue(s)
-        s.events.put_nowait(_Failed(code, message))
-        self._admission.release(s.ticket)
-        if self._balancer is not None:
-            self._balancer.confirmed(s.rank, s.worker_id)
-
-    def _close(self, s: _Stream | None, code: grpc.StatusCode, arrival: float) -> None:
-        """The handler ended, whatever way: release everything the stream holds."""
-        self.metrics.requests.labels(code=code.name).inc()
-        self.metrics.e2e.observe(time.monotonic() - arrival)
-        if s is None or s.closed:
-            return
-        s.closed = True
-        self._dequeue(s)  # a pending submit batch skips it
-        del self._streams[s.request_id]
-        del self._by_worker_id[s.worker_id]
-        self._admission.release(s.ticket)
-        if self._balancer is not None:
-            self._balancer.confirmed(s.rank, s.worker_id)
-        self._release_worker(s)
-        if not self._streams:
-            self._idle.set()
-
-    def _dequeue(self, s: _Stream) -> None:
-        if s.queued:
-            s.queued = False
-            self._num_queued -= 1
-
-    def _release_worker(self, s: _Stream) -> None:
-        """Abort the request on its worker unless nothing is left there."""
-        if not s.sent or s.worker_done:
-            return
-        if s.submit_returned:  # else _submit aborts it when the submit answers
-            s.worker_done = True
-            self._aborts.add(s.rank, s.worker_id)
-
-    # ---- batching submits and aborts per worker ------------------------------------------
-    def _worker(self, rank: int) -> WorkerClient:
-        w = self._pool.workers[rank]
-        assert w.rank == rank, (w.rank, rank)
-        return w
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _abort(self, rank: int, worker_ids: list[str]) -> None:
-        await self._worker(rank).abort(worker_ids)
-
-    async def _submit(self, rank: int, streams: list[_Stream]) -> None:
-        """One submit call for the streams routed to `rank` since the last one."""
-        worker = self._worker(rank)
-        now = time.monotonic()
-        batch: list[_Stream] = []
-        requests = []
-        for s in streams:
-            self._dequeue(s)
-            if s.closed or s.failed:
-                continue
-            timeout = None if s.deadline is None else s.deadline - now
-            if timeout is not None and timeout <= 0:
-                self._fail(s, Code.DEADLINE_EXCEEDED, "deadline exceeded before the request reached a worker")
-                continue
-            s.sent = True
-            self.metrics.queue_time.observe(now - s.arrival)
-            batch.append(s)
-            requests.append(work_request(s.worker_id, s.prompt_ids, s.params, timeout))
-        if not batch:
-            return
-        try:
-            rejected = await worker.submit(requests)
-        except ConnectionError:
-            for s in batch:
-                s.worker_done = True
-                self._fail(s, Code.UNAVAILABLE, f"worker {worker.rank} is unavailable; retry the request")
-            return
-        for s in batch:
-            s.submit_returned = True
-            why = rejected.get(s.worker_id)
-            if why is not None:
-                s.worker_done = True
-                self._fail(s, Code.INVALID_ARGUMENT, why)
-            elif s.closed or s.failed:  # ended while the submit was in flight
-                self._release_worker(s)
-
-    # ---- pool callbacks (on the event loop) ---------------------------------------------
-    def on_deltas(self, rank: int, deltas: list[TokenDelta]) -> None:
-        balancer = self._balancer
-        for d in deltas:
-            s = self._by_worker_id.get(d.request_id)
-            if s is None or s.rank != rank or s.failed:
-                continue  # e.g. the final ABORT delta of a request this router aborted
-            if balancer is not None:
-                balancer.confirmed(rank, s.worker_id)
-            if d.finish_reason is not None:
-                s.worker_done = True
-            s.events.put_nowait(d)
-
-    def on_worker_down(self, rank: int, why: str) -> None:
-        victims = [s for s in self._streams.values() if s.rank == rank and not s.failed]
-        log.warning("worker %d is down (%s): failing its %d streams", rank, why, len(victims))
-        if self._balancer is not None:
-            self._balancer.forget_worker(rank)
-        self._aborts.drop(rank)
-        for s in victims:
-            s.worker_done = True
-            self._fail(s, Code.UNAVAILABLE, f"worker {rank} became unavailable; retry the request")
-        self._update_health()
-
-    def on_worker_up(self, rank: int) -> None:
-        log.info("worker %d is back", rank)
-        if self._balancer is not None:
-            self._balancer.forget_worker(rank)  # restarted empty: its prefix cache is gone
-        self._update_health()
-
-    # ---- health and stats ---------------------------------------------------------------
-    def _update_health(self) -> None:
-        self._spawn(self._sync_health())
-
     async def _sync_health(self) -> None:
         """Health follows the state when it runs (a late task never undoes a drain): SERVING while
         not draining and some worker is healthy."""
-        serving = (
-            not self._draining and self._limits is not None and any(w.healthy for w in self._pool.workers)
-        )
         response = health_pb2.HealthCheckResponse
+        serving = self.serving
         for name in ("", SERVICE_NAME):
             await self.health.set(name, response.SERVING if serving else response.NOT_SERVING)
-
-    def worker_of(self, request_id: str) -> int | None:
-        """The rank serving an open stream (None: unknown, or not yet routed)."""
-        s = self._streams.get(request_id)
-        return None if s is None or s.rank < 0 else s.rank
-
-    def _worker_snapshot(self) -> list[tuple[int, bool, WorkerLoad]]:
-        if self._limits is None:
-            return []
-        return [(w.rank, w.healthy, w.load) for w in self._pool.workers]

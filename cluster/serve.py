@@ -1,19 +1,22 @@
 """`kvrelay serve`: a Ray worker pool behind the gRPC router, until SIGTERM/SIGINT drains it.
 
     kvrelay serve [--config FILE] [--model PATH|tiny] [--host HOST] [--port PORT] [--workers N]
-                  [--device auto|cpu|cuda] [--ray-address ADDR] [--metrics-port PORT]
+                  [--device auto|cpu|cuda] [--ray-address ADDR] [--metrics-port PORT] [--http-port PORT]
                   [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE] ...
 
 TLS, client certificates and bearer tokens: cluster/auth.py and docs/SECURITY.md. Their files are
 read before anything starts, so a bad one is a one-line error naming its key.
 
 Start-up: the pool (one worker actor per GPU, or N CPU workers; a local Ray cluster unless
-`--ray-address`), then the tokenizer, then the gRPC server; when it accepts calls, exactly one line
-`kvrelay serving on HOST:PORT` goes to stdout (logs go to stderr).
+`--ray-address`), then the tokenizer, then the gRPC server and, with `--http-port`, the OpenAI HTTP
+API (cluster/http_server.py) on the same event loop; when both accept calls, exactly one line
+`kvrelay serving on HOST:PORT` (the gRPC address) goes to stdout, then `kvrelay http on HOST:PORT`
+when HTTP is on (logs go to stderr).
 
-Shutdown, on SIGTERM or SIGINT: health turns NOT_SERVING and new calls get UNAVAILABLE at once;
-open streams run on for up to `drain_grace_s` (a second signal cuts the grace short), the rest end
-with UNAVAILABLE; then the server and the pool stop and the process exits 0.
+Shutdown, on SIGTERM or SIGINT: health turns NOT_SERVING (HTTP /health 503) and new calls get
+UNAVAILABLE (HTTP 503) at once; open streams of both protocols run on for up to `drain_grace_s` (a
+second signal cuts the grace short), the rest end with UNAVAILABLE; then the servers and the pool
+stop and the process exits 0.
 
 `add_serve_args` and `run_serve` are what `kvrelay/cli.py` wires; `python -m kvrelay.cluster.serve`
 runs the same command standalone.
@@ -36,6 +39,7 @@ from kvrelay.cluster.config import DEVICES, ServerConfig, load_config
 
 if TYPE_CHECKING:
     from kvrelay.cluster.auth import ServerSecurity
+    from kvrelay.cluster.http_server import HttpServer
     from kvrelay.cluster.interfaces import WorkerPool
 
 log = logging.getLogger("kvrelay")
@@ -43,7 +47,7 @@ log = logging.getLogger("kvrelay")
 # flag dest -> where it lands in the config (a top-level key, or ("engine", key))
 _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
-    "metrics_port", "health_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
+    "metrics_port", "health_port", "http_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
     "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
@@ -75,6 +79,9 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda where a GPU is visible, else cpu")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument(
+        "--http-port", type=int, help="serve the OpenAI-compatible HTTP API on HOST:PORT (0: any free port)"
+    )
     p.add_argument("--health-port", type=int, help="plaintext gRPC health-only port (probes, when TLS is on)")
     p.add_argument("--max-queued-requests", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
     p.add_argument("--max-queued-tokens", type=int, help="tokens (prompt + max_tokens) in flight, likewise")
@@ -208,6 +215,7 @@ async def serve(
     signals = _Signals(asyncio.get_running_loop())
     stop_metrics: Callable[[], None] | None = None
     server = health_server = None
+    http_server: HttpServer | None = None
     try:
         if not await signals.until_signal(router.start()):
             log.info("interrupted during start-up")
@@ -222,11 +230,21 @@ async def serve(
         if config.metrics_port is not None:
             metrics_port, stop_metrics = router.metrics.serve_http(config.host, config.metrics_port)
             log.info("metrics on http://%s/metrics", format_address(config.host, metrics_port))
+        http_line = None
+        if config.http_port is not None:
+            from kvrelay.cluster.http_server import HttpServer
+
+            http_server = HttpServer(router, config, security)
+            http_port = await http_server.start()
+            http_line = f"kvrelay http on {format_address(config.host, http_port)}"
+            log.info("OpenAI HTTP API on %s://%s", http_server.scheme, format_address(config.host, http_port))
         address = format_address(config.host, port)
         if ready is not None:
             ready(address)
         else:
             print(f"kvrelay serving on {address}", flush=True)
+            if http_line is not None:
+                print(http_line, flush=True)
         await signals.first.wait()
         log.info("draining (grace %.1f s)", config.drain_grace_s)
         if not await signals.until_signal(router.drain(config.drain_grace_s), which=signals.second):
@@ -236,6 +254,8 @@ async def serve(
         return 0
     finally:
         signals.restore()
+        if http_server is not None:
+            await http_server.stop()
         if stop_metrics is not None:
             stop_metrics()
         if server is not None:

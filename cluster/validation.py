@@ -27,6 +27,23 @@ from kvrelay.worker.sampling_params import (
 )
 
 MAX_REQUEST_ID_LEN = 256
+# A chat prompt is bounded before its template renders it: at most this many messages, and at most
+# max_model_len * CHAT_CHARS_PER_TOKEN characters of content (no real tokenizer averages anywhere
+# near 16 characters a token, so a conversation past it cannot fit the context anyway).
+MAX_CHAT_MESSAGES = 4096
+CHAT_CHARS_PER_TOKEN = 16
+MAX_CHAT_ROLE_LEN = 64
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render with the model's chat template (with the generation prompt)."""
+
+    messages: tuple[dict[str, str], ...]  # each {"role": ..., "content": ...}
+
+
+# What a request asks to complete: text, token ids, or a conversation.
+Prompt = str | list[int] | ChatPrompt
 
 
 @dataclass(frozen=True)
@@ -43,15 +60,30 @@ class Limits:
     max_stop_string_len: int = MAX_STOP_STRING_LEN
     max_stop_token_ids: int = MAX_STOP_TOKEN_IDS
     max_request_id_len: int = MAX_REQUEST_ID_LEN
+    has_chat_template: bool = False  # the tokenizer can render a conversation
+    max_chat_messages: int = MAX_CHAT_MESSAGES
+
+    @property
+    def max_chat_chars(self) -> int:
+        """Characters of message content a chat prompt may hold (roles included)."""
+        return self.max_model_len * CHAT_CHARS_PER_TOKEN
 
     @classmethod
-    def of(cls, model: ModelDescription, *, accepts_text: bool, default_max_tokens: int) -> Limits:
+    def of(
+        cls,
+        model: ModelDescription,
+        *,
+        accepts_text: bool,
+        default_max_tokens: int,
+        has_chat_template: bool = False,
+    ) -> Limits:
         return cls(
             vocab_size=model.vocab_size,
             max_model_len=model.max_model_len,
             kv_capacity_tokens=model.kv_capacity_tokens,
             accepts_text=accepts_text,
             default_max_tokens=default_max_tokens,
+            has_chat_template=has_chat_template,
         )
 
 
@@ -76,23 +108,68 @@ def check_request_id(request_id: str, limits: Limits) -> str:
     return request_id
 
 
-def prompt_of(request: pb.GenerateRequest, limits: Limits) -> str | list[int]:
-    """The prompt as text or token ids; no prompt, an empty one, or text the model cannot take is refused."""
+def prompt_of(request: pb.GenerateRequest, limits: Limits | None = None) -> Prompt:
+    """The request's prompt as text, token ids or a conversation; with limits, also checked
+    (`check_prompt_input`), else only extracted (the router core checks it)."""
     which = request.WhichOneof("prompt")
     if which is None:
-        raise ValueError("prompt: give text or token_ids, got neither")
+        raise ValueError("prompt: give text or token_ids (or chat), got none")
+    prompt: Prompt
     if which == "text":
-        if not request.text:
+        prompt = request.text
+    elif which == "chat":
+        prompt = ChatPrompt(tuple({"role": m.role, "content": m.content} for m in request.chat.messages))
+    else:
+        ids = request.token_ids.ids
+        # Copy no more than can be refused: a longer list is cut here and refused by the check.
+        prompt = list(ids[: MAX_PROMPT_IDS_COPIED + 1]) if len(ids) > MAX_PROMPT_IDS_COPIED else list(ids)
+    if limits is not None:
+        check_prompt_input(prompt, limits)
+    return prompt
+
+
+# No max_model_len is near this (2**24 tokens).
+MAX_PROMPT_IDS_COPIED = 1 << 24
+
+
+def check_prompt_input(prompt: Prompt, limits: Limits) -> None:
+    """What can be checked before tokenizing: an empty prompt, text the model cannot take, too many
+    ids, and a conversation's size (bounded before its template renders it)."""
+    if isinstance(prompt, str):
+        if not prompt:
             raise ValueError("text: the prompt must not be empty")
         if not limits.accepts_text:
             raise ValueError("text: this model has no tokenizer, so text prompts are refused; send token_ids")
-        return request.text
-    ids = request.token_ids.ids
-    if not ids:
-        raise ValueError("token_ids: the prompt must hold at least 1 token, got none")
-    if len(ids) > limits.max_model_len:  # before copying a huge list
-        raise ValueError(f"token_ids: {len(ids)} tokens exceed max_model_len {limits.max_model_len}")
-    return list(ids)
+    elif isinstance(prompt, ChatPrompt):
+        _check_chat(prompt, limits)
+    else:
+        if not prompt:
+            raise ValueError("token_ids: the prompt must hold at least 1 token, got none")
+        if len(prompt) > limits.max_model_len:
+            raise ValueError(f"token_ids: {len(prompt)} tokens exceed max_model_len {limits.max_model_len}")
+
+
+def _check_chat(prompt: ChatPrompt, limits: Limits) -> None:
+    messages = prompt.messages
+    if not messages:
+        raise ValueError("chat: give at least 1 message, got none")
+    if len(messages) > limits.max_chat_messages:
+        raise ValueError(f"chat: at most {limits.max_chat_messages} messages, got {len(messages)}")
+    chars = 0
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if not 1 <= len(role) <= MAX_CHAT_ROLE_LEN:
+            raise ValueError(
+                f"chat: message {i}: role must be 1..{MAX_CHAT_ROLE_LEN} characters, got {len(role)}"
+            )
+        chars += len(role) + len(m["content"])
+    if chars > limits.max_chat_chars:
+        raise ValueError(
+            f"chat: {chars} characters of messages exceed {limits.max_chat_chars} "
+            f"(max_model_len {limits.max_model_len} x {CHAT_CHARS_PER_TOKEN})"
+        )
+    if not limits.has_chat_template:
+        raise ValueError("chat: this model has no chat template; send text or token_ids")
 
 
 def sampling_params(s: pb.SamplingParams, limits: Limits) -> SamplingParams:
@@ -185,6 +262,12 @@ def check_prompt(ids: Sequence[int], params: SamplingParams, limits: Limits) -> 
             f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
             f"exceeds one worker's KV cache capacity of {limits.kv_capacity_tokens} tokens"
         )
+
+
+def remaining_context(num_prompt_tokens: int, limits: Limits) -> int:
+    """The most tokens a prompt of this length may generate: to the end of the context, within
+    one worker's KV cache (<= 0 when the prompt alone fills it; check_prompt then refuses it)."""
+    return min(limits.max_model_len, limits.kv_capacity_tokens) - num_prompt_tokens
 
 
 def work_request(

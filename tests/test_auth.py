@@ -338,6 +338,52 @@ async def _health_server(secure: Secure) -> tuple[Any, int]:
     return server, port
 
 
+def test_http_api_uses_the_same_tls_client_ca_and_tokens(secure: Secure) -> None:
+    """HTTPS with the gRPC port's certificate; a client certificate from the same CA is required;
+    the same bearer token is checked before the body is read (401 in OpenAI's error JSON)."""
+    import ssl
+
+    import httpx
+
+    from kvrelay.cluster.http_server import HttpServer
+
+    security = load_security(secure.router.config, environ={})
+    http = HttpServer(secure.router, secure.router.config, security, port=0)
+    port = secure.lt.run(http.start())
+    try:
+        url = f"https://127.0.0.1:{port}"
+        ctx = ssl.create_default_context(cafile=str(secure.pki.ca))
+        ctx.load_cert_chain(str(secure.pki.client_cert), str(secure.pki.client_key))
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=url, verify=ctx, timeout=30) as c:
+            assert c.get("/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+            r = c.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True},
+                headers=auth,
+            )
+            assert (r.status_code, r.json()["usage"]["completion_tokens"]) == (200, 4)
+            before = secure.seen()
+            refused = c.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": [1]},
+                headers={"Authorization": "Bearer " + OTHER_TOKEN},
+            )
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            assert secure.seen() == before  # no work for a refused call
+            assert c.get("/health").status_code == 200  # open, like gRPC health
+        no_cert = ssl.create_default_context(cafile=str(secure.pki.ca))
+        with httpx.Client(base_url=url, verify=no_cert, timeout=30) as c, pytest.raises(httpx.HTTPError):
+            c.get("/health")
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c,
+            pytest.raises(httpx.HTTPError),
+        ):
+            c.get("/health")  # plaintext to the TLS port
+    finally:
+        secure.lt.run(http.stop())
+
+
 def test_no_security_configured_is_plaintext_and_open() -> None:
     security = load_security(load_config(None), environ={})
     assert security == ServerSecurity(None, None)

@@ -26,12 +26,14 @@ from kvrelay.cluster.serve import add_serve_args, config_from_args, run_serve
 from kvrelay.worker.sampling_params import SamplingParams
 
 READY_PREFIX = "kvrelay serving on "
+HTTP_PREFIX = "kvrelay http on "
 CONFIG = """\
 port: 0
 workers: 1
 device: cpu
 drain_grace_s: 30
 metrics_port: 0
+http_port: 0
 engine:
   num_kv_blocks: 128
   dtype: float32
@@ -68,6 +70,7 @@ class ServeProcess:
         )
         self.stdout: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
+        self.http = ""  # the HTTP API's base URL, once read from stdout
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout.put), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
 
@@ -86,6 +89,12 @@ class ServeProcess:
         assert line.startswith(READY_PREFIX), line
         return line[len(READY_PREFIX) :].strip()
 
+    def http_address(self) -> str:
+        """The HTTP line that follows the ready line when http_port is set."""
+        line = self.stdout.get(timeout=5)
+        assert line.startswith(HTTP_PREFIX), line
+        return line[len(HTTP_PREFIX) :].strip()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -99,6 +108,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
     p = ServeProcess(["--config", str(config), "--host", "127.0.0.1"])
     try:
         address = p.wait_ready(180)
+        p.http = f"http://{p.http_address()}"
         yield p, address
     finally:
         p.kill()
@@ -117,13 +127,25 @@ def test_one_request_streams(server: tuple[ServeProcess, str]) -> None:
 
 
 def test_sigterm_drains_then_exits_0(server: tuple[ServeProcess, str]) -> None:
+    """Both protocols: health turns NOT_SERVING / 503, new requests UNAVAILABLE / 503, the open gRPC
+    and HTTP streams finish, then exit 0."""
+    import httpx
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     p, address = server
-    with KvrelayClient(address, timeout=60) as c, grpc.insecure_channel(address) as channel:
+    body = {"model": "tiny", "prompt": [3] * 10, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with (
+        KvrelayClient(address, timeout=60) as c,
+        grpc.insecure_channel(address) as channel,
+        httpx.Client(base_url=p.http, timeout=60) as h,
+        h.stream("POST", "/v1/completions", json=body) as http_stream,
+    ):
         check = health_pb2_grpc.HealthStub(channel).Check
         request = health_pb2.HealthCheckRequest(service="kvrelay.v1.Generation")
         assert check(request).status == health_pb2.HealthCheckResponse.SERVING
+        assert h.get("/health").status_code == 200
+        http_lines = http_stream.iter_lines()
+        assert next(http_lines).startswith("data: ")
         stream = c.stream([3] * 10, max_tokens=400, ignore_eos=True)
         num_tokens = len(next(stream).token_ids)
         p.proc.send_signal(signal.SIGTERM)
@@ -131,13 +153,20 @@ def test_sigterm_drains_then_exits_0(server: tuple[ServeProcess, str]) -> None:
         while check(request).status != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
             time.sleep(0.02)
+        assert h.get("/health").status_code == 503
         with pytest.raises(Unavailable, match="the server is shutting down"):
             c.generate([1, 2, 3], max_tokens=2)
+        refused = h.post("/v1/completions", json={**body, "stream": False})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["message"] == "the server is shutting down"
         chunks = list(stream)
+        rest = [line for line in http_lines if line]
     assert num_tokens + sum(len(ch.token_ids) for ch in chunks) == 400  # the in-flight stream finished
     assert chunks[-1].finish_reason == "length"
+    assert rest[-1] == "data: [DONE]"  # so did the HTTP one
+    assert '"finish_reason":"length"' in rest[-2]
     assert p.proc.wait(60) == 0
-    assert p.stdout.qsize() == 0  # the ready line was the only line on stdout
+    assert p.stdout.qsize() == 0  # the ready and HTTP lines were the only lines on stdout
     assert any("kvrelay: stopped" in line for line in p.stderr)
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import pytest
 
 from kvrelay.cluster.validation import (
+    MAX_CHAT_MESSAGES,
+    ChatPrompt,
     Limits,
     check_prompt,
     check_request_id,
     prompt_of,
+    remaining_context,
     sampling_params,
     work_request,
 )
@@ -154,3 +158,68 @@ def test_request_id_length() -> None:
     assert check_request_id("a" * 256, LIMITS) == "a" * 256
     with pytest.raises(ValueError, match=r"^request_id: at most 256 characters, got 257"):
         check_request_id("a" * 257, LIMITS)
+
+
+CHAT = Limits(
+    vocab_size=320, max_model_len=8, kv_capacity_tokens=2048, accepts_text=True, has_chat_template=True
+)
+
+
+def _chat(*messages: tuple[str, str]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+    )
+
+
+def test_chat_prompt_is_bounded_before_rendering() -> None:
+    prompt = prompt_of(_chat(("system", "be brief"), ("user", "hi")), CHAT)
+    assert prompt == ChatPrompt(
+        ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
+    )
+    # max_model_len 8 x 16 characters a token = 128 characters of roles and content
+    assert prompt_of(_chat(("user", "x" * 124)), CHAT) == ChatPrompt(
+        ({"role": "user", "content": "x" * 124},)
+    )
+    cases = [
+        (_chat(), "chat: give at least 1 message, got none"),
+        (_chat(("user", "x" * 125)), "chat: 129 characters of messages exceed 128 (max_model_len 8 x 16)"),
+        (_chat(("", "hi")), "chat: message 0: role must be 1..64 characters, got 0"),
+        (
+            _chat(*[("user", "")] * (MAX_CHAT_MESSAGES + 1)),
+            f"chat: at most {MAX_CHAT_MESSAGES} messages, got 4097",
+        ),
+    ]
+    for request, message in cases:
+        with pytest.raises(ValueError) as e:
+            prompt_of(
+                request,
+                dataclasses.replace(CHAT, max_model_len=10**6) if "messages, got" in message else CHAT,
+            )
+        assert str(e.value) == message
+    with pytest.raises(ValueError, match=r"^chat: this model has no chat template; send text or token_ids$"):
+        prompt_of(_chat(("user", "hi")), LIMITS)
+
+
+def test_penalties_pass_through_and_are_bounded() -> None:
+    p = sampling_params(
+        sampling(repetition_penalty=1.5, presence_penalty=-2.0, frequency_penalty=0.5), LIMITS
+    )
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.5, -2.0, 0.5)
+    assert sampling_params(sampling(), LIMITS).repetition_penalty == 1.0  # unset: off
+    for fields, message in [
+        ({"repetition_penalty": 0.0}, "repetition_penalty: must be finite and > 0 (1 = off), got 0.0"),
+        ({"presence_penalty": 2.5}, "presence_penalty: must be in [-2, 2] (0 = off), got 2.5"),
+        ({"frequency_penalty": math.inf}, "frequency_penalty: must be in [-2, 2] (0 = off), got inf"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            sampling_params(sampling(**fields), LIMITS)
+        assert str(e.value) == message
+
+
+def test_remaining_context_is_bounded_by_the_context_and_one_workers_kv() -> None:
+    assert remaining_context(100, LIMITS) == 2048 - 100  # KV capacity 2048 < max_model_len 4096
+    assert remaining_context(100, dataclasses.replace(LIMITS, kv_capacity_tokens=10**6)) == 4096 - 100
+    params = SamplingParams(max_tokens=remaining_context(100, LIMITS))
+    check_prompt([1] * 100, params, LIMITS)  # accepted exactly at the bound
+    with pytest.raises(ValueError, match=r"^max_tokens: prompt \(101 tokens\)"):
+        check_prompt([1] * 101, params, LIMITS)

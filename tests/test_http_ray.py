@@ -1,0 +1,90 @@
+"""The OpenAI HTTP API over a real Ray pool of tiny-model CPU workers (one server for the module):
+the official `openai` client's greedy answers equal the gRPC path's token ids, and a client that
+goes away mid-stream or mid-response frees its KV blocks on the worker."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from http_helpers import HttpServed, add_http, chat_model_dir, reference_chat_ids
+from ray_helpers import ray_local  # noqa: F401
+from serve_helpers import Served, start_served
+
+from kvrelay.worker.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chat_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def served(ray_local: None, model_dir: Path) -> Iterator[tuple[Served, HttpServed]]:  # noqa: F811
+    s = start_served(num_workers=1, num_kv_blocks=256, engine={"model": str(model_dir), "dtype": "float32"})
+    try:
+        yield s, add_http(s.lt, s.router)
+    finally:
+        s.lt.run(s.router.drain(0.0))
+        s.stop()
+
+
+def test_completion_and_chat_equal_grpc(served: tuple[Served, HttpServed], model_dir: Path) -> None:
+    s, h = served
+    tok = Tokenizer.from_dir(model_dir)
+    with s.client() as c:
+        ids = list(c.generate("Hello kvrelay", max_tokens=12, ignore_eos=True).token_ids)
+    client = h.openai()
+    r = client.completions.create(
+        model="tiny-chat",
+        prompt="Hello kvrelay",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].text == tok.decode(ids)
+    streamed = client.completions.create(
+        model="tiny-chat", prompt="Hello kvrelay", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks[:-1]) == tok.decode(ids)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    if hasattr(Tokenizer, "apply_chat_template"):  # chat templates come with the gguf branch
+        messages = [{"role": "user", "content": "Hello kvrelay"}]
+        with s.client() as c:
+            chat_ids = list(
+                c.generate(reference_chat_ids(model_dir, messages), max_tokens=8, ignore_eos=True).token_ids
+            )
+        chat = client.chat.completions.create(
+            model="tiny-chat", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )  # type: ignore[call-overload]
+        assert chat.choices[0].message.content == tok.decode(chat_ids)
+    s.wait_idle()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_frees_the_workers_kv_blocks(served: tuple[Served, HttpServed], stream: bool) -> None:
+    s, h = served
+    body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": stream}
+    data = json.dumps(body).encode()
+    port = int(h.base_url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + data)
+        deadline = time.monotonic() + 30
+        while not any(used for used in s.used_blocks()):
+            assert time.monotonic() < deadline, "the request never reached the worker"
+            time.sleep(0.02)
+    finally:
+        sock.close()
+    s.wait_idle(timeout_s=3.0)  # 3000 tokens would take far longer
+    assert s.router._streams == {}
