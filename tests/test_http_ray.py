@@ -33,7 +33,7 @@ def served(ray_local: None, model_dir: Path) -> Iterator[tuple[Served, HttpServe
         s.stop()
 
 
-def test_completion_and_chat_equal_grpc(served: tuple[Served, HttpServed], model_dir: Path) -> None:
+def test_completion_equals_grpc(served: tuple[Served, HttpServed], model_dir: Path) -> None:
     s, h = served
     tok = Tokenizer.from_dir(model_dir)
     with s.client() as c:
