@@ -31,13 +31,23 @@ CHAT_TEMPLATE = (
 
 
 def chat_model_dir(root: Path) -> Path:
-    """The tiny model with a chat template (a copy: the cached model stays as it is)."""
-    d = root / "tiny-chat"
+    """The tiny model with this module's chat template (a copy: the cached model stays as it is)."""
+    return _tiny_copy(root / "tiny-chat", CHAT_TEMPLATE)
+
+
+def plain_model_dir(root: Path) -> Path:
+    """The tiny model without a chat template."""
+    return _tiny_copy(root / "tiny-plain", None)
+
+
+def _tiny_copy(d: Path, chat_template: str | None) -> Path:
     if not d.exists():
         shutil.copytree(tiny_model_dir(), d)
         cfg_file = d / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text())
-        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg.pop("chat_template", None)
+        if chat_template is not None:
+            cfg["chat_template"] = chat_template
         cfg_file.write_text(json.dumps(cfg))
     return d
 
@@ -47,8 +57,8 @@ def reference_chat_ids(model_dir: Path, messages: list[dict[str, str]]) -> list[
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids: list[int] = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids)
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return [int(i) for i in out["input_ids"]]
 
 
 @dataclass

@@ -17,7 +17,14 @@ import httpx
 import openai
 import pytest
 from fake_pool import FakePool
-from http_helpers import HttpServed, chat_model_dir, reference_chat_ids, start_http, stop_http
+from http_helpers import (
+    HttpServed,
+    chat_model_dir,
+    plain_model_dir,
+    reference_chat_ids,
+    start_http,
+    stop_http,
+)
 from ray_helpers import LoopThread
 
 from kvrelay.cluster.auth import TokenSet
@@ -54,11 +61,11 @@ def main(lt: LoopThread, model_dir: Path) -> Iterator[HttpServed]:
 
 
 @pytest.fixture(scope="module")
-def guarded(lt: LoopThread) -> Iterator[HttpServed]:
-    """Tokens on, admission of one request, and one worker (killed by a test)."""
-    s = start_http(
-        lt, FakePool(1, num_kv_blocks=128, revive_after_s=1.0), TokenSet([TOKEN]), max_queued_requests=1
-    )
+def guarded(lt: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServed]:
+    """Tokens on, admission of one request, one worker (killed by a test), no chat template."""
+    plain = plain_model_dir(tmp_path_factory.mktemp("models"))
+    pool = FakePool(1, model=str(plain), num_kv_blocks=128, revive_after_s=1.0)
+    s = start_http(lt, pool, TokenSet([TOKEN]), max_queued_requests=1)
     yield s
     stop_http(s)
 
@@ -218,14 +225,17 @@ def test_chat_stream_role_then_content_then_usage(main: HttpServed) -> None:
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage, whole_usage = chunks[-1].usage, whole.usage
+    assert chunks[-1].choices == [] and usage is not None and whole_usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole_usage.prompt_tokens, 8)
+    assert whole_usage.completion_tokens == 8
 
 
 def test_chat_without_a_template_names_messages(guarded: HttpServed) -> None:
     with guarded.httpx() as c:
         r = c.post(
             "/v1/chat/completions",
-            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+            json={"model": "tiny-plain", "messages": [{"role": "user", "content": "hi"}]},
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
     assert r.status_code == 400
@@ -332,7 +342,7 @@ def test_models_and_health(main: HttpServed) -> None:
 
 
 def test_auth_admission_and_no_worker(guarded: HttpServed) -> None:
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny-plain", "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     with guarded.httpx() as c:
         missing = _error(c.post("/v1/completions", json=body), 401)
         assert missing["code"] == "invalid_api_key"

@@ -33,7 +33,7 @@ def served(ray_local: None, model_dir: Path) -> Iterator[tuple[Served, HttpServe
         s.stop()
 
 
-def test_completion_and_chat_equal_grpc(served: tuple[Served, HttpServed], model_dir: Path) -> None:
+def test_completion_equals_grpc(served: tuple[Served, HttpServed], model_dir: Path) -> None:
     s, h = served
     tok = Tokenizer.from_dir(model_dir)
     with s.client() as c:
@@ -54,16 +54,26 @@ def test_completion_and_chat_equal_grpc(served: tuple[Served, HttpServed], model
     chunks = list(streamed)
     assert "".join(ch.choices[0].text for ch in chunks[:-1]) == tok.decode(ids)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    if hasattr(Tokenizer, "apply_chat_template"):  # chat templates come with the gguf branch
-        messages = [{"role": "user", "content": "Hello kvrelay"}]
-        with s.client() as c:
-            chat_ids = list(
-                c.generate(reference_chat_ids(model_dir, messages), max_tokens=8, ignore_eos=True).token_ids
-            )
-        chat = client.chat.completions.create(
-            model="tiny-chat", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
-        )  # type: ignore[call-overload]
-        assert chat.choices[0].message.content == tok.decode(chat_ids)
+    s.wait_idle()
+
+
+@pytest.mark.skipif(
+    not hasattr(Tokenizer, "apply_chat_template"), reason="Tokenizer.apply_chat_template not merged yet"
+)
+def test_chat_equals_grpc_on_the_reference_template(
+    served: tuple[Served, HttpServed], model_dir: Path
+) -> None:
+    s, h = served
+    tok = Tokenizer.from_dir(model_dir)
+    messages = [{"role": "user", "content": "Hello kvrelay"}]
+    with s.client() as c:
+        ids = list(
+            c.generate(reference_chat_ids(model_dir, messages), max_tokens=8, ignore_eos=True).token_ids
+        )
+    chat = h.openai().chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )  # type: ignore[call-overload]
+    assert chat.choices[0].message.content == tok.decode(ids)
     s.wait_idle()
 
 
