@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kvrelay.cluster.validation import ChatPrompt, Prompt
 from kvrelay.proto import kvrelay_pb2 as pb
 
-# OpenAI's completions API documents logprobs up to 5; the engine's own limit (20) is checked later.
 _UINT32 = 2**32 - 1
 _UINT64 = 2**64 - 1
+_F32_MIN_NORMAL = 1.1754944e-38
 
 
 class _Body(BaseModel):
@@ -70,7 +70,8 @@ class _Sampling(_Body):
         s = pb.SamplingParams(
             max_tokens=max_tokens or 0,  # 0: the server's default
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            # top_p rides as float32, where 0 means off: a tiny top_p must not round to it
+            top_p=1.0 if self.top_p is None else max(self.top_p, _F32_MIN_NORMAL),
             top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             stop=stop,
