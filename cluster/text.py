@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,21 +62,17 @@ class TextCodec:
 
     @property
     def has_chat_template(self) -> bool:
-        # getattr: the template comes with the GGUF/chat-template work (Tokenizer.chat_template);
-        # a Tokenizer without the attribute has no template.
-        return self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) is not None
+        return self.tokenizer is not None and self.tokenizer.chat_template is not None
 
     async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """The conversation rendered with the model's chat template (with the generation prompt) and
-        tokenized, on the thread pool: a template is Jinja, run per request, and may be slow."""
+        tokenized, on the thread pool: a template is Jinja, run per request, and may be slow.
+        ValueError("chat: ...") for a model without a template or a template that fails."""
         tok = self.tokenizer
-        if tok is None or self._pool is None or not self.has_chat_template:
-            raise ValueError("chat: this model has no chat template; send text or token_ids")
-        apply: Callable[..., list[int]] = tok.apply_chat_template  # type: ignore[attr-defined]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, functools.partial(apply, messages, add_generation_prompt=True)
-        )
+        if tok is None or self._pool is None:
+            raise ValueError("chat: this model has no tokenizer, so chat prompts are refused; send token_ids")
+        render = functools.partial(tok.apply_chat_template, messages, add_generation_prompt=True)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, render)
 
     async def encode(self, text: str) -> list[int]:
         tok = self.tokenizer

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.worker.chat_template import MAX_CHAT_MESSAGES
 from kvrelay.worker.protocol import WorkRequest
 from kvrelay.worker.sampling_params import (
     MAX_LOGPROBS,
@@ -27,10 +28,10 @@ from kvrelay.worker.sampling_params import (
 )
 
 MAX_REQUEST_ID_LEN = 256
-# A chat prompt is bounded before its template renders it: at most this many messages, and at most
-# max_model_len * CHAT_CHARS_PER_TOKEN characters of content (no real tokenizer averages anywhere
-# near 16 characters a token, so a conversation past it cannot fit the context anyway).
-MAX_CHAT_MESSAGES = 4096
+# A chat prompt is bounded before its template renders it: at most MAX_CHAT_MESSAGES messages (the
+# template module's own bound), and at most max_model_len * CHAT_CHARS_PER_TOKEN characters of
+# content (no real tokenizer averages anywhere near 16 characters a token, so a conversation past
+# it cannot fit the context anyway).
 CHAT_CHARS_PER_TOKEN = 16
 MAX_CHAT_ROLE_LEN = 64
 

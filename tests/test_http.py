@@ -32,12 +32,8 @@ from kvrelay.cluster.client import KvrelayClient
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
 from kvrelay.worker.engine import Engine
-from kvrelay.worker.tokenizer import Tokenizer
 
 TOKEN = "t" * 32
-needs_chat = pytest.mark.skipif(
-    not hasattr(Tokenizer, "apply_chat_template"), reason="Tokenizer.apply_chat_template not merged yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +178,6 @@ MESSAGES = [
 ]
 
 
-@needs_chat
 def test_chat_equals_grpc_on_the_reference_template(main: HttpServed, model_dir: Path) -> None:
     ref_ids = reference_chat_ids(model_dir, MESSAGES)
     ids = grpc_ids(main, ref_ids, 10, logprobs=1)
@@ -210,7 +205,6 @@ def test_chat_equals_grpc_on_the_reference_template(main: HttpServed, model_dir:
     assert got == ids
 
 
-@needs_chat
 def test_chat_stream_role_then_content_then_usage(main: HttpServed) -> None:
     whole = main.openai().chat.completions.create(
         model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
@@ -291,6 +285,12 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
             {"messages": [{"content": "x"}]},
             "messages.0.role",
             "messages.0.role: Field",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            "messages",
+            "chat: messages[0].role must be one of",
         ),
         (
             "/v1/chat/completions",

@@ -57,9 +57,6 @@ def test_completion_equals_grpc(served: tuple[Served, HttpServed], model_dir: Pa
     s.wait_idle()
 
 
-@pytest.mark.skipif(
-    not hasattr(Tokenizer, "apply_chat_template"), reason="Tokenizer.apply_chat_template not merged yet"
-)
 def test_chat_equals_grpc_on_the_reference_template(
     served: tuple[Served, HttpServed], model_dir: Path
 ) -> None:

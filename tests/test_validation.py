@@ -186,7 +186,7 @@ def test_chat_prompt_is_bounded_before_rendering() -> None:
         (_chat(("", "hi")), "chat: message 0: role must be 1..64 characters, got 0"),
         (
             _chat(*[("user", "")] * (MAX_CHAT_MESSAGES + 1)),
-            f"chat: at most {MAX_CHAT_MESSAGES} messages, got 4097",
+            f"chat: at most {MAX_CHAT_MESSAGES} messages, got {MAX_CHAT_MESSAGES + 1}",
         ),
     ]
     for request, message in cases:

@@ -6,11 +6,13 @@ Never imports transformers: a worker needs only encode/decode and the BOS/EOS id
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
+
+from worker.chat_template import render_chat
 
 
 class Tokenizer:
@@ -20,9 +22,13 @@ class Tokenizer:
         bos_token_id: int | None = None,
         eos_token_ids: Sequence[int] = (),
         add_bos_token: bool | None = None,
+        chat_template: str | None = None,
+        name: str = "tokenizer",
     ) -> None:
         """add_bos_token: None keeps whatever tokenizer.json's post-processor does; True/False force a
-        leading BOS on/off when special tokens are added (transformers' tokenizer_config.json flag)."""
+        leading BOS on/off when special tokens are added (transformers' tokenizer_config.json flag).
+        chat_template: the model's Jinja2 chat template, None when it has none. name: the model path,
+        for error messages."""
         if add_bos_token and bos_token_id is None:
             raise ValueError("add_bos_token=True needs a bos_token_id, got None")
         self._backend = backend
@@ -35,6 +41,12 @@ class Tokenizer:
         post_adds_bos = bos_token_id is not None and backend.encode("").ids[:1] == [bos_token_id]
         self._prepend_bos = bool(add_bos_token) and not post_adds_bos
         self._strip_bos = add_bos_token is False and post_adds_bos
+        self.chat_template = chat_template
+        self.name = name
+        # The strings templates see as bos_token / eos_token (transformers passes the tokens, not ids).
+        self.bos_token: str = (backend.id_to_token(bos_token_id) or "") if bos_token_id is not None else ""
+        first_eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.eos_token: str = (backend.id_to_token(first_eos) or "") if first_eos is not None else ""
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -62,7 +74,35 @@ class Tokenizer:
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
             eos_ids += _generation_eos_ids(_read_json_object(gen_file), gen_file)
-        return cls(backend, bos_token_id=bos, eos_token_ids=eos_ids, add_bos_token=add_bos)
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_ids=eos_ids,
+            add_bos_token=add_bos,
+            chat_template=_dir_chat_template(path, cfg, cfg_file),
+            name=str(path),
+        )
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the prompt text the model was trained on. Raises ValueError("chat: ...")."""
+        if self.chat_template is None:
+            raise ValueError(
+                f"chat: model {self.name} has no chat template; send a plain text prompt instead"
+            )
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Renders then encodes without adding special tokens again: the template writes BOS itself
+        where the model wants it (transformers' apply_chat_template(tokenize=True) does the same)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch releases the GIL while Rust tokenizes (encode does not), so a long prompt
@@ -120,3 +160,28 @@ def _generation_eos_ids(cfg: dict[str, Any], file: Path) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
     return ids
+
+
+def _dir_chat_template(path: Path, cfg: dict[str, Any], cfg_file: Path) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json's chat_template (transformers' order), which
+    is a string or a list of {"name", "template"} (the "default" one is taken)."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jinja_file}: cannot read the chat template: {e}") from e
+    value = cfg.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        default = named.get("default")
+        if isinstance(default, str):
+            return default
+        raise ValueError(
+            f"{cfg_file}: chat_template is a list without a 'default' template (names: {sorted(map(str, named))})"
+        )
+    raise ValueError(
+        f"{cfg_file}: chat_template must be a string or a list of {{name, template}}, got {type(value).__name__}"
+    )
