@@ -15,6 +15,8 @@ for every process of the machine, so the children's `RequestRecord`s merge into 
 
 Each child measures its own CPU (every thread: `time.process_time`) over its run and returns it
 per wall second with its records; the parent shows progress from one shared counter per child.
+With one process (the default) the parent drives the requests itself and measures its own CPU the
+same way. `LoadGenerator` is the one entry point: `bench serve` and `bench router` both use it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -199,3 +201,54 @@ class ClientProcesses:
                 proc.join(5)
         for conn in self._conns:
             conn.close()
+
+
+# ---- the one entry point --------------------------------------------------------------------------
+class LoadGenerator:
+    """The load generator of one run: `client` (this process's: set-up calls, and the requests when
+    --client-processes is 1) and, with more, the client processes, spawned at the first run and
+    kept for the rest. Open with `load_generator(cfg)`."""
+
+    def __init__(self, cfg: BenchServeConfig, client: Any) -> None:
+        self.cfg = cfg
+        self.client = client
+        self._procs: ClientProcesses | None = None
+
+    async def run(
+        self,
+        requests: Sequence[BenchRequest],
+        offsets: Sequence[float],
+        max_concurrency: int | None,
+        on_progress: Callable[[int], Any] | None = None,
+    ) -> tuple[list[RequestRecord], tuple[float, ...]]:
+        """Sends the schedule; every record and each client process's CPU per wall second."""
+        from kvrelay.cluster.bench_serve import drive
+
+        if self.cfg.client_processes > 1:
+            if self._procs is None:
+                self._procs = await asyncio.to_thread(ClientProcesses, self.cfg, self.cfg.client_processes)
+            return await self._procs.drive(requests, offsets, max_concurrency, on_progress)
+        done = None if on_progress is None else (lambda: on_progress(1))
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        records = await drive(self.client, list(requests), offsets, max_concurrency, self.cfg, done)
+        wall = time.perf_counter() - t0
+        return records, ((time.process_time() - cpu0) / wall if wall > 0 else 0.0,)
+
+    async def close(self) -> None:
+        if self._procs is not None:
+            await asyncio.to_thread(self._procs.close)
+            self._procs = None
+
+
+@contextlib.asynccontextmanager
+async def load_generator(cfg: BenchServeConfig) -> AsyncIterator[LoadGenerator]:
+    """A `LoadGenerator` over a client of --protocol (not yet waited ready: the caller's set-up
+    turns its errors into messages naming --server)."""
+    from kvrelay.cluster.bench_serve import open_client
+
+    async with open_client(cfg) as client:
+        gen = LoadGenerator(cfg, client)
+        try:
+            yield gen
+        finally:
+            await gen.close()

@@ -44,10 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from kvrelay.cluster.bench_clients import LoadGenerator, load_generator
+from kvrelay.cluster.bench_metrics import Slo, compute_metrics
 from kvrelay.cluster.bench_report import client_cpu_warning
-from kvrelay.cluster.bench_serve import add_bench_serve_args, parse_client_processes
+from kvrelay.cluster.bench_serve import (
+    BenchServeConfig,
+    add_bench_serve_args,
+    parse_client_processes,
+)
 from kvrelay.cluster.bench_serve import config_from_args as bench_serve_config
-from kvrelay.cluster.bench_serve import run as run_harness
+from kvrelay.cluster.bench_workloads import LengthRange, random_requests
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
@@ -392,7 +398,7 @@ class RouterPoint:
     failed: int
     errors: dict[str, int]
     output_tokens: int
-    wall_s: float  # the CPU window: the harness run, connection set-up included
+    wall_s: float  # the CPU window: the measured requests, first sent to last ended
     server_cpu: float  # CPU-seconds per wall-second, whole server process
     pool_cpu: float  # of which the synthetic workers
     router_cpu: float  # server - pool
@@ -444,28 +450,37 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
     )
 
 
-def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
-    """The `BenchPoint` of one harness run (no warm-up of its own)."""
+def _harness_config(cfg: BenchRouterConfig, server: ServerChild) -> BenchServeConfig:
+    """The load-test harness's settings for this run (its streams are set per point)."""
     argv = [
         "--server", server.address, "--no-progress", "--client-processes", str(cfg.client_processes),
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
-        "--output-len", str(cfg.output_len), "--num-requests", str(num_requests), "--warmup-requests", "0",
-        "--max-concurrency", str(streams), "--request-rate", "inf", "--seed", str(cfg.seed),
+        "--output-len", str(cfg.output_len), "--seed", str(cfg.seed),
     ]  # fmt: skip
     p = argparse.ArgumentParser()
     add_bench_serve_args(p)
-    return asyncio.run(run_harness(bench_serve_config(p.parse_args(argv)))).points[0]
+    return bench_serve_config(p.parse_args(argv))
 
 
-def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> RouterPoint:
-    _harness(cfg, server, streams, streams)  # warm-up: one wave, not measured
-    time.sleep(2 * _PUBLISH_S)
+async def measure(
+    cfg: BenchRouterConfig, server: ServerChild, gen: LoadGenerator, streams: int
+) -> RouterPoint:
+    """One wave of `streams` requests (warm-up, not measured), then requests_per_stream waves with
+    `streams` open at once; the CPU window is the measured run alone."""
+    n = cfg.requests_per_stream * streams
+    fixed_in, fixed_out = (
+        LengthRange(cfg.input_len, cfg.input_len),
+        LengthRange(cfg.output_len, cfg.output_len),
+    )
+    reqs = random_requests(streams + n, fixed_in, fixed_out, SYNTHETIC_MODEL.vocab_size, cfg.seed + streams)
+    await gen.run(reqs[:streams], [0.0] * streams, streams)
+    await asyncio.sleep(2 * _PUBLISH_S)
     (cpu0, pool0, waits0, firsts0), t0 = server.stats(), time.perf_counter()
-    point = _harness(cfg, server, streams, cfg.requests_per_stream * streams)
-    m = point.metrics
+    records, client_cpu = await gen.run(reqs[streams:], [0.0] * n, streams)
     wall = time.perf_counter() - t0
-    time.sleep(2 * _PUBLISH_S)
+    await asyncio.sleep(2 * _PUBLISH_S)
     cpu1, pool1, waits1, firsts1 = server.stats()
+    m = compute_metrics(records, Slo())
     server_cpu, pool_cpu = (cpu1 - cpu0) / wall, (pool1 - pool0) / wall
     synthetic_ttft_ms = (waits1 - waits0) / max(firsts1 - firsts0, 1) * 1e3
     return RouterPoint(
@@ -479,8 +494,8 @@ def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> Router
         server_cpu=server_cpu,
         pool_cpu=pool_cpu,
         router_cpu=server_cpu - pool_cpu,
-        client_cpu=sum(point.client_cpu),
-        client_cpu_per_process=point.client_cpu,
+        client_cpu=sum(client_cpu),
+        client_cpu_per_process=client_cpu,
         request_throughput=m.request_throughput,
         output_throughput=m.output_throughput,
         synthetic_ttft_ms=synthetic_ttft_ms,
@@ -489,11 +504,17 @@ def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> Router
     )
 
 
+async def _run_points(cfg: BenchRouterConfig, server: ServerChild) -> list[RouterPoint]:
+    async with load_generator(_harness_config(cfg, server)) as gen:
+        await gen.client.wait_ready(_START_TIMEOUT_S)
+        return [await measure(cfg, server, gen, s) for s in cfg.streams]
+
+
 def run_points(cfg: BenchRouterConfig) -> list[RouterPoint]:
     """Every --streams value in turn, on one server."""
     server = ServerChild(cfg)
     try:
-        return [measure(cfg, server, s) for s in cfg.streams]
+        return asyncio.run(_run_points(cfg, server))
     finally:
         server.stop()
 

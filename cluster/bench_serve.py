@@ -27,12 +27,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_clients import ClientProcesses
+from kvrelay.cluster.bench_clients import LoadGenerator, load_generator
 from kvrelay.cluster.bench_metrics import (
     RequestRecord,
     ServerDelta,
@@ -412,45 +411,20 @@ def scrape(url: str) -> dict[str, float]:
         raise ValueError(f"--metrics-url {url}: cannot read Prometheus metrics: {e}") from None
 
 
-async def _measured(
-    client: Any,
-    procs: ClientProcesses | None,
-    cfg: BenchServeConfig,
-    requests: list[BenchRequest],
-    offsets: Any,
-    conc: int | None,
-    on_progress: Callable[[int], Any],
-) -> tuple[list[RequestRecord], tuple[float, ...]]:
-    """The measured requests' records and each client process's CPU per wall second."""
-    if procs is not None:
-        return await procs.drive(requests, offsets, conc, on_progress)
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    records = await drive(client, requests, offsets, conc, cfg, on_done=lambda: on_progress(1))
-    wall = time.perf_counter() - t0
-    return records, ((time.process_time() - cpu0) / wall if wall > 0 else 0.0,)
-
-
 async def run_point(
-    client: Any,
-    cfg: BenchServeConfig,
-    requests: list[BenchRequest],
-    rate: float,
-    conc: int | None,
-    procs: ClientProcesses | None = None,
+    gen: LoadGenerator, cfg: BenchServeConfig, requests: list[BenchRequest], rate: float, conc: int | None
 ) -> BenchPoint:
-    """One warm-up + measured run at this rate and concurrency, from this process or `procs`."""
+    """One warm-up + measured run at this rate and concurrency."""
     from tqdm import tqdm
 
     warm, measured = requests[: cfg.warmup_requests], requests[cfg.warmup_requests :]
-    if warm and procs is not None:
-        await procs.drive(warm, [0.0] * len(warm), conc)
-    elif warm:
-        await drive(client, warm, [0.0] * len(warm), conc, cfg)
+    if warm:
+        await gen.run(warm, [0.0] * len(warm), conc)
     before = scrape(cfg.metrics_url) if cfg.metrics_url else None
-    offsets = arrival_offsets(len(measured), rate, cfg.burstiness, cfg.seed + 1)
+    offsets = [float(o) for o in arrival_offsets(len(measured), rate, cfg.burstiness, cfg.seed + 1)]
     desc = f"rate {rate:g}" + ("" if conc is None else f", concurrency {conc}")
     with tqdm(total=len(measured), desc=desc, unit="req", disable=True if not cfg.progress else None) as bar:
-        records, cpu = await _measured(client, procs, cfg, measured, offsets, conc, bar.update)
+        records, cpu = await gen.run(measured, offsets, conc, bar.update)
     delta: ServerDelta | None = None
     if before is not None and cfg.metrics_url:
         await asyncio.sleep(_SCRAPE_SETTLE_S)
@@ -467,23 +441,16 @@ async def run_point(
 async def run(cfg: BenchServeConfig) -> BenchRun:
     from kvrelay.cluster.client import KvrelayError
 
-    async with open_client(cfg) as client:
+    async with load_generator(cfg) as gen:
         try:
-            await client.wait_ready(_CONNECT_TIMEOUT_S)
-            info = await client.model_info(timeout=_CONNECT_TIMEOUT_S)
+            await gen.client.wait_ready(_CONNECT_TIMEOUT_S)
+            info = await gen.client.model_info(timeout=_CONNECT_TIMEOUT_S)
             requests = build_requests(cfg, info)
             if cfg.prompt_kind == "text":
-                requests = await text_prompts(client, requests, int(info.max_model_len))
+                requests = await text_prompts(gen.client, requests, int(info.max_model_len))
         except KvrelayError as e:
             raise ValueError(f"--server {cfg.server}: {e.code.name}: {e.details}") from None
-        procs = None
-        if cfg.client_processes > 1:
-            procs = await asyncio.to_thread(ClientProcesses, cfg, cfg.client_processes)
-        try:
-            points = [await run_point(client, cfg, requests, rate, conc, procs) for rate, conc in cfg.points]
-        finally:
-            if procs is not None:
-                await asyncio.to_thread(procs.close)
+        points = [await run_point(gen, cfg, requests, rate, conc) for rate, conc in cfg.points]
     server = {"model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
     return BenchRun(cfg.settings | {"protocol": cfg.protocol}, server, points, cfg.sweep)
 

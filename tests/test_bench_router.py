@@ -96,6 +96,7 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "router.json"
     argv = ["bench", "router", "--streams", "16,32", "--workers", "2", "--input-len", "16"]
     argv += ["--output-len", "6", "--step-ms", "10", "--ttft-ms", "10", "--json", str(out)]
+    argv += ["--client-processes", "2"]  # the merged multi-process load generator
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "router cpu" in table and "+itl p50/p90/p99 ms" in table
@@ -108,6 +109,8 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert p["output_tokens"] == 6 * p["completed"]  # every request its exact max_tokens
         assert math.isfinite(p["server_cpu"]) and 0 < p["server_cpu"] < 64
         assert 0 <= p["pool_cpu"] <= p["server_cpu"]
+        assert len(p["client_cpu_per_process"]) == 2 and all(0 < c < 2 for c in p["client_cpu_per_process"])
+        assert p["client_cpu"] == pytest.approx(sum(p["client_cpu_per_process"]))
         # A first token no earlier than ttft - step/2 (the nearest tick), a next one a step later.
         assert p["added_ttft_ms"]["p50"] >= -5.5
         assert p["added_itl_ms"]["p50"] >= -2.0
