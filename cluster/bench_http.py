@@ -138,15 +138,18 @@ class HttpBenchClient:
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
         rec = RequestRecord(sent=time.perf_counter(), prompt_tokens=req.prompt_len)
+
+        async def stream() -> None:
+            async with self._http.stream("POST", "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    rec.error = f"HTTP_{resp.status_code}"
+                else:
+                    await _read_events(resp, rec)
+
         try:
-            async with asyncio.timeout(timeout_s):
-                async with self._http.stream("POST", "/v1/completions", json=body) as resp:
-                    if resp.status_code != 200:
-                        await resp.aread()
-                        rec.error = f"HTTP_{resp.status_code}"
-                    else:
-                        await _read_events(resp, rec)
-        except TimeoutError:
+            await asyncio.wait_for(stream(), timeout_s)  # (asyncio.timeout is Python 3.11+)
+        except asyncio.TimeoutError:
             rec.error = "DEADLINE_EXCEEDED"
         except Exception as e:  # a client-side failure of one request must not end the run
             rec.error = f"CLIENT_{type(e).__name__}"

@@ -346,7 +346,10 @@ def open_client(cfg: BenchServeConfig) -> Any:
     """The client of --protocol, not yet connected: an async context manager with `wait_ready`,
     `model_info` and `generate` (gRPC's `AsyncKvrelayClient`, or `HttpBenchClient`)."""
     if cfg.protocol == "http":
-        from kvrelay.cluster.bench_http import HttpBenchClient
+        try:
+            from kvrelay.cluster.bench_http import HttpBenchClient
+        except ImportError:
+            raise ValueError("--protocol http needs httpx: pip install 'kvrelay[bench]'") from None
 
         # connections >= the streams open at once (None: no limit), so keep-alive is never short
         concs = [c for c in cfg.concurrencies if c is not None]

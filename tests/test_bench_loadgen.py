@@ -141,6 +141,16 @@ def test_http_records_tokens_per_event_and_failures_by_status(served: HttpServed
     assert all(n >= 1 for _, n in good.messages)
     assert bad.error == "HTTP_400" and bad.messages == []
 
+    late = config(served.base_url, "--protocol", "http", "--request-timeout", "0.001")
+
+    async def timed_out() -> Any:
+        async with HttpBenchClient(served.base_url, 1) as client:
+            await client.model_info(10)
+            req = BenchRequest(prompt=(5, 6, 7), prompt_len=3, output_len=OUTPUT_LEN)
+            return (await drive(client, [req], [0.0], None, late))[0]
+
+    assert asyncio.run(timed_out()).error == "DEADLINE_EXCEEDED"
+
 
 def test_continuous_usage_stats_match_the_streamed_tokens(served: HttpServed) -> None:
     """Every chunk's cumulative completion_tokens equals the tokens streamed so far, counted
