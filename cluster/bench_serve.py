@@ -8,8 +8,8 @@ An asyncio event loop drives every stream through `AsyncKvrelayClient` (gRPC) or
 `bench_http.HttpBenchClient` (the OpenAI API's streaming completions); a request's times are taken
 as its messages arrive (`bench_metrics.RequestRecord`). With `--client-processes N` N processes
 each run such a loop over their share of the schedule and their records are merged
-(`bench_clients.py`); each process's own CPU is reported, with a warning when one is saturated. A run is: warm-up requests (waited
-for, excluded), a scrape of the server's Prometheus counters (with `--metrics-url`), the measured
+(`bench_clients.py`); each process's own CPU is reported, with a warning when one is saturated.
+A run is: warm-up requests (waited for, excluded), a scrape of the server's Prometheus counters (with `--metrics-url`), the measured
 requests sent on their arrival schedule, a second scrape. `--request-rate` or `--max-concurrency`
 given as a comma-separated list makes a sweep: one run per value, same requests each time.
 Bad flags raise ValueError naming the flag (the CLI prints one line, exit 2); a request that fails
