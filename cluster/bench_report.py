@@ -12,6 +12,23 @@ from typing import Any
 from kvrelay.cluster.bench_metrics import BenchMetrics, Distribution, ServerDelta, Slo
 
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
+# A client process above this many CPU seconds per wall second is (nearly) saturated: its event
+# loop delays sends and receipts, so latencies and throughput measure the load generator too.
+CLIENT_CPU_LIMIT = 0.9
+
+
+def client_cpu_warning(cpu: tuple[float, ...] | list[float], limit: float = CLIENT_CPU_LIMIT) -> str | None:
+    """The warning to print when any client process is at or above `limit` CPU; None otherwise."""
+    busy = [(i, c) for i, c in enumerate(cpu) if c >= limit]
+    if not busy:
+        return None
+    which = ", ".join(f"process {i}: {c:.2f}" for i, c in busy)
+    return (
+        f"client CPU saturated ({which} CPU-s per wall-s, limit {limit:g}): the load generator, not "
+        "the server, may be the bottleneck; use more --client-processes"
+    )
+
+
 _LATENCY_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 
 
@@ -22,6 +39,13 @@ class BenchPoint:
     rate: float  # requests per second; inf: every request at once
     max_concurrency: int | None  # None: unbounded
     metrics: BenchMetrics
+    # The load generator's own CPU over the measured run, one figure per client process: CPU
+    # seconds (every thread) per wall second. Near 1.0 the client, not the server, may be the limit.
+    client_cpu: tuple[float, ...] = ()
+
+    @property
+    def client_warning(self) -> str | None:
+        return client_cpu_warning(self.client_cpu)
 
     @property
     def label(self) -> str:
@@ -54,7 +78,8 @@ def _ms(x: float) -> str:
     return _num(x * 1000.0)
 
 
-def _point_rows(m: BenchMetrics) -> list[tuple[str, str]]:
+def _point_rows(p: BenchPoint) -> list[tuple[str, str]]:
+    m = p.metrics
     rows = [
         ("Duration (s)", _num(m.duration_s)),
         ("Completed requests", str(m.completed)),
@@ -84,6 +109,10 @@ def _point_rows(m: BenchMetrics) -> list[tuple[str, str]]:
             ("Server preemptions", _num(s.preemptions, 0)),
             ("Server graph replay share", _num(s.graph_replay_share, 4)),
         ]
+    if p.client_cpu:
+        rows.append(("Client CPU per process (CPU-s/s)", " / ".join(f"{c:.2f}" for c in p.client_cpu)))
+    if p.client_warning is not None:
+        rows.append(("WARNING", p.client_warning))
     return rows
 
 
@@ -100,7 +129,7 @@ def format_table(run: BenchRun) -> str:
     """The terminal table: one block per point, then one summary line per point in a sweep."""
     lines: list[str] = []
     for p in run.points:
-        rows = _point_rows(p.metrics)
+        rows = _point_rows(p)
         width = max(len(k) for k, _ in rows) + 2
         lines.append(f"==== {p.label} ====")
         lines += [f"{k:<{width}}{v}" for k, v in rows]
@@ -155,7 +184,15 @@ def to_json(run: BenchRun, *, samples: bool = True) -> dict[str, Any]:
         if p.metrics.server is not None:
             m["server"]["prefix_cache_hit_rate"] = p.metrics.server.prefix_cache_hit_rate
             m["server"]["graph_replay_share"] = p.metrics.server.graph_replay_share
-        points.append({"rate": p.rate, "max_concurrency": p.max_concurrency, "metrics": m})
+        points.append(
+            {
+                "rate": p.rate,
+                "max_concurrency": p.max_concurrency,
+                "metrics": m,
+                "client_cpu": list(p.client_cpu),
+                "client_cpu_warning": p.client_warning,
+            }
+        )
     return _finite({"settings": run.settings, "server": run.server, "sweep": run.sweep, "points": points})
 
 
@@ -188,7 +225,8 @@ def from_json(data: dict[str, Any]) -> BenchRun:
             "duration_s",
         ):
             m[k] = _unfinite(m[k])
-        points.append(BenchPoint(_unfinite(p["rate"]), p["max_concurrency"], BenchMetrics(**m)))
+        cpu = tuple(p.get("client_cpu", ()))  # absent in files written before it was measured
+        points.append(BenchPoint(_unfinite(p["rate"]), p["max_concurrency"], BenchMetrics(**m), cpu))
     return BenchRun(data["settings"], data["server"], points, data["sweep"])
 
 
@@ -212,7 +250,7 @@ def markdown(run: BenchRun, plots: list[Path] | None = None) -> str:
         out += [
             f"## {p.label}",
             "",
-            _md_table(["metric", "value"], [list(r) for r in _point_rows(p.metrics)]),
+            _md_table(["metric", "value"], [list(r) for r in _point_rows(p)]),
             "",
         ]
     for plot in plots or []:

@@ -12,8 +12,9 @@ that costs nothing). The load-test harness (`cluster/bench_serve.py`) runs in th
 Figures per point, over the measured run only:
 - server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second; pool CPU is
   the synthetic workers' own share of it (making the deltas), router CPU the rest (gRPC, router,
-  metrics: what a real server spends beside its pool). Client CPU is this process's (the harness):
-  near 1.0 it, not the router, is the limit.
+  metrics: what a real server spends beside its pool). Client CPU is the harness's, one figure per
+  client process (`--client-processes`, as `bench serve`'s): near 1.0 the client, not the router,
+  is the limit, and the run warns.
 - added TTFT: client TTFT - the synthetic TTFT. A worker emits a request's first token at its first
   tick once the request has waited `--ttft-ms`, so the wait it imposes is ttft plus up to one step,
   by the tick's phase (which a closed loop of streams does not make uniform); the pool measures
@@ -43,6 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from kvrelay.cluster.bench_clients import LoadGenerator, load_generator
+from kvrelay.cluster.bench_metrics import Slo, compute_metrics
+from kvrelay.cluster.bench_report import client_cpu_warning
+from kvrelay.cluster.bench_serve import (
+    BenchServeConfig,
+    add_bench_serve_args,
+    parse_client_processes,
+)
+from kvrelay.cluster.bench_serve import config_from_args as bench_serve_config
+from kvrelay.cluster.bench_workloads import LengthRange, random_requests
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
@@ -320,6 +331,7 @@ class BenchRouterConfig:
     output_len: int = 64
     requests_per_stream: int = 2
     seed: int = 0
+    client_processes: int = 1  # load-generator processes (`bench serve --client-processes`)
     json_path: Path | None = None
     profile_path: Path | None = None  # cProfile of the server process (pstats format)
 
@@ -342,6 +354,7 @@ class BenchRouterConfig:
                 f"--input-len/--output-len: {self.input_len} + {self.output_len} tokens exceed "
                 f"max_model_len {SYNTHETIC_MODEL.max_model_len}",
             ),
+            (self.client_processes >= 1, f"--client-processes must be >= 1, got {self.client_processes}"),
             (
                 self.requests_per_stream >= 1,
                 f"--requests-per-stream must be >= 1, got {self.requests_per_stream}",
@@ -385,11 +398,12 @@ class RouterPoint:
     failed: int
     errors: dict[str, int]
     output_tokens: int
-    wall_s: float  # the CPU window: the harness run, connection set-up included
+    wall_s: float  # the CPU window: the measured requests, first sent to last ended
     server_cpu: float  # CPU-seconds per wall-second, whole server process
     pool_cpu: float  # of which the synthetic workers
     router_cpu: float  # server - pool
-    client_cpu: float  # the harness (this process)
+    client_cpu: float  # the harness, summed over its processes
+    client_cpu_per_process: tuple[float, ...]  # each client process's, over the measured run
     request_throughput: float  # as the harness reports them
     output_throughput: float
     synthetic_ttft_ms: float  # mean wait the pool imposed before first tokens (ttft + tick phase)
@@ -407,6 +421,9 @@ def add_bench_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=64, help="output tokens of every request")
     p.add_argument("--requests-per-stream", type=int, default=2, help="measured requests = this x streams")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--client-processes", default="1", help="load-generator processes, N or auto (as bench serve's)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
     p.add_argument(
         "--profile", type=Path, default=None, help="cProfile the server process into this file (pstats)"
@@ -427,31 +444,43 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         output_len=args.output_len,
         requests_per_stream=args.requests_per_stream,
         seed=args.seed,
+        client_processes=parse_client_processes(args.client_processes),
         json_path=args.json,
         profile_path=args.profile,
     )
 
 
-def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
-    """The metrics of one harness run (no warm-up of its own)."""
-    from kvrelay.cluster.bench_disagg import measure_point
-
+def _harness_config(cfg: BenchRouterConfig, server: ServerChild) -> BenchServeConfig:
+    """The load-test harness's settings for this run (its streams are set per point)."""
     argv = [
+        "--server", server.address, "--no-progress", "--client-processes", str(cfg.client_processes),
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
-        "--output-len", str(cfg.output_len), "--num-requests", str(num_requests), "--warmup-requests", "0",
-        "--max-concurrency", str(streams), "--request-rate", "inf", "--seed", str(cfg.seed),
+        "--output-len", str(cfg.output_len), "--seed", str(cfg.seed),
     ]  # fmt: skip
-    return measure_point(server.address, argv)
+    p = argparse.ArgumentParser()
+    add_bench_serve_args(p)
+    return bench_serve_config(p.parse_args(argv))
 
 
-def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> RouterPoint:
-    _harness(cfg, server, streams, streams)  # warm-up: one wave, not measured
-    time.sleep(2 * _PUBLISH_S)
-    (cpu0, pool0, waits0, firsts0), client0, t0 = server.stats(), time.process_time(), time.perf_counter()
-    m = _harness(cfg, server, streams, cfg.requests_per_stream * streams)
+async def measure(
+    cfg: BenchRouterConfig, server: ServerChild, gen: LoadGenerator, streams: int
+) -> RouterPoint:
+    """One wave of `streams` requests (warm-up, not measured), then requests_per_stream waves with
+    `streams` open at once; the CPU window is the measured run alone."""
+    n = cfg.requests_per_stream * streams
+    fixed_in, fixed_out = (
+        LengthRange(cfg.input_len, cfg.input_len),
+        LengthRange(cfg.output_len, cfg.output_len),
+    )
+    reqs = random_requests(streams + n, fixed_in, fixed_out, SYNTHETIC_MODEL.vocab_size, cfg.seed + streams)
+    await gen.run(reqs[:streams], [0.0] * streams, streams)
+    await asyncio.sleep(2 * _PUBLISH_S)
+    (cpu0, pool0, waits0, firsts0), t0 = server.stats(), time.perf_counter()
+    records, client_cpu = await gen.run(reqs[streams:], [0.0] * n, streams)
     wall = time.perf_counter() - t0
-    time.sleep(2 * _PUBLISH_S)
-    (cpu1, pool1, waits1, firsts1), client1 = server.stats(), time.process_time()
+    await asyncio.sleep(2 * _PUBLISH_S)
+    cpu1, pool1, waits1, firsts1 = server.stats()
+    m = compute_metrics(records, Slo())
     server_cpu, pool_cpu = (cpu1 - cpu0) / wall, (pool1 - pool0) / wall
     synthetic_ttft_ms = (waits1 - waits0) / max(firsts1 - firsts0, 1) * 1e3
     return RouterPoint(
@@ -465,7 +494,8 @@ def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> Router
         server_cpu=server_cpu,
         pool_cpu=pool_cpu,
         router_cpu=server_cpu - pool_cpu,
-        client_cpu=(client1 - client0) / wall,
+        client_cpu=sum(client_cpu),
+        client_cpu_per_process=client_cpu,
         request_throughput=m.request_throughput,
         output_throughput=m.output_throughput,
         synthetic_ttft_ms=synthetic_ttft_ms,
@@ -474,11 +504,17 @@ def measure(cfg: BenchRouterConfig, server: ServerChild, streams: int) -> Router
     )
 
 
+async def _run_points(cfg: BenchRouterConfig, server: ServerChild) -> list[RouterPoint]:
+    async with load_generator(_harness_config(cfg, server)) as gen:
+        await gen.client.wait_ready(_START_TIMEOUT_S)
+        return [await measure(cfg, server, gen, s) for s in cfg.streams]
+
+
 def run_points(cfg: BenchRouterConfig) -> list[RouterPoint]:
     """Every --streams value in turn, on one server."""
     server = ServerChild(cfg)
     try:
-        return [measure(cfg, server, s) for s in cfg.streams]
+        return asyncio.run(_run_points(cfg, server))
     finally:
         server.stop()
 
@@ -499,7 +535,7 @@ def format_table(points: Sequence[RouterPoint]) -> str:
             f"{p.server_cpu:.2f}",
             f"{p.pool_cpu:.2f}",
             f"{p.router_cpu:.2f}",
-            f"{p.client_cpu:.2f}",
+            "/".join(f"{c:.2f}" for c in p.client_cpu_per_process),
             f"{p.request_throughput:.1f}",
             f"{p.output_throughput:.0f}",
             pct(p.added_ttft_ms),
@@ -523,9 +559,19 @@ def run_bench_router(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{cfg.workers} synthetic workers, step {cfg.step_ms:g} ms, ttft {cfg.ttft_ms:g} ms, ")
     sys.stdout.write(f"{os.cpu_count()} CPUs; CPU figures are CPU-seconds per wall-second\n")
     sys.stdout.write(format_table(points))
+    for p in points:
+        warning = client_cpu_warning(p.client_cpu_per_process)
+        if warning is not None:
+            sys.stderr.write(f"kvrelay: warning: {p.streams} streams: {warning}\n")
     if cfg.json_path is not None:
         settings = asdict(cfg) | {"json_path": str(cfg.json_path), "cpu_count": os.cpu_count()}
-        doc = {"settings": settings, "points": [asdict(p) for p in points]}
+        doc = {
+            "settings": settings,
+            "points": [
+                asdict(p) | {"client_cpu_warning": client_cpu_warning(p.client_cpu_per_process)}
+                for p in points
+            ],
+        }
         try:
             cfg.json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         except OSError as e:

@@ -1,11 +1,15 @@
-"""`kvrelay bench serve`: a load test of a running kvrelay server over gRPC, from one process.
+"""`kvrelay bench serve`: a load test of a running kvrelay server over gRPC or HTTP.
 
     kvrelay bench serve --server 127.0.0.1:50051 --workload sharegpt --num-requests 500 \\
         --request-rate 4,8,16 --json out.json --report out.md --plot-dir plots/
+    kvrelay bench serve --protocol http --server 127.0.0.1:8000 --client-processes 4
 
-One asyncio event loop drives every stream through `AsyncKvrelayClient`; a request's times are
-taken as its messages arrive (`bench_metrics.RequestRecord`). A run is: warm-up requests (waited
-for, excluded), a scrape of the server's Prometheus counters (with `--metrics-url`), the measured
+An asyncio event loop drives every stream through `AsyncKvrelayClient` (gRPC) or
+`bench_http.HttpBenchClient` (the OpenAI API's streaming completions); a request's times are taken
+as its messages arrive (`bench_metrics.RequestRecord`). With `--client-processes N` N processes
+each run such a loop over their share of the schedule and their records are merged
+(`bench_clients.py`); each process's own CPU is reported, with a warning when one is saturated.
+A run is: warm-up requests (waited for, excluded), a scrape of the server's Prometheus counters (with `--metrics-url`), the measured
 requests sent on their arrival schedule, a second scrape. `--request-rate` or `--max-concurrency`
 given as a comma-separated list makes a sweep: one run per value, same requests each time.
 Bad flags raise ValueError naming the flag (the CLI prints one line, exit 2); a request that fails
@@ -27,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvrelay.cluster.bench_clients import LoadGenerator, load_generator
 from kvrelay.cluster.bench_metrics import (
-    BenchMetrics,
     RequestRecord,
     ServerDelta,
     Slo,
@@ -56,12 +60,19 @@ log = logging.getLogger("kvrelay")
 # stream before the closing scrape so the run's last steps are in it.
 _SCRAPE_SETTLE_S = 0.5
 _CONNECT_TIMEOUT_S = 10.0
+_MAX_CLIENT_PROCESSES = 256
 
 
 def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of `kvrelay bench serve`. Values are checked by `BenchServeConfig`, not argparse,
     so that every bad value is one line naming its flag."""
-    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the kvrelay server")
+    p.add_argument(
+        "--server", default="127.0.0.1:50051", help="gRPC: HOST:PORT; http: the API's HOST:PORT or base URL"
+    )
+    p.add_argument("--protocol", default="grpc", help="grpc (default) or http (OpenAI /v1/completions)")
+    p.add_argument(
+        "--client-processes", default="1", help="load-generator processes, N or auto (by cores); default 1"
+    )
     p.add_argument("--workload", default="random", help=f"one of {', '.join(WORKLOADS)}")
     p.add_argument("--num-requests", type=int, default=100, help="measured requests per run")
     p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
@@ -138,6 +149,8 @@ class BenchServeConfig:
     ignore_eos: bool
     request_timeout_s: float
     slo: Slo
+    protocol: str = "grpc"  # or "http"
+    client_processes: int = 1
     metrics_url: str | None = None
     json_path: Path | None = None
     report_path: Path | None = None
@@ -152,6 +165,14 @@ class BenchServeConfig:
                 f"--workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}",
             ),
             (self.num_requests >= 1, f"--num-requests must be >= 1, got {self.num_requests}"),
+            (
+                self.protocol in ("grpc", "http"),
+                f"--protocol must be grpc or http, got {self.protocol!r}",
+            ),
+            (
+                1 <= self.client_processes <= _MAX_CLIENT_PROCESSES,
+                f"--client-processes must be 1 to {_MAX_CLIENT_PROCESSES} (or auto), got {self.client_processes}",
+            ),
             (self.warmup_requests >= 0, f"--warmup-requests must be >= 0, got {self.warmup_requests}"),
             (
                 self.duration_s is None or self.duration_s > 0,
@@ -204,6 +225,17 @@ class BenchServeConfig:
         return [(r, c) for r in self.rates for c in self.concurrencies]
 
 
+def parse_client_processes(text: str) -> int:
+    from kvrelay.cluster.bench_clients import auto_client_processes
+
+    if str(text).strip().lower() == "auto":
+        return auto_client_processes()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--client-processes: expected an integer or auto, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
     conc: tuple[int | None, ...] = (None,)
     if args.max_concurrency is not None:
@@ -233,6 +265,8 @@ def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
         temperature=args.temperature,
         ignore_eos=not args.no_ignore_eos,
         request_timeout_s=args.request_timeout,
+        protocol=args.protocol,
+        client_processes=parse_client_processes(args.client_processes),
         slo=Slo(
             _slo_ms(args.slo_ttft_ms, "--slo-ttft-ms"),
             _slo_ms(args.slo_tpot_ms, "--slo-tpot-ms"),
@@ -308,6 +342,30 @@ async def send_one(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> Req
     return rec
 
 
+def open_client(cfg: BenchServeConfig) -> Any:
+    """The client of --protocol, not yet connected: an async context manager with `wait_ready`,
+    `model_info` and `generate` (gRPC's `AsyncKvrelayClient`, or `HttpBenchClient`)."""
+    if cfg.protocol == "http":
+        try:
+            from kvrelay.cluster.bench_http import HttpBenchClient
+        except ImportError:
+            raise ValueError("--protocol http needs httpx: pip install 'kvrelay[bench]'") from None
+
+        # connections >= the streams open at once (None: no limit), so keep-alive is never short
+        concs = [c for c in cfg.concurrencies if c is not None]
+        limit = max(concs) if len(concs) == len(cfg.concurrencies) else None
+        return HttpBenchClient(cfg.server, limit)
+    from kvrelay.cluster.client import AsyncKvrelayClient
+
+    return AsyncKvrelayClient(cfg.server)
+
+
+async def send_request(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> RequestRecord:
+    if cfg.protocol == "http":
+        return await client.send(req, cfg.temperature, cfg.ignore_eos, cfg.request_timeout_s)
+    return await send_one(client, req, cfg)
+
+
 async def drive(
     client: Any,
     requests: list[BenchRequest],
@@ -315,22 +373,24 @@ async def drive(
     max_concurrency: int | None,
     cfg: BenchServeConfig,
     on_done: Any = None,
+    start: float | None = None,
 ) -> list[RequestRecord]:
-    """Sends each request at its offset (seconds from now) with at most max_concurrency streams
-    open; a request waiting for a slot is sent when one frees (its TTFT starts then). With
-    --duration, nothing is sent after that many seconds. Returns the records of requests sent."""
-    start = time.perf_counter()
+    """Sends each request at its offset (seconds from `start`, a `time.perf_counter()` value;
+    default now) with at most max_concurrency streams open; a request waiting for a slot is sent
+    when one frees (its TTFT starts then). With --duration, nothing is sent after that many
+    seconds. Returns the records of requests sent."""
+    start = time.perf_counter() if start is None else start
     deadline = math.inf if cfg.duration_s is None else start + cfg.duration_s
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
 
     async def one(req: BenchRequest) -> RequestRecord | None:
         if slots is None:
-            rec = await send_one(client, req, cfg)
+            rec = await send_request(client, req, cfg)
         else:
             async with slots:
                 if time.perf_counter() >= deadline:
                     return None
-                rec = await send_one(client, req, cfg)
+                rec = await send_request(client, req, cfg)
         if on_done is not None:
             on_done()
         return rec
@@ -355,19 +415,19 @@ def scrape(url: str) -> dict[str, float]:
 
 
 async def run_point(
-    client: Any, cfg: BenchServeConfig, requests: list[BenchRequest], rate: float, conc: int | None
-) -> BenchMetrics:
+    gen: LoadGenerator, cfg: BenchServeConfig, requests: list[BenchRequest], rate: float, conc: int | None
+) -> BenchPoint:
     """One warm-up + measured run at this rate and concurrency."""
     from tqdm import tqdm
 
     warm, measured = requests[: cfg.warmup_requests], requests[cfg.warmup_requests :]
     if warm:
-        await drive(client, warm, [0.0] * len(warm), conc, cfg)
+        await gen.run(warm, [0.0] * len(warm), conc)
     before = scrape(cfg.metrics_url) if cfg.metrics_url else None
-    offsets = arrival_offsets(len(measured), rate, cfg.burstiness, cfg.seed + 1)
+    offsets = [float(o) for o in arrival_offsets(len(measured), rate, cfg.burstiness, cfg.seed + 1)]
     desc = f"rate {rate:g}" + ("" if conc is None else f", concurrency {conc}")
     with tqdm(total=len(measured), desc=desc, unit="req", disable=True if not cfg.progress else None) as bar:
-        records = await drive(client, measured, offsets, conc, cfg, on_done=lambda: bar.update(1))
+        records, cpu = await gen.run(measured, offsets, conc, bar.update)
     delta: ServerDelta | None = None
     if before is not None and cfg.metrics_url:
         await asyncio.sleep(_SCRAPE_SETTLE_S)
@@ -375,27 +435,27 @@ async def run_point(
             delta = server_delta(before, scrape(cfg.metrics_url))
         except ValueError as e:
             log.warning("no server-side figures for this run: %s", e)
-    return compute_metrics(records, cfg.slo, delta)
+    point = BenchPoint(rate, conc, compute_metrics(records, cfg.slo, delta), cpu)
+    if point.client_warning is not None:
+        sys.stderr.write(f"kvrelay: warning: {desc}: {point.client_warning}\n")
+    return point
 
 
 async def run(cfg: BenchServeConfig) -> BenchRun:
-    from kvrelay.cluster.client import AsyncKvrelayClient, KvrelayError
+    from kvrelay.cluster.client import KvrelayError
 
-    async with AsyncKvrelayClient(cfg.server) as client:
+    async with load_generator(cfg) as gen:
         try:
-            await client.wait_ready(_CONNECT_TIMEOUT_S)
-            info = await client.model_info(timeout=_CONNECT_TIMEOUT_S)
+            await gen.client.wait_ready(_CONNECT_TIMEOUT_S)
+            info = await gen.client.model_info(timeout=_CONNECT_TIMEOUT_S)
             requests = build_requests(cfg, info)
             if cfg.prompt_kind == "text":
-                requests = await text_prompts(client, requests, int(info.max_model_len))
+                requests = await text_prompts(gen.client, requests, int(info.max_model_len))
         except KvrelayError as e:
             raise ValueError(f"--server {cfg.server}: {e.code.name}: {e.details}") from None
-        points = [
-            BenchPoint(rate, conc, await run_point(client, cfg, requests, rate, conc))
-            for rate, conc in cfg.points
-        ]
+        points = [await run_point(gen, cfg, requests, rate, conc) for rate, conc in cfg.points]
     server = {"model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
-    return BenchRun(cfg.settings, server, points, cfg.sweep)
+    return BenchRun(cfg.settings | {"protocol": cfg.protocol}, server, points, cfg.sweep)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ class OpenAIApi:
         card: JSON = {"id": self.model, "object": "model", "created": self._created, "owned_by": "kvrelay"}
         if limits is not None:
             card["max_model_len"] = limits.max_model_len
+            card["vocab_size"] = limits.vocab_size  # kvrelay's: load generators draw token ids below it
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
@@ -173,6 +174,8 @@ class OpenAIApi:
             num_top_logprobs=req.num_top_logprobs,
             want_logprobs=want_logprobs,
             tokenizer=None if codec is None else codec.tokenizer,
+            continuous_usage=req.stream and req.continuous_usage,
+            prompt_tokens=len(stream.prompt_ids),
         )
         if req.stream:
             events = self._events(request, stream, completion, req.include_usage, arrival)

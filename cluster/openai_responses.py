@@ -54,6 +54,9 @@ class Completion:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     text_offset: int = 0  # completions' logprobs.text_offset: characters of output so far
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (with include_usage)
+    prompt_tokens: int = 0  # the prompt's length, for the usage of chunks before the last
+    completion_tokens: int = 0  # tokens streamed so far
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
@@ -127,9 +130,13 @@ class Completion:
             "logprobs": None,
             "finish_reason": None,
         }
-        return self._chunk([choice], include_usage)
+        chunk = self._chunk([choice], include_usage)
+        if include_usage and self.continuous_usage:
+            chunk["usage"] = self._usage_so_far()
+        return chunk
 
     def chunk(self, resp: pb.GenerateResponse, include_usage: bool) -> JSON:
+        self.completion_tokens += len(resp.token_ids)
         finish = FINISH_REASONS[resp.finish_reason] if resp.HasField("usage") else None
         choice: JSON = {"index": 0}
         if self.chat:
@@ -138,7 +145,15 @@ class Completion:
             choice["text"] = resp.text
         choice["logprobs"] = self.logprobs(resp.logprobs)
         choice["finish_reason"] = finish
-        return self._chunk([choice], include_usage)
+        chunk = self._chunk([choice], include_usage)
+        if include_usage and self.continuous_usage:
+            # the last response carries the server's own counts (cached tokens too)
+            chunk["usage"] = usage(resp) if resp.HasField("usage") else self._usage_so_far()
+        return chunk
+
+    def _usage_so_far(self) -> JSON:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def usage_chunk(self, last: pb.GenerateResponse) -> JSON:
         """include_usage's final chunk: no choices, the request's usage."""

@@ -31,6 +31,9 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # vLLM's extension: with include_usage, every chunk carries the usage so far (cumulative
+    # completion_tokens), so a client can count each chunk's tokens without logprobs.
+    continuous_usage_stats: bool = False
 
 
 class _Sampling(_Body):
@@ -64,6 +67,14 @@ class _Sampling(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return (
+            self.include_usage
+            and self.stream_options is not None
+            and self.stream_options.continuous_usage_stats
+        )
 
     def _sampling(self, max_tokens: int | None, logprobs: int) -> pb.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())

@@ -3,21 +3,35 @@ counts, aborts), and a short real run (server child, harness, CPU and added-late
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kvrelay.cli import main
-from kvrelay.cluster.bench_router import SYNTHETIC_MODEL, SyntheticPool
+from kvrelay.cluster.bench_router import (
+    SYNTHETIC_MODEL,
+    SyntheticPool,
+    _harness_config,
+    add_bench_router_args,
+    config_from_args,
+)
 from kvrelay.worker.protocol import TokenDelta, WorkRequest
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampling_params import SamplingParams
 
 STEP_S = 0.01
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_bench_router_args(p)
+    return p
 
 
 def work(rid: str, max_tokens: int, **params: Any) -> WorkRequest:
@@ -108,10 +122,22 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert p["output_tokens"] == 6 * p["completed"]  # every request its exact max_tokens
         assert math.isfinite(p["server_cpu"]) and 0 < p["server_cpu"] < 64
         assert 0 <= p["pool_cpu"] <= p["server_cpu"]
+        assert len(p["client_cpu_per_process"]) == 1 and 0 < p["client_cpu_per_process"][0] < 2
+        assert p["client_cpu"] == pytest.approx(sum(p["client_cpu_per_process"]))
         # A first token no earlier than ttft - step/2 (the nearest tick), a next one a step later.
         assert p["added_ttft_ms"]["p50"] >= -5.5
         assert p["added_itl_ms"]["p50"] >= -2.0
         assert p["added_ttft_ms"]["p50"] <= p["added_ttft_ms"]["p90"] <= p["added_ttft_ms"]["p99"]
+
+
+def test_bench_router_passes_its_client_processes_to_the_load_generator() -> None:
+    """(The multi-process load generator itself runs in test_bench_loadgen.py; a 2-process run here
+    would put 3 busy processes on CI's 2 cores and make the latency bounds above flaky.)"""
+    cfg = config_from_args(build_parser().parse_args(["--streams", "8", "--client-processes", "3"]))
+    server = SimpleNamespace(address="127.0.0.1:1")
+    harness = _harness_config(cfg, server)  # type: ignore[arg-type]
+    assert (harness.client_processes, harness.server, harness.protocol) == (3, "127.0.0.1:1", "grpc")
+    assert (harness.input_len.hi, harness.output_len.hi) == (cfg.input_len, cfg.output_len)
 
 
 def test_bench_router_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
