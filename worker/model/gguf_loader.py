@@ -166,7 +166,9 @@ def dequantize_tensor(tensor: Any, path: Path) -> np.ndarray:
         raise ValueError(
             f"{path}: tensor {tensor.name!r} has quantization type {qtype.name}, which cannot be dequantized"
         ) from None
-    return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    # F32 tensors come back as views of the read-only memory map; torch wants a writable array.
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def load_gguf_model(
