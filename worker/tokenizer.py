@@ -91,6 +91,8 @@ class Tokenizer:
 
         path = Path(path)
         parts = gguf_tokenizer_parts(open_gguf(path), path)
+        if parts is None:
+            raise ValueError(f"{path}: no tokenizer (metadata key 'tokenizer.ggml.model' is absent)")
         return cls(name=str(path), **parts)
 
     @classmethod
@@ -99,7 +101,11 @@ class Tokenizer:
         directory has no tokenizer.json (the model then serves token-id prompts only)."""
         path = Path(model_path)
         if path.suffix.lower() == ".gguf":
-            return cls.from_gguf(path)
+            from kvrelay.worker.gguf_tokenizer import gguf_tokenizer_parts
+            from kvrelay.worker.model.gguf_loader import open_gguf
+
+            parts = gguf_tokenizer_parts(open_gguf(path), path)
+            return None if parts is None else cls(name=str(path), **parts)
         return cls.from_dir(path) if (path / "tokenizer.json").is_file() else None
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:

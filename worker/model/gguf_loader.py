@@ -166,6 +166,10 @@ def dequantize_tensor(tensor: Any, path: Path) -> np.ndarray:
         raise ValueError(
             f"{path}: tensor {tensor.name!r} has quantization type {qtype.name}, which cannot be dequantized"
         ) from None
+    except ValueError as e:  # bytes that do not fit the type's block size: a corrupt file
+        raise ValueError(
+            f"{path}: tensor {tensor.name!r} ({qtype.name}) cannot be dequantized: {e}"
+        ) from None
     arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
     # F32 tensors come back as views of the read-only memory map; torch wants a writable array.
     return arr if arr.flags.writeable else arr.copy()
