@@ -83,7 +83,7 @@ def gguf_tokenizer_parts(reader: Any, path: Path) -> dict[str, Any] | None:
 
 
 def _byte_level(tokens: list[str], merges: list[str], pre: str | None) -> Backend:
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
     backend = Backend(
         models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, ignore_merges=False)
     )
