@@ -102,3 +102,25 @@ def _finish(w: GGUFWriter) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_spm_vocab_gguf(out: Path) -> Path:
+    """A tokenizer-only GGUF with a small SentencePiece-style ("llama") vocabulary: <unk> <s> </s>,
+    256 byte-fallback tokens <0xNN>, then pieces whose scores fix the merge order."""
+    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "\u2581h", "ll", "ell", "hell", "\u2581hell", "\u2581hello",
+              "lo", "ld", "\u2581w", "or", "\u2581wor", "\u2581world", "\u2581t", "t", "x"]  # fmt: skip
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    # Longer pieces score higher, as SentencePiece BPE's merge ranks do.
+    scores = [0.0, 0.0, 0.0, *([0.0] * 256), *(-100.0 + len(p) * 10 - i * 0.01 for i, p in enumerate(pieces))]
+    types = [2, 3, 3, *([6] * 256), *([1] * len(pieces))]  # unknown, control, byte, normal
+    w = GGUFWriter(str(out), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    _finish(w)
+    return out
