@@ -124,3 +124,24 @@ def write_spm_vocab_gguf(out: Path) -> Path:
     w.add_add_bos_token(True)
     _finish(w)
     return out
+
+
+def write_byte_bpe_gguf(out: Path, pre: str) -> Path:
+    """A tokenizer-only GGUF with a small GPT-2-style ("gpt2") byte-level BPE vocabulary and the
+    pre-tokenizer name ``pre`` (tokenizer.ggml.pre); one control token, <|endoftext|>."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())  # 256 byte spellings, "Ġ" is the space
+    merges = ["Ġ t", "h e", "Ġt he", "l l", "e ll", "h ell", "hell o", "1 2", "12 3", "Ġ w", "o r", "Ġw or"]
+    tokens = [*alphabet, *(m.replace(" ", "") for m in merges), "<|endoftext|>"]
+    w = GGUFWriter(str(out), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_add_bos_token(False)
+    _finish(w)
+    return out

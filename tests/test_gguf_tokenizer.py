@@ -47,3 +47,17 @@ def test_tokenizer_load_picks_gguf_and_errors(tmp_path: Path) -> None:
     bad.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"bad\.gguf: not a readable GGUF file"):
         Tokenizer.from_gguf(bad)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt2"])
+def test_byte_level_pre_tokenizers_match_transformers(tmp_path: Path, pre: str) -> None:
+    from gguf_helpers import write_byte_bpe_gguf
+    from transformers import AutoTokenizer
+
+    path = write_byte_bpe_gguf(tmp_path / "bpe.gguf", pre)
+    ours = Tokenizer.from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["hello the world", "  the   12345 hello\n\n world", "I'm HELLO<|endoftext|>é 日本"]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text), (pre, text)
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids), (pre, text)
