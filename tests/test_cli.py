@@ -72,8 +72,8 @@ def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> Non
         ),
         (['{"messages": [{"role": "user"}]}'], "line 1: 'messages' must be a non-empty list of"),
         (
-            ['{"messages": [{"role": "robot", "content": "x"}]}'],
-            "prompt 1: chat: messages[0].role must be one of",
+            ['{"messages": [{"role": "", "content": "x"}]}'],
+            "prompt 1: chat: messages[0].role must be a string of 1 to 64 characters",
         ),
         (["not json"], "line 1: not valid JSON"),
         (['{"text": "a"}', '{"text": "b", "temprature": 1}'], "line 2: unknown field 'temprature'"),
