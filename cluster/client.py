@@ -2,6 +2,7 @@
 
     with KvrelayClient("127.0.0.1:50051") as client:
         print(client.generate("Hello", max_tokens=8).text)
+        print(client.generate([{"role": "user", "content": "Hi"}]).text)  # chat template, server side
         for chunk in client.stream([1, 2, 3], max_tokens=64, timeout=10.0):
             print(chunk.token_ids, chunk.text)
 
@@ -27,7 +28,7 @@ import os
 from collections.abc import AsyncGenerator, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeGuard, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -213,8 +214,27 @@ def _check_uint(field: str, value: int, bound: int = _UINT32) -> int:
     return value
 
 
+# A prompt: text, token ids, or a conversation of {"role", "content"} messages (sent as `chat`,
+# rendered by the server with the model's chat template).
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def is_chat(prompt: Prompt) -> TypeGuard[Sequence[Mapping[str, str]]]:
+    return not isinstance(prompt, str) and len(prompt) > 0 and isinstance(prompt[0], Mapping)
+
+
+def _chat_message(i: int, m: Mapping[str, str]) -> pb.ChatMessage:
+    role, content = (
+        m.get("role") if isinstance(m, Mapping) else None,
+        m.get("content") if isinstance(m, Mapping) else None,
+    )
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise ValueError(f"chat: messages[{i}] must be a {{'role': str, 'content': str}} mapping, got {m!r}")
+    return pb.ChatMessage(role=role, content=content)
+
+
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     max_tokens: int = 16,
     temperature: float = 0.0,
@@ -254,7 +274,10 @@ def build_request(
     )
     if isinstance(prompt, str):
         return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
-    ids = [_check_uint("prompt token id", t) for t in prompt]
+    if is_chat(prompt):
+        chat = pb.ChatMessages(messages=[_chat_message(i, m) for i, m in enumerate(prompt)])
+        return pb.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling)
+    ids = [_check_uint("prompt token id", t) for t in cast("Sequence[int]", prompt)]
     return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=ids), sampling=sampling)
 
 
@@ -358,7 +381,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_tokens: int = 16,
         temperature: float = 0.0,
@@ -387,7 +410,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_tokens: int = 16,
         temperature: float = 0.0,

@@ -27,7 +27,7 @@ class ModelDescription:
     block_size: int
     # Total KV capacity of ONE worker in tokens: a request larger than this can never run.
     kv_capacity_tokens: int
-    model_dir: str | None  # where the router loads tokenizer.json from; None = token ids only
+    model_dir: str | None  # a HF dir or .gguf file the router loads the tokenizer from; None = token ids only
 
 
 class WorkerClient(Protocol):

@@ -20,7 +20,6 @@ import functools
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
@@ -48,12 +47,10 @@ class TextCodec:
 
     @classmethod
     def load(cls, model: ModelDescription, **kwargs: int) -> TextCodec:
-        """The model's tokenizer when its directory has a tokenizer.json, else a codec without text."""
-        tokenizer = None
-        if model.model_dir is not None and (Path(model.model_dir) / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_dir(model.model_dir)
-        else:
-            log.info("model %s has no tokenizer.json: serving token-id prompts only", model.model)
+        """The model's tokenizer (a GGUF file's, or a directory's tokenizer.json), else a codec without text."""
+        tokenizer = Tokenizer.load(model.model_dir) if model.model_dir is not None else None
+        if tokenizer is None:
+            log.info("model %s has no tokenizer: serving token-id prompts only", model.model)
         return cls(tokenizer, **kwargs)
 
     @property

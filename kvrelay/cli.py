@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kvrelay.worker.config import DTYPES
 
@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a text prompt")
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
-    src.add_argument("--prompts-file", type=Path, help="JSONL: {'text': ...} or {'prompt_ids': [...]} a line")
+    src.add_argument("--chat", help="a one-turn user message, rendered with the model's chat template")
+    src.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="JSONL: {'text': ...}, {'prompt_ids': [...]} or {'messages': [{'role', 'content'}, ...]} a line",
+    )
     g.add_argument("--max-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -151,12 +156,17 @@ def _parse_ids(text: str, where: str) -> list[int]:
         raise CliError(f"{where}: expected comma-separated integers, got {text!r}") from None
 
 
-def _read_prompts_file(path: Path) -> list[tuple[str | list[int], dict[str, Any]]]:
+# A prompt as the CLI carries it: text, token ids, or chat messages.
+CliPrompt = str | list[int] | list[dict[str, str]]
+_PROMPT_KEYS = ("text", "prompt_ids", "messages")
+
+
+def _read_prompts_file(path: Path) -> list[tuple[CliPrompt, dict[str, Any]]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise CliError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
-    prompts: list[tuple[str | list[int], dict[str, Any]]] = []
+    prompts: list[tuple[CliPrompt, dict[str, Any]]] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -167,10 +177,16 @@ def _read_prompts_file(path: Path) -> list[tuple[str | list[int], dict[str, Any]
             raise CliError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise CliError(f"{where}: expected a JSON object")
-        if ("text" in obj) == ("prompt_ids" in obj):
-            raise CliError(f"{where}: give exactly one of 'text' or 'prompt_ids'")
-        prompt = obj.pop("text", None) if "text" in obj else obj.pop("prompt_ids")
-        if isinstance(prompt, list):
+        keys = [k for k in _PROMPT_KEYS if k in obj]
+        if len(keys) != 1:
+            raise CliError(f"{where}: give exactly one of 'text', 'prompt_ids' or 'messages'")
+        prompt = obj.pop(keys[0])
+        if keys[0] == "messages":
+            if not isinstance(prompt, list) or not prompt or not all(_is_message(m) for m in prompt):
+                raise CliError(
+                    f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}"
+                )
+        elif isinstance(prompt, list):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise CliError(f"{where}: 'prompt_ids' must be a list of integers")
         elif not isinstance(prompt, str):
@@ -179,7 +195,8 @@ def _read_prompts_file(path: Path) -> list[tuple[str | list[int], dict[str, Any]
             want = _SAMPLING_FIELDS.get(key)
             if want is None:
                 raise CliError(
-                    f"{where}: unknown field {key!r} (allowed: text, prompt_ids, {', '.join(_SAMPLING_FIELDS)})"
+                    f"{where}: unknown field {key!r} (allowed: text, prompt_ids, messages, "
+                    f"{', '.join(_SAMPLING_FIELDS)})"
                 )
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise CliError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
@@ -187,6 +204,10 @@ def _read_prompts_file(path: Path) -> list[tuple[str | list[int], dict[str, Any]
     if not prompts:
         raise CliError(f"--prompts-file: {path} holds no prompts")
     return prompts
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -208,6 +229,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         items = _read_prompts_file(args.prompts_file)
     elif args.prompt_ids is not None:
         items = [(_parse_ids(args.prompt_ids, "--prompt-ids"), {})]
+    elif args.chat is not None:
+        items = [([{"role": "user", "content": args.chat}], {})]
     else:
         items = [(args.prompt, {})]
     params = []
@@ -223,16 +246,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         rows = _generate_remote(args, args.server, items, params)
     else:
         engine = Engine(_engine_config(args))
-        rows = [out.to_json() for out in engine.generate([p for p, _ in items], params)]
+        prompts = [_local_prompt(engine, p, i) for i, (p, _) in enumerate(items)]
+        rows = [out.to_json() for out in engine.generate(prompts, params)]
     for row in rows:
         print(json.dumps(row, ensure_ascii=False) if args.json else row["text"])
     return 0
 
 
+def _local_prompt(engine: Any, prompt: CliPrompt, i: int) -> str | list[int]:
+    """Chat messages rendered with the model's template here (the server does it in remote mode)."""
+    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
+        return cast("str | list[int]", prompt)
+    if engine.tokenizer is None:
+        raise CliError(f"prompt {i + 1}: chat: model {engine.config.model} has no tokenizer")
+    try:
+        return cast("list[int]", engine.tokenizer.apply_chat_template(prompt))
+    except ValueError as e:
+        raise CliError(f"prompt {i + 1}: {e}") from None
+
+
 def _generate_remote(
     args: argparse.Namespace,
     server: str,
-    items: list[tuple[str | list[int], dict[str, Any]]],
+    items: list[tuple[CliPrompt, dict[str, Any]]],
     params: list[Any],
 ) -> list[dict[str, Any]]:
     """All prompts sent at once over gRPC (so the server batches them); results in input order."""
@@ -245,7 +281,7 @@ def _generate_remote(
     async def run() -> list[dict[str, Any]]:
         async with AsyncKvrelayClient(server, **connection) as client:
 
-            async def one(prompt: str | list[int], p: Any) -> dict[str, Any]:
+            async def one(prompt: CliPrompt, p: Any) -> dict[str, Any]:
                 r = await client.generate(
                     prompt,
                     max_tokens=p.max_tokens,

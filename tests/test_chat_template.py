@@ -95,8 +95,10 @@ def test_errors(tmp_path: Path) -> None:
         tok.apply_chat_template([user, user])
     with pytest.raises(ValueError, match=r"^chat: messages must hold at least 1 message, got 0$"):
         tok.apply_chat_template([])
-    with pytest.raises(ValueError, match=r"^chat: messages\[1\]\.role must be one of .*got 'robot'$"):
-        tok.apply_chat_template([user, {"role": "robot", "content": "x"}])
+    with pytest.raises(
+        ValueError, match=r"^chat: messages\[1\]\.role must be a string of 1 to 64 characters, got ''$"
+    ):
+        tok.apply_chat_template([user, {"role": "", "content": "x"}])
     with pytest.raises(ValueError, match=r"^chat: messages\[0\]\.content must be a string, got int$"):
         tok.apply_chat_template([{"role": "user", "content": 3}])  # type: ignore[dict-item]
     with pytest.raises(

@@ -89,7 +89,15 @@ def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        (['{"text": "a", "prompt_ids": [1]}'], "line 1: give exactly one of 'text' or 'prompt_ids'"),
+        (
+            ['{"text": "a", "prompt_ids": [1]}'],
+            "line 1: give exactly one of 'text', 'prompt_ids' or 'messages'",
+        ),
+        (['{"messages": [{"role": "user"}]}'], "line 1: 'messages' must be a non-empty list of"),
+        (
+            ['{"messages": [{"role": "", "content": "x"}]}'],
+            "prompt 1: chat: messages[0].role must be a string of 1 to 64 characters",
+        ),
         (["not json"], "line 1: not valid JSON"),
         (['{"text": "a"}', '{"text": "b", "temprature": 1}'], "line 2: unknown field 'temprature'"),
         (['{"prompt_ids": [1, "x"]}'], "line 1: 'prompt_ids' must be a list of integers"),
@@ -115,4 +123,24 @@ def test_generate_errors_are_one_line(
 def test_generate_bad_model_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run_cli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], capsys)
     assert code == 2
-    assert "is not 'tiny' nor an existing directory" in err
+    assert "is not 'tiny', 'smollm2', a .gguf file nor an existing directory" in err
+
+
+def test_generate_chat_on_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--chat and a prompts-file 'messages' line are rendered with the model's template: the prompt
+    is exactly transformers' apply_chat_template ids for the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from kvrelay.worker.model.tiny import tiny_model_dir
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ça va ?"}]
+    ref = AutoTokenizer.from_pretrained(tiny_model_dir())
+    expected = list(ref.apply_chat_template(conv, add_generation_prompt=True, return_dict=False))
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"messages": conv, "max_tokens": 2}) + "\n")
+    code, out, _ = run_cli(["generate", "--prompts-file", str(f), "--json"], capsys)
+    assert code == 0 and json.loads(out)["prompt_tokens"] == len(expected)
+    one_turn = [{"role": "user", "content": "Hi"}]
+    code, out, _ = run_cli(["generate", "--chat", "Hi", "--max-tokens", "2", "--json"], capsys)
+    want = ref.apply_chat_template(one_turn, add_generation_prompt=True, return_dict=False)
+    assert code == 0 and json.loads(out)["prompt_tokens"] == len(want)

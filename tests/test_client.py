@@ -80,6 +80,11 @@ class FakeGeneration(pb_grpc.GenerationServicer):
             }[prompt]
             finish = pb.FINISH_REASON_UNSPECIFIED if prompt == "no-finish" else pb.FINISH_REASON_STOP
             yield pb.GenerateResponse(request_id=rid, text=text, finish_reason=finish, usage=usage)
+        elif request.WhichOneof("prompt") == "chat":  # one chunk naming the roles it got
+            roles = ",".join(m.role for m in request.chat.messages)
+            yield pb.GenerateResponse(
+                request_id=rid, text=roles, finish_reason=pb.FINISH_REASON_STOP, usage=usage
+            )
         elif prompt == "hang":
             yield pb.GenerateResponse(request_id=rid, token_ids=[1], text="a")
             try:
@@ -239,6 +244,18 @@ def test_generate_collects_and_defaults(client: KvrelayClient, fake: FakeGenerat
     result = client.generate("auth")
     assert (result.text, result.request_id, result.finish_reason) == ("<none>", "srv-1", "stop")
     assert fake.requests[-1].text == "auth"
+
+
+def test_generate_sends_chat_messages(client: KvrelayClient, fake: FakeGeneration) -> None:
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "日本語?"}]
+    assert client.generate(conv, max_tokens=3).text == "system,user"
+    req = fake.requests[-1]
+    assert req.WhichOneof("prompt") == "chat"
+    assert [(m.role, m.content) for m in req.chat.messages] == [("system", "Be brief."), ("user", "日本語?")]
+    with pytest.raises(
+        ValueError, match=r"^chat: messages\[1\] must be a \{'role': str, 'content': str\} mapping"
+    ):
+        client.generate([{"role": "user", "content": "x"}, {"role": "user"}])
 
 
 @pytest.mark.parametrize("code", FAILING_CODES, ids=[c.name for c in FAILING_CODES])

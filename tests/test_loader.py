@@ -235,7 +235,9 @@ def test_config_fields_per_architecture(tmp_path: Path) -> None:
 
 
 def test_resolve_model_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not 'tiny' nor an existing directory"):
+    with pytest.raises(
+        ValueError, match=r"is not 'tiny', 'smollm2', a \.gguf file nor an existing directory"
+    ):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"has no config\.json"):
         resolve_model(str(tmp_path))

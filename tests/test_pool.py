@@ -195,7 +195,10 @@ def test_a_worker_that_cannot_start_fails_start_with_its_one_line_cause(
     rec = Recorder()
     with pytest.raises(ValueError) as info:
         aio.run(bad.start(rec.on_deltas, rec.on_worker_down, rec.on_worker_up))
-    assert str(info.value) == "model: '/nonexistent' is not 'tiny' nor an existing directory"
+    assert (
+        str(info.value)
+        == "model: '/nonexistent' is not 'tiny', 'smollm2', a .gguf file nor an existing directory"
+    )
     assert bad.workers == [] and (rec.down, rec.up) == ([], [])
 
 

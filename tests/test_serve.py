@@ -220,6 +220,6 @@ def test_a_worker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
     err = "".join(p.stderr)
     assert code == 2, err
     assert err.strip().splitlines()[-1] == (
-        f"kvrelay: error: model: '{tmp_path / 'nope'}' is not 'tiny' nor an existing directory"
+        f"kvrelay: error: model: '{tmp_path / 'nope'}' is not 'tiny', 'smollm2', a .gguf file nor an existing directory"
     )
     assert "Traceback" not in err and "never retrieved" not in err, err

@@ -21,8 +21,9 @@ import jinja2.sandbox
 # A conversation longer than this is almost certainly a client bug; the token budget (max prompt
 # length) bounds the rest.
 MAX_CHAT_MESSAGES = 1024
-# Roles a template may meet. Templates are free to reject some (e.g. Gemma rejects "system").
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+# Roles are whatever the model's template knows ("system", "user", "assistant", "tool", Llama 3.1's
+# "ipython", ...): the template rejects the ones it does not; here only the shape is bounded.
+MAX_ROLE_CHARS = 64
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
@@ -42,8 +43,10 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, s
                 f"chat: messages[{i}] must be an object with role and content, got {type(m).__name__}"
             )
         role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise ValueError(f"chat: messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(role, str) or not 0 < len(role) <= MAX_ROLE_CHARS:
+            raise ValueError(
+                f"chat: messages[{i}].role must be a string of 1 to {MAX_ROLE_CHARS} characters, got {role!r}"
+            )
         if not isinstance(content, str):
             raise ValueError(f"chat: messages[{i}].content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})

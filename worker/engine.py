@@ -77,8 +77,7 @@ class Engine:
             self.model, self.model_config = load_model(
                 model_dir, self.dtype, self.device, self._attention_backend()
             )
-            if (model_dir / "tokenizer.json").exists():
-                self.tokenizer = Tokenizer.from_dir(model_dir)
+            self.tokenizer = Tokenizer.load(model_dir)
         self.max_model_len = self._max_model_len(self.model_config)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 

@@ -83,6 +83,31 @@ class Tokenizer:
             name=str(path),
         )
 
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer a GGUF file describes in its tokenizer.ggml.* metadata (and its chat template)."""
+        from kvrelay.worker.gguf_tokenizer import gguf_tokenizer_parts
+        from kvrelay.worker.model.gguf_loader import open_gguf
+
+        path = Path(path)
+        parts = gguf_tokenizer_parts(open_gguf(path), path)
+        if parts is None:
+            raise ValueError(f"{path}: no tokenizer (metadata key 'tokenizer.ggml.model' is absent)")
+        return cls(name=str(path), **parts)
+
+    @classmethod
+    def load(cls, model_path: str | Path) -> Tokenizer | None:
+        """The tokenizer of a resolved model path (a .gguf file or a HF directory); None when a
+        directory has no tokenizer.json (the model then serves token-id prompts only)."""
+        path = Path(model_path)
+        if path.suffix.lower() == ".gguf":
+            from kvrelay.worker.gguf_tokenizer import gguf_tokenizer_parts
+            from kvrelay.worker.model.gguf_loader import open_gguf
+
+            parts = gguf_tokenizer_parts(open_gguf(path), path)
+            return None if parts is None else cls(name=str(path), **parts)
+        return cls.from_dir(path) if (path / "tokenizer.json").is_file() else None
+
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the prompt text the model was trained on. Raises ValueError("chat: ...")."""
         if self.chat_template is None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from kvrelay.worker.attention.backend import AttentionBackend
 from kvrelay.worker.model.config import ModelConfig
 from kvrelay.worker.model.llama import LlamaForCausalLM
+from kvrelay.worker.model.smollm2 import SMOLLM2_NAME, smollm2_path
 from kvrelay.worker.model.tiny import tiny_model_dir
 
 logger = logging.getLogger("kvrelay")
@@ -41,12 +42,21 @@ _FUSED = {
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """``"tiny"`` -> the built-in model (written on first use); otherwise a local model directory."""
+    """``"tiny"`` -> the built-in model (written on first use); ``"smollm2"`` -> its GGUF file
+    (fetched on first use); a ``.gguf`` file; otherwise a local model directory."""
     if name_or_path == "tiny":
         return tiny_model_dir()
+    if name_or_path == SMOLLM2_NAME:
+        return smollm2_path()
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model: GGUF file {name_or_path!r} does not exist")
+        return path
     if not path.is_dir():
-        raise ValueError(f"model: {name_or_path!r} is not 'tiny' nor an existing directory")
+        raise ValueError(
+            f"model: {name_or_path!r} is not 'tiny', 'smollm2', a .gguf file nor an existing directory"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"model: {path} has no config.json; expected a Hugging Face model directory")
     return path
@@ -55,8 +65,13 @@ def resolve_model(name_or_path: str) -> Path:
 def load_model(
     model_dir: Path, dtype: torch.dtype, device: torch.device, attn_backend: AttentionBackend
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Builds the model of ``model_dir`` with its weights in ``dtype`` on ``device``, in eval mode."""
+    """Builds the model of ``model_dir`` (a HF directory or a .gguf file) with its weights in
+    ``dtype`` on ``device``, in eval mode."""
     model_dir = Path(model_dir)
+    if model_dir.suffix.lower() == ".gguf":
+        from kvrelay.worker.model.gguf_loader import load_gguf_model  # it imports this module
+
+        return load_gguf_model(model_dir, dtype, device, attn_backend)
     config = ModelConfig.from_dir(model_dir)
     shards, weights_file = _find_shards(model_dir)
     model = build_empty_model(config, dtype, device, attn_backend)

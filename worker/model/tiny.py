@@ -58,11 +58,16 @@ _CHAT_TEMPLATE = (
 )
 
 
+def cache_root() -> Path:
+    """``$KVRELAY_CACHE_DIR``, default ``~/.cache/kvrelay``: where built-in models are kept."""
+    return Path(os.environ.get("KVRELAY_CACHE_DIR") or Path.home() / ".cache" / "kvrelay").expanduser()
+
+
 def tiny_model_dir() -> Path:
     """The tiny model's directory under ``$KVRELAY_CACHE_DIR`` (default ``~/.cache/kvrelay``),
     written on first use. Safe when processes race: each writes a private temp dir and
     renames it into place; a loser finds the winner's complete copy and drops its own."""
-    root = Path(os.environ.get("KVRELAY_CACHE_DIR") or Path.home() / ".cache" / "kvrelay").expanduser()
+    root = cache_root()
     final = root / TINY_NAME
     if final.exists():
         _check_complete(final)
