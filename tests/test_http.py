@@ -288,9 +288,9 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "wizard", "content": "x"}]},
+            {"messages": [{"role": "w" * 65, "content": "x"}]},
             "messages",
-            "chat: messages[0].role must be one of",
+            "chat: message 0: role must be 1..64 characters",
         ),
         (
             "/v1/chat/completions",
