@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode serving, worker side: the KV handoff receiver."""
