@@ -24,10 +24,10 @@ from pathlib import Path
 
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.detokenizer import IncrementalDetokenizer
 from kvrelay.worker.protocol import TokenDelta
 from kvrelay.worker.request import FinishReason
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay")
 

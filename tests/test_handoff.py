@@ -203,7 +203,7 @@ def test_abort_during_handoff_quarantines_until_the_producer_dies() -> None:
 
 
 def test_busy_when_sequences_are_reserved() -> None:
-    from kvrelay.worker.handoff import HandoffBusy
+    from kvrelay.worker.disagg.receiver import HandoffBusy
 
     decode = make_engine(kv_role="decode", num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=64)
     assert decode.handoff is not None

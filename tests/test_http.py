@@ -32,7 +32,7 @@ from kvrelay.cluster.client import KvrelayClient
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
 from kvrelay.worker.engine import Engine
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 TOKEN = "t" * 32
 needs_chat = pytest.mark.skipif(

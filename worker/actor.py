@@ -122,7 +122,7 @@ class WorkerActor:
     def check_integrity(self) -> None:
         self._loop.check_integrity()
 
-    # ---- disaggregated serving: see worker/handoff.py and memory_model/ ---------------------
+    # ---- disaggregated serving: see worker/disagg/receiver.py and memory_model/ ---------------------
     def kv_descriptor(self) -> PeerDescriptor:
         """Decode worker: how producers reach this incarnation's pool and mailbox."""
         return self._loop.kv_descriptor()

@@ -20,8 +20,7 @@ from kvrelay.worker.attention.backend import AttentionBackend
 from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.config import EngineConfig, resolve_device, resolve_dtype
 from kvrelay.worker.cuda_graph import default_buckets
-from kvrelay.worker.detokenizer import IncrementalDetokenizer
-from kvrelay.worker.handoff import HandoffReceiver
+from kvrelay.worker.disagg.receiver import HandoffReceiver
 from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
 from kvrelay.worker.kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
 from kvrelay.worker.model.config import ModelConfig
@@ -34,7 +33,8 @@ from kvrelay.worker.request import CompletionOutput, FinishReason, Request, Requ
 from kvrelay.worker.sampler import Sampler, TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
 from kvrelay.worker.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay")
 _DEFAULT_PARAMS = SamplingParams()
@@ -54,7 +54,7 @@ class EngineStats:
     num_steps: int
     num_graph_replays: int
     num_eager_steps: int
-    # Disaggregated serving, decode workers (worker/handoff.py); 0 elsewhere.
+    # Disaggregated serving, decode workers (worker/disagg/receiver.py); 0 elsewhere.
     num_handoffs_received: int = 0  # prompts whose KV arrived and went on to decode
     num_handoffs_given_up: int = 0  # timed out, producer failed or died: recomputed or failed
     num_quarantined_blocks: int = 0  # blocks held back from a given-up handoff
@@ -321,7 +321,7 @@ class Engine:
             self.handoff is not None and self.handoff.num_pending > 0
         )
 
-    # ---- disaggregated serving (worker/handoff.py) -------------------------------------------
+    # ---- disaggregated serving (worker/disagg/receiver.py) -------------------------------------------
     def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
         """The prompt's KV arrived (blocks already held by req): decode from the producer's token."""
         req.num_computed_tokens = req.num_prompt_tokens

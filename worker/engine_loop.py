@@ -32,8 +32,8 @@ import torch
 
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
+from kvrelay.worker.disagg.receiver import HandoffBusy, HandoffReceiver
 from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.handoff import HandoffBusy, HandoffReceiver
 from kvrelay.worker.protocol import HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason, RequestOutput
 
@@ -119,7 +119,7 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._call(lambda _: self._engine.stats())
 
-    # ---- disaggregated serving (worker/handoff.py) ----------------------------------------
+    # ---- disaggregated serving (worker/disagg/receiver.py) ----------------------------------------
     def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
         """Decode worker: reserve blocks and a mailbox slot per request, to be filled by
         `producer`. Per request: its HandoffTarget, "busy: ..." (run it here as a plain request

@@ -12,9 +12,9 @@ import torch
 from kvrelay.worker.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvrelay.worker.detokenizer import IncrementalDetokenizer
     from kvrelay.worker.protocol import HandoffTarget
     from kvrelay.worker.sampler import TokenLogprobs
+    from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
 
 
 class FinishReason(str, enum.Enum):

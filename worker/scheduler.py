@@ -72,7 +72,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order; the tail is preempted first
         self.num_preemptions = 0
-        # Sequences reserved for KV handoffs in flight (worker/handoff.py): they count against
+        # Sequences reserved for KV handoffs in flight (worker/disagg/receiver.py): they count against
         # max_num_seqs, so an arriving handoff always finds its place in `running`.
         self.num_reserved = 0
 

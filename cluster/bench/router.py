@@ -5,7 +5,7 @@
 The server is `kvrelay serve`'s own (`cluster/serve.py`: router, gRPC server, signals, drain) in a
 spawned child process, over a `SyntheticPool`: each of its workers is one asyncio task that every
 `--step-ms` emits one token for every request it holds, as one `on_deltas` batch (a decode step
-that costs nothing). The load-test harness (`cluster/bench_serve.py`) runs in this process; for each
+that costs nothing). The load-test harness (`cluster/bench/serve.py`) runs in this process; for each
 `--streams` value it sends one warm-up wave of that many requests (not measured), then
 `--requests-per-stream` x streams requests with at most `streams` open at once.
 
@@ -293,7 +293,7 @@ class ServerChild:
 
     def stats(self) -> tuple[float, float, float, int]:
         """(process CPU seconds, `SyntheticPool.stats()` as last published)."""
-        from kvrelay.cluster.bench_metrics import process_cpu_seconds
+        from kvrelay.cluster.bench.metrics import process_cpu_seconds
 
         assert self.proc.pid is not None
         pool_cpu, waits, firsts = self._pool_stats[:]
@@ -434,7 +434,7 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
 
 def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
     """The metrics of one harness run (no warm-up of its own)."""
-    from kvrelay.cluster.bench_disagg import measure_point
+    from kvrelay.cluster.bench.disagg import measure_point
 
     argv = [
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_metrics import (
+from kvrelay.cluster.bench.metrics import (
     BenchMetrics,
     RequestRecord,
     ServerDelta,
@@ -36,8 +36,8 @@ from kvrelay.cluster.bench_metrics import (
     parse_prometheus,
     server_delta,
 )
-from kvrelay.cluster.bench_report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
-from kvrelay.cluster.bench_workloads import (
+from kvrelay.cluster.bench.report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
+from kvrelay.cluster.bench.workloads import (
     WORKLOADS,
     BenchRequest,
     LengthRange,

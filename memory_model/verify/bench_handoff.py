@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kvrelay.memory_model import ipc
-from kvrelay.worker.cuda_timing import median_cuda_ms
+from kvrelay.memory_model.verify.cuda_timing import median_cuda_ms
 
 TARGET_ONE_WAY_US = 2.0
 TARGET_CONTIGUOUS_RATIO = 0.80  # for copies >= 64 MB
@@ -75,7 +75,7 @@ def _pingpong_worker(rank: int, cfg: dict[str, Any], conn: Any) -> None:
     for launch in range(cfg["launches"] + 1):  # launch 0 compiles and warms up
         conn.send("ready")
         conn.recv()  # both sides launch after both are ready: neither times out compiling
-        from kvrelay.memory_model.bench_kernels import pingpong_kernel
+        from kvrelay.memory_model.verify.bench_kernels import pingpong_kernel
 
         pingpong_kernel[(1,)](
             out,
