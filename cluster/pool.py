@@ -35,7 +35,8 @@ from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkReque
 log = logging.getLogger("kvrelay")
 
 # Each actor's environment: every GPU of the node visible (CUDA IPC between actors needs it), and
-# NVLink multicast off (see shared/device/README.md).
+# NVLink multicast off (NCCL's NVLS and torch's symmetric memory would map multicast objects,
+# which the lent GPU machines do not allow).
 _GPU_ENV = {
     "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
     "NCCL_NVLS_ENABLE": "0",

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
@@ -23,7 +22,7 @@ from kvrelay.worker.engine import Engine, EngineStats
 from kvrelay.worker.engine_loop import EngineLoop
 from kvrelay.worker.model.loader import resolve_model
 from kvrelay.worker.model.presets import is_random_model
-from kvrelay.worker.protocol import HandoffTarget, StepBatch, WorkRequest
+from kvrelay.worker.protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 

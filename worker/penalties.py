@@ -20,10 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvrelay.worker.request import Request
+if TYPE_CHECKING:
+    # Annotation only: request.py -> protocol.py -> sampler.py -> here at runtime.
+    from kvrelay.worker.request import Request
 
 
 @dataclass(frozen=True)

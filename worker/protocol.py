@@ -11,11 +11,31 @@ included: when one matches, the router aborts the request on its worker).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
-from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context limit
+    ABORT = "abort"  # cancelled, deadline passed, or the engine shut down
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Identical on every worker of a pool; the router validates requests against it."""
+
+    model: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    # Total KV capacity of ONE worker in tokens: a request larger than this can never run.
+    kv_capacity_tokens: int
+    model_dir: str | None  # where the router loads tokenizer.json from; None = token ids only
 
 
 @dataclass(slots=True)

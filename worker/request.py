@@ -9,18 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvrelay.worker.protocol import FinishReason, HandoffTarget
 from kvrelay.worker.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvrelay.worker.protocol import HandoffTarget
     from kvrelay.worker.sampler import TokenLogprobs
     from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens or the model's context limit
-    ABORT = "abort"  # cancelled, deadline passed, or the engine shut down
 
 
 class RequestStatus(enum.Enum):
