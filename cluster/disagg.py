@@ -34,8 +34,7 @@ from kvrelay.cluster.pool import PoolTimeouts, RayWorkerClient, RayWorkerPool
 from kvrelay.cluster.ray_util import ray_future
 from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import EngineStats
-from kvrelay.worker.protocol import HandoffTarget, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, HandoffTarget, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
 
 log = logging.getLogger("kvrelay")

@@ -29,8 +29,7 @@ from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPoo
 from kvrelay.cluster.ray_util import ProgressWatchdog, error_summary, ray_future
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import EngineStats
-from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 
 log = logging.getLogger("kvrelay")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +27,7 @@ from kvrelay.worker.model.loader import load_model, resolve_model
 from kvrelay.worker.model.presets import is_random_model, random_model
 from kvrelay.worker.model_runner import ModelRunner
 from kvrelay.worker.penalties import PenaltyState
-from kvrelay.worker.protocol import HandoffTarget
+from kvrelay.worker.protocol import EngineStats, HandoffTarget
 from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from kvrelay.worker.sampler import Sampler, TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
@@ -38,28 +37,6 @@ from kvrelay.worker.text.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay")
 _DEFAULT_PARAMS = SamplingParams()
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks: int
-    num_used_blocks: int
-    num_free_blocks: int
-    kv_usage: float
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found
-    num_preemptions: int
-    num_steps: int
-    num_graph_replays: int
-    num_eager_steps: int
-    # Disaggregated serving, decode workers (worker/disagg/receiver.py); 0 elsewhere.
-    num_handoffs_received: int = 0  # prompts whose KV arrived and went on to decode
-    num_handoffs_given_up: int = 0  # timed out, producer failed or died: recomputed or failed
-    num_quarantined_blocks: int = 0  # blocks held back from a given-up handoff
-    handoff_wait_counts: tuple[int, ...] = ()  # per protocol.HANDOFF_WAIT_BUCKETS_S bound, then +Inf
-    handoff_wait_sum_s: float = 0.0
 
 
 class Engine:

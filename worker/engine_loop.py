@@ -33,8 +33,8 @@ import torch
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
 from kvrelay.worker.disagg.receiver import HandoffBusy, HandoffReceiver
-from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.protocol import HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.engine import Engine
+from kvrelay.worker.protocol import EngineStats, HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
@@ -468,16 +468,7 @@ def engine_load(engine: Engine) -> WorkerLoad:
         num_free_blocks=s.num_free_blocks,
         outstanding_tokens=outstanding,
         num_kv_blocks=s.num_kv_blocks,
-        prefix_cache_queries=s.prefix_cache_queries,
-        prefix_cache_hits=s.prefix_cache_hits,
-        num_preemptions=s.num_preemptions,
-        num_graph_replays=s.num_graph_replays,
-        num_eager_steps=s.num_eager_steps,
-        num_handoffs_received=s.num_handoffs_received,
-        num_handoffs_given_up=s.num_handoffs_given_up,
-        num_quarantined_blocks=s.num_quarantined_blocks,
-        handoff_wait_counts=s.handoff_wait_counts,
-        handoff_wait_sum_s=s.handoff_wait_sum_s,
+        stats=s,
     )
 
 

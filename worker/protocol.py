@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
@@ -88,12 +89,95 @@ class TokenDelta:
 # Upper bounds (seconds) of the decode workers' handoff-wait histogram: from a request's
 # reservation to its KV's arrival (the router's reserve answer, the prefill worker's queue and
 # prompt compute, the copy and its signal). Prometheus adds +Inf.
+_HANDOFFS = "kvrelay_worker_kv_handoffs"
+_HANDOFFS_DOC = "Disaggregated serving: prompts whose KV a decode worker received or gave up on."
+
 HANDOFF_WAIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How the router exports one `EngineStats` field to Prometheus, as `worker="<rank>"` series.
+
+    Fields that share a name are one family told apart by `labels` (the handoff results)."""
+
+    kind: Literal["gauge", "counter"]
+    name: str
+    doc: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def _metric(kind: Literal["gauge", "counter"], name: str, doc: str, **labels: str) -> dict[str, Metric]:
+    return {"metric": Metric(kind, name, doc, tuple(labels.items()))}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One engine's gauges and cumulative counters, read between steps; crosses to the router inside
+    every `WorkerLoad`. A new counter is one field here (with its `Metric`, when Prometheus should
+    show it) and its value in `Engine.stats`: ServerStats and the Prometheus collector loop over
+    the fields. Counters reset when a worker restarts (Prometheus treats it as a counter reset)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_used_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_usage: float = 0.0  # used blocks / total blocks
+    # prompt tokens looked up in the prefix cache, and of those the tokens found
+    prefix_cache_queries: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        ),
+    )
+    prefix_cache_hits: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache."
+        ),
+    )
+    num_preemptions: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_preemptions", "Requests preempted for lack of KV blocks."
+        ),
+    )
+    num_steps: int = 0
+    num_graph_replays: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_graph_replays", "Engine steps run as a CUDA graph replay."
+        ),
+    )
+    num_eager_steps: int = field(
+        default=0,
+        metadata=_metric("counter", "kvrelay_worker_eager_steps", "Engine steps run eagerly (no graph fit)."),
+    )
+    # Disaggregated serving, decode workers (worker/disagg/receiver.py); 0 elsewhere.
+    num_handoffs_received: int = field(  # prompts whose KV arrived and went on to decode
+        default=0, metadata=_metric("counter", _HANDOFFS, _HANDOFFS_DOC, result="received")
+    )
+    num_handoffs_given_up: int = field(  # timed out, producer failed or died: recomputed or failed
+        default=0, metadata=_metric("counter", _HANDOFFS, _HANDOFFS_DOC, result="given_up")
+    )
+    num_quarantined_blocks: int = field(  # blocks held back from a given-up handoff
+        default=0,
+        metadata=_metric(
+            "gauge",
+            "kvrelay_worker_kv_quarantined_blocks",
+            "KV blocks held back after a given-up handoff until its producer finishes or dies.",
+        ),
+    )
+    # Per HANDOFF_WAIT_BUCKETS_S bound, then +Inf: handoffs received with a wait in that bucket
+    # (not cumulative); and the waits' sum in seconds. Exported as one histogram.
+    handoff_wait_counts: tuple[int, ...] = ()
+    handoff_wait_sum_s: float = 0.0
 
 
 @dataclass(slots=True)
 class WorkerLoad:
-    """What the router balances on; sent with every poll."""
+    """What the router balances on, sent with every poll; `stats` rides along for the metrics."""
 
     num_running: int
     num_waiting: int
@@ -101,20 +185,10 @@ class WorkerLoad:
     num_free_blocks: int
     # Tokens still to be produced or computed by admitted requests (prompt left + max_tokens left).
     outstanding_tokens: int
-    # Cumulative engine counters, for ServerStats and Prometheus.
     num_kv_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_graph_replays: int = 0
-    num_eager_steps: int = 0
-    num_handoffs_received: int = 0
-    num_handoffs_given_up: int = 0
-    num_quarantined_blocks: int = 0
-    # Per HANDOFF_WAIT_BUCKETS_S bound, then +Inf: handoffs received with a wait in that bucket
-    # (not cumulative); and the waits' sum in seconds.
-    handoff_wait_counts: tuple[int, ...] = ()
-    handoff_wait_sum_s: float = 0.0
+    # The engine's counters at the same step (ServerStats and Prometheus only; routing never reads
+    # them). All zero until the worker's first poll.
+    stats: EngineStats = field(default_factory=EngineStats)
 
 
 @dataclass(slots=True)
