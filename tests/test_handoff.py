@@ -37,7 +37,7 @@ def _collect(
     outs: Sequence[RequestOutput], acc: dict[str, list[int]], done: dict[str, RequestOutput]
 ) -> None:
     for o in outs:
-        acc.setdefault(o.request_id, []).extend(o.new_token_ids)
+        acc.setdefault(o.request_id, []).extend(o.token_ids)
         if o.finished:
             done[o.request_id] = o
 
@@ -110,7 +110,7 @@ def test_first_token_logprobs_travel_in_the_mailbox() -> None:
     first = None
     while first is None:
         first = next(iter(decode.step()), None)
-    assert first.new_token_ids == pout.new_token_ids
+    assert first.token_ids == pout.token_ids
     assert first.logprobs[0].logprob == pytest.approx(pout.logprobs[0].logprob, abs=0)
     assert first.logprobs[0].top == pout.logprobs[0].top
 

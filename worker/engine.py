@@ -426,13 +426,14 @@ class Engine:
     ) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
-            new_token_ids=tokens,
-            new_text=text,
+            token_ids=tokens,
             logprobs=logprobs,
             finish_reason=reason,
+            deadline_exceeded=False,
             prompt_tokens=req.num_prompt_tokens,
             completion_tokens=req.num_output_tokens,
             cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0),
+            text=text,
         )
 
     # ---- offline use ------------------------------------------------------------------
@@ -454,8 +455,8 @@ class Engine:
         while self.has_unfinished_requests():
             for out in self.step():
                 c = acc[out.request_id]
-                c.token_ids += out.new_token_ids
-                c.text += out.new_text
+                c.token_ids += out.token_ids
+                c.text += out.text
                 c.logprobs += out.logprobs
                 c.prompt_tokens = out.prompt_tokens
                 c.cached_prompt_tokens = out.cached_prompt_tokens

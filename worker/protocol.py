@@ -70,25 +70,49 @@ class WorkRequest:
 
 @dataclass(slots=True)
 class TokenDelta:
-    """One request's progress since the last poll (several engine steps may be merged)."""
+    """A request's progress: what one engine step gained (`Engine.step`), or several steps merged
+    (what a worker's poll returns). The one output type of the engine, the loop and the router
+    (`worker.request.RequestOutput` is this class)."""
 
     request_id: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs]
+    token_ids: list[int]  # new since the previous delta
+    logprobs: list[TokenLogprobs]  # one per token of token_ids when logprobs were asked for, else []
     finish_reason: FinishReason | None
     # True when the finish was the deadline passing (finish_reason is then ABORT).
     deadline_exceeded: bool
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # totals so far, not increments
     cached_prompt_tokens: int
     # Set when the request failed for a reason of the serving system, not of the request (a KV
     # handoff that could not complete under the "fail" policy): the router answers UNAVAILABLE.
     error: str | None = None
+    # The detokenized text of token_ids, where the engine detokenizes (offline `Engine.generate`);
+    # "" on a worker: the router makes the text, and only tokens cross.
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def empty(
+        cls, request_id: str, prompt_tokens: int, completion_tokens: int = 0, cached: int = 0
+    ) -> TokenDelta:
+        return cls(request_id, [], [], None, False, prompt_tokens, completion_tokens, cached)
+
+    def merge(self, later: TokenDelta) -> None:
+        """Folds a later delta of the same request into this one (a poll returns one per request)."""
+        assert self.finish_reason is None, f"output for {self.request_id!r} after its final delta"
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.text += later.text
+        self.finish_reason = later.finish_reason
+        self.deadline_exceeded = later.deadline_exceeded
+        self.completion_tokens = later.completion_tokens
+        self.cached_prompt_tokens = later.cached_prompt_tokens
+        self.error = later.error
 
 
-# Upper bounds (seconds) of the decode workers' handoff-wait histogram: from a request's
-# reservation to its KV's arrival (the router's reserve answer, the prefill worker's queue and
-# prompt compute, the copy and its signal). Prometheus adds +Inf.
 _HANDOFFS = "kvrelay_worker_kv_handoffs"
 _HANDOFFS_DOC = "Disaggregated serving: prompts whose KV a decode worker received or gave up on."
 
