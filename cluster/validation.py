@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.protocol import WorkRequest
+from kvrelay.worker.protocol import WorkRequest, check_prompt_fits
 from kvrelay.worker.sampling_params import (
     MAX_LOGPROBS,
     MAX_STOP_STRING_LEN,
@@ -247,21 +247,15 @@ def check_prompt(ids: Sequence[int], params: SamplingParams, limits: Limits) -> 
     """The prompt's ids against the vocabulary, the context length and one worker's KV capacity."""
     if not ids:
         raise ValueError("text: the prompt tokenized to no tokens")
-    vocab = limits.vocab_size
-    if min(ids) < 0 or max(ids) >= vocab:  # C-speed scan first: prompts run to 100k+ tokens
-        bad = next(t for t in ids if not 0 <= t < vocab)
-        raise ValueError(f"token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
-    total = len(ids) + params.max_tokens
-    if total > limits.max_model_len:
-        raise ValueError(
-            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-            f"exceeds max_model_len {limits.max_model_len}"
-        )
-    if total > limits.kv_capacity_tokens:
-        raise ValueError(
-            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-            f"exceeds one worker's KV cache capacity of {limits.kv_capacity_tokens} tokens"
-        )
+    check_prompt_fits(
+        ids,
+        params.max_tokens,
+        vocab_size=limits.vocab_size,
+        max_model_len=limits.max_model_len,
+        kv_capacity_tokens=limits.kv_capacity_tokens,
+        ids_field="token_ids",
+        total_field="max_tokens",
+    )
 
 
 def remaining_context(num_prompt_tokens: int, limits: Limits) -> int:

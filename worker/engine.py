@@ -27,7 +27,7 @@ from kvrelay.worker.model.loader import load_model, resolve_model
 from kvrelay.worker.model.presets import is_random_model, random_model
 from kvrelay.worker.model_runner import ModelRunner
 from kvrelay.worker.penalties import PenaltyState
-from kvrelay.worker.protocol import EngineStats, HandoffTarget
+from kvrelay.worker.protocol import EngineStats, HandoffTarget, check_prompt_fits
 from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from kvrelay.worker.sampler import Sampler, TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
@@ -265,21 +265,16 @@ class Engine:
         vocab = self.model_config.vocab_size
         if not ids:
             raise ValueError("prompt: must hold at least 1 token, got an empty prompt")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.max_model_len}"
-            )
-        capacity = self.allocator.num_blocks * self.allocator.block_size
-        if total > capacity:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"KV cache capacity of {capacity} tokens"
-            )
+        check_prompt_fits(
+            ids,
+            params.max_tokens,
+            vocab_size=vocab,
+            max_model_len=self.max_model_len,
+            kv_capacity_tokens=self.allocator.num_blocks * self.allocator.block_size,
+            ids_field="prompt",
+            total_field=None,
+            capacity_name="the KV cache capacity",
+        )
         if params.top_k > vocab:
             raise ValueError(f"top_k must be <= the vocabulary size {vocab}, got {params.top_k}")
 

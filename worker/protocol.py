@@ -12,6 +12,7 @@ included: when one matches, the router aborts the request on its worker).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -221,3 +222,34 @@ class StepBatch:
     load: WorkerLoad | None = None
     # Requests the worker refused at submit time (request_id -> message naming the field and limit).
     rejected: dict[str, str] = field(default_factory=dict)
+
+
+def check_prompt_fits(
+    ids: Sequence[int],
+    max_tokens: int,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    kv_capacity_tokens: int,
+    ids_field: str,
+    total_field: str | None,
+    capacity_name: str = "one worker's KV cache capacity",
+) -> None:
+    """A non-empty prompt's ids against the vocabulary, the context length and one worker's KV
+    capacity: the router's check (`cluster/validation.py`) and the engine's (`Engine.validate`), each
+    naming the fields of its own API (ids_field for a bad id, total_field for a total too long) and
+    the capacity as its caller sees it."""
+    if min(ids) < 0 or max(ids) >= vocab_size:  # C-speed scan first: prompts run to 100k+ tokens
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"{ids_field}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    total = len(ids) + max_tokens
+    what = f"{total_field}: prompt" if total_field else "prompt"
+    if total > max_model_len:
+        raise ValueError(
+            f"{what} ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds max_model_len {max_model_len}"
+        )
+    if total > kv_capacity_tokens:
+        raise ValueError(
+            f"{what} ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds {capacity_name} "
+            f"of {kv_capacity_tokens} tokens"
+        )
