@@ -59,28 +59,8 @@ class Engine:
         self.max_model_len = self._max_model_len(self.model_config)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        spec = KVCacheSpec(
-            num_layers=self.model_config.num_hidden_layers,
-            num_kv_heads=self.model_config.num_key_value_heads,
-            head_dim=self.model_config.head_dim,
-            block_size=config.block_size,
-            dtype=self.dtype,
-        )
-        num_blocks = self._plan_kv_blocks(spec)
-        layout = PoolLayout(
-            spec.num_layers,
-            num_blocks,
-            spec.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            dtype_name(self.dtype),
-        )
-        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
-        self.kv_region: SharedRegion | None = None
-        if config.kv_role == "decode" and self.device.type == "cpu":
-            kv_caches, self.kv_region = allocate_shared_pool(layout)
-        else:
-            kv_caches = spec.allocate(num_blocks, self.device)
+        kv_caches, layout = self._make_kv_pool()
+        num_blocks = layout.num_blocks
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -107,10 +87,46 @@ class Engine:
         self.sampler = Sampler()
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
         self.penalties = PenaltyState(self.model_config.vocab_size, self.device)
-        self.handoff: HandoffReceiver | None = None
-        self.kv_sender: KVSender | None = None
+        # Disaggregated serving: a decode worker receives KV (handoff), a prefill worker sends it.
+        self.handoff, self.kv_sender = self._kv_role(kv_caches, layout)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def _make_kv_pool(self) -> tuple[list[torch.Tensor], PoolLayout]:
+        """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
+        sized by the config or the memory budget; in shared memory on a CPU decode worker."""
+        config = self.config
+        spec = KVCacheSpec(
+            num_layers=self.model_config.num_hidden_layers,
+            num_kv_heads=self.model_config.num_key_value_heads,
+            head_dim=self.model_config.head_dim,
+            block_size=config.block_size,
+            dtype=self.dtype,
+        )
+        num_blocks = self._plan_kv_blocks(spec)
+        layout = PoolLayout(
+            spec.num_layers,
+            num_blocks,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype_name(self.dtype),
+        )
+        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
+        self.kv_region: SharedRegion | None = None
+        if config.kv_role == "decode" and self.device.type == "cpu":
+            kv_caches, self.kv_region = allocate_shared_pool(layout)
+        else:
+            kv_caches = spec.allocate(num_blocks, self.device)
+        return kv_caches, layout
+
+    def _kv_role(
+        self, kv_caches: list[torch.Tensor], layout: PoolLayout
+    ) -> tuple[HandoffReceiver | None, KVSender | None]:
+        config = self.config
         if config.kv_role == "decode":
-            self.handoff = HandoffReceiver(
+            receiver = HandoffReceiver(
                 self,
                 kv_caches,
                 layout,
@@ -118,11 +134,10 @@ class Engine:
                 policy=config.handoff_policy,
                 num_slots=2 * config.max_num_seqs,
             )
-        elif config.kv_role == "prefill":
-            self.kv_sender = KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
-        self.requests: dict[str, Request] = {}
-        self.num_steps = 0
-        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+            return receiver, None
+        if config.kv_role == "prefill":
+            return None, KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
+        return None, None
 
     def _attention_backend(self) -> AttentionBackend:
         name = self.config.attention_backend
