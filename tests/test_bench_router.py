@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kvrelay.cli import main
-from kvrelay.cluster.bench.router import SYNTHETIC_MODEL, SyntheticPool
+from kvrelay.cluster.bench.synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
 from kvrelay.worker.protocol import TokenDelta, WorkRequest
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampling_params import SamplingParams
