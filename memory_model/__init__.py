@@ -55,9 +55,9 @@ One handoff, in order:
 Scopes. Everything crossing processes or GPUs is system scope (.sys / C11 atomics on shared
 memory); the done counter is GPU scope because only CTAs of P's launch touch it.
 
-Verification: `checker.py` enumerates the interleavings of this protocol under a
+Verification (`verify/`): `verify/checker.py` enumerates the interleavings of this protocol under a
 release/acquire model where plain writes may be seen late and shows each weakened variant
-fails; `litmus.py` measures what the hardware does; tests/test_handoff*.py run the protocol
+fails; `verify/litmus.py` measures what the hardware does; tests/test_handoff*.py run the protocol
 for real (CPU processes in CI; GPUs on the lent machines).
 """
 

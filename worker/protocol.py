@@ -1,5 +1,9 @@
 """Messages between the router and a worker actor: the whole router-to-worker interface.
 
+Every worker<->router contract lives here: `ModelDescription` (what a pool serves), `WorkRequest`
+and `HandoffTarget` (router -> worker), `TokenDelta` (the one output type: an engine step's and a
+poll's), `WorkerLoad` with its `EngineStats`, `StepBatch`, and the prompt check both sides run.
+
 Everything here crosses a Ray call, so it is small plain data (slotted dataclasses of ints,
 floats and strings). Both directions are batched: the router submits every request bound
 for one worker in one call, and a worker returns every request's progress since the last
