@@ -17,8 +17,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvrelay.cluster.validation import ChatPrompt, Prompt
 from kvrelay.proto import kvrelay_pb2 as pb
+
+from .validation import ChatPrompt, Prompt
 
 # OpenAI's completions API documents logprobs up to 5; the engine's own limit (20) is checked later.
 _UINT32 = 2**32 - 1

@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
-from kvrelay.cluster.ray_util import ProgressWatchdog, error_summary, ray_future
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+
+from .interfaces import ModelDescription, WorkerClient, WorkerPool
+from .ray_util import ProgressWatchdog, error_summary, ray_future
 
 log = logging.getLogger("kvrelay")
 

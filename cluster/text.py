@@ -22,12 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.protocol import TokenDelta
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
 from kvrelay.worker.text.tokenizer import Tokenizer
+
+from .interfaces import ModelDescription
 
 log = logging.getLogger("kvrelay")
 

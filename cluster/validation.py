@@ -15,7 +15,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.protocol import WorkRequest, check_prompt_fits
 from kvrelay.worker.sampling_params import (
@@ -25,6 +24,8 @@ from kvrelay.worker.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+
+from .interfaces import ModelDescription
 
 MAX_REQUEST_ID_LEN = 256
 # A chat prompt is bounded before its template renders it: at most this many messages, and at most

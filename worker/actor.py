@@ -17,12 +17,13 @@ from typing import Any
 
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import PeerDescriptor
-from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.engine_loop import EngineLoop
-from kvrelay.worker.model.loader import resolve_model
-from kvrelay.worker.model.presets import is_random_model
-from kvrelay.worker.protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
+
+from .config import EngineConfig
+from .engine import Engine, EngineStats
+from .engine_loop import EngineLoop
+from .model.loader import resolve_model
+from .model.presets import is_random_model
+from .protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 

@@ -15,25 +15,26 @@ import torch
 from kvrelay.memory_model.mailbox import Payload, Status
 from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import KVSender, PoolLayout, allocate_shared_pool, dtype_name
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.attention.torch_backend import TorchPagedAttention
-from kvrelay.worker.config import EngineConfig, resolve_device, resolve_dtype
-from kvrelay.worker.cuda_graph import default_buckets
-from kvrelay.worker.disagg.receiver import HandoffReceiver
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.loader import load_model, resolve_model
-from kvrelay.worker.model.presets import is_random_model, random_model
-from kvrelay.worker.model_runner import ModelRunner
-from kvrelay.worker.penalties import PenaltyState
-from kvrelay.worker.protocol import EngineStats, HandoffTarget, check_prompt_fits
-from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
-from kvrelay.worker.sampler import Sampler, TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
-from kvrelay.worker.text.tokenizer import Tokenizer
+
+from .attention.backend import AttentionBackend
+from .attention.torch_backend import TorchPagedAttention
+from .config import EngineConfig, resolve_device, resolve_dtype
+from .cuda_graph import default_buckets
+from .disagg.receiver import HandoffReceiver
+from .kv_cache.block_allocator import BlockAllocator
+from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
+from .model.config import ModelConfig
+from .model.loader import load_model, resolve_model
+from .model.presets import is_random_model, random_model
+from .model_runner import ModelRunner
+from .penalties import PenaltyState
+from .protocol import EngineStats, HandoffTarget, check_prompt_fits
+from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
+from .sampler import Sampler, TokenLogprobs
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from .text.detokenizer import IncrementalDetokenizer
+from .text.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay")
 _DEFAULT_PARAMS = SamplingParams()
@@ -145,7 +146,7 @@ class Engine:
             name = "triton" if self.device.type == "cuda" else "torch"
         if name == "torch":
             return TorchPagedAttention()
-        from kvrelay.worker.attention.triton_backend import TritonPagedAttention
+        from .attention.triton_backend import TritonPagedAttention
 
         return TritonPagedAttention()
 

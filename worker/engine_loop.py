@@ -33,10 +33,11 @@ import torch
 
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
-from kvrelay.worker.disagg.receiver import HandoffBusy, HandoffReceiver
-from kvrelay.worker.engine import Engine
-from kvrelay.worker.protocol import EngineStats, HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
-from kvrelay.worker.request import FinishReason, RequestOutput
+
+from .disagg.receiver import HandoffBusy, HandoffReceiver
+from .engine import Engine
+from .protocol import EngineStats, HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
 T = TypeVar("T")

@@ -26,7 +26,7 @@ import torch
 
 if TYPE_CHECKING:
     # Annotation only: request.py -> protocol.py -> sampler.py -> here at runtime.
-    from kvrelay.worker.request import Request
+    from .request import Request
 
 
 @dataclass(frozen=True)

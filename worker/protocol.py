@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kvrelay.worker.sampler import TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
+from .sampler import TokenLogprobs
+from .sampling_params import SamplingParams
 
 
 class FinishReason(str, enum.Enum):

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvrelay.worker.protocol import FinishReason, HandoffTarget, TokenDelta
-from kvrelay.worker.sampling_params import SamplingParams
+from .protocol import FinishReason, HandoffTarget, TokenDelta
+from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvrelay.worker.sampler import TokenLogprobs
-    from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
+    from .sampler import TokenLogprobs
+    from .text.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):

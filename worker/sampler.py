@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.worker.penalties import PenaltyBatch, apply_penalties
-from kvrelay.worker.sampling_params import SamplingParams
+from .penalties import PenaltyBatch, apply_penalties
+from .sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

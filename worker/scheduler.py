@@ -20,8 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.request import Request, RequestStatus
+from .kv_cache.block_allocator import BlockAllocator
+from .request import Request, RequestStatus
 
 
 @dataclass

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench.metrics import BenchMetrics
-from kvrelay.cluster.bench.serve import add_bench_serve_args, config_from_args, run
+from .metrics import BenchMetrics
+from .serve import add_bench_serve_args, config_from_args, run
 
 _READY = "kvrelay serving on "
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench.metrics import BenchMetrics, Distribution, ServerDelta, Slo
+from .metrics import BenchMetrics, Distribution, ServerDelta, Slo
 
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
 _LATENCY_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}

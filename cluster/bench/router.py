@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from kvrelay.cluster.bench.synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
+from .synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
 
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
@@ -53,8 +53,8 @@ _PUBLISH_S = 0.05  # how often the server child publishes its pool's figures
 def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> None:
     """The spawned server: `kvrelay serve` with its pool made synthetic; SIGTERM drains and stops it.
     pool_stats (3 doubles of shared memory, read by the parent) is kept at `SyntheticPool.stats()`."""
-    from kvrelay.cluster import serve
-    from kvrelay.cluster.config import ServerConfig
+    from .. import serve
+    from ..config import ServerConfig
 
     most = max(cfg.streams)
     config = ServerConfig(
@@ -113,7 +113,7 @@ class ServerChild:
 
     def stats(self) -> tuple[float, float, float, int]:
         """(process CPU seconds, `SyntheticPool.stats()` as last published)."""
-        from kvrelay.cluster.bench.metrics import process_cpu_seconds
+        from .metrics import process_cpu_seconds
 
         assert self.proc.pid is not None
         pool_cpu, waits, firsts = self._pool_stats[:]
@@ -254,7 +254,7 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
 
 def _harness(cfg: BenchRouterConfig, server: ServerChild, streams: int, num_requests: int) -> Any:
     """The metrics of one harness run (no warm-up of its own)."""
-    from kvrelay.cluster.bench.disagg import measure_point
+    from .disagg import measure_point
 
     argv = [
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench.metrics import (
+from .metrics import (
     BenchMetrics,
     RequestRecord,
     ServerDelta,
@@ -36,8 +36,8 @@ from kvrelay.cluster.bench.metrics import (
     parse_prometheus,
     server_delta,
 )
-from kvrelay.cluster.bench.report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
-from kvrelay.cluster.bench.workloads import (
+from .report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
+from .workloads import (
     WORKLOADS,
     BenchRequest,
     LengthRange,
@@ -284,7 +284,7 @@ async def text_prompts(client: Any, requests: list[BenchRequest], max_model_len:
 
 async def send_one(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> RequestRecord:
     """Streams one request, timing every message; a failure is recorded, never raised."""
-    from kvrelay.cluster.client import KvrelayError
+    from ..client import KvrelayError
 
     rec = RequestRecord(sent=time.perf_counter(), prompt_tokens=req.prompt_len)
     try:
@@ -379,7 +379,7 @@ async def run_point(
 
 
 async def run(cfg: BenchServeConfig) -> BenchRun:
-    from kvrelay.cluster.client import AsyncKvrelayClient, KvrelayError
+    from ..client import AsyncKvrelayClient, KvrelayError
 
     async with AsyncKvrelayClient(cfg.server) as client:
         try:

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
+
+from ..interfaces import ModelDescription
 
 # The synthetic model: token-id prompts only (no tokenizer), room for any number of streams.
 SYNTHETIC_MODEL = ModelDescription(

@@ -362,7 +362,7 @@ def run_cases(
 ) -> list[LitmusResult]:
     """Runs every (scope, test, variant) of ``config`` on the GPU(s). Raises
     ``LitmusTimeoutError`` (a RuntimeError) when a test CTA loses its partner."""
-    from kvrelay.memory_model.verify.litmus_kernels import (
+    from .litmus_kernels import (
         LaunchShape,
         LitmusLauncher,
         body_asm,

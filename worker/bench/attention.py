@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 
 from kvrelay.memory_model.verify.cuda_timing import median_cuda_ms
-from kvrelay.worker.attention import triton_kernels as tk
-from kvrelay.worker.attention.triton_backend import TritonPagedAttention
+
+from ..attention import triton_kernels as tk
+from ..attention.triton_backend import TritonPagedAttention
 
 
 @functools.cache

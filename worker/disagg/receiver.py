@@ -32,12 +32,13 @@ import torch
 from kvrelay.memory_model.mailbox import Mailbox, Payload, Status
 from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import PeerDescriptor, PoolLayout, node_id
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget
-from kvrelay.worker.request import FinishReason, Request, RequestOutput
-from kvrelay.worker.sampler import TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.scheduler import Scheduler
+
+from ..kv_cache.block_allocator import BlockAllocator
+from ..protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget
+from ..request import FinishReason, Request, RequestOutput
+from ..sampler import TokenLogprobs
+from ..sampling_params import SamplingParams
+from ..scheduler import Scheduler
 
 log = logging.getLogger("kvrelay")
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
 
-from kvrelay.worker.kv_cache.prefix_hash import BlockHash, hash_block_tokens
+from .prefix_hash import BlockHash, hash_block_tokens
 
 BlockId = NewType("BlockId", int)
 

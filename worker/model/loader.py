@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.model.tiny import tiny_model_dir
+from ..attention.backend import AttentionBackend
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .tiny import tiny_model_dir
 
 logger = logging.getLogger("kvrelay")
 
