@@ -28,9 +28,9 @@ from .model.loader import load_model, resolve_model
 from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
 from .penalties import PenaltyState
-from .protocol import EngineStats, HandoffTarget, check_prompt_fits
+from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
 from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
-from .sampler import Sampler, TokenLogprobs
+from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .text.detokenizer import IncrementalDetokenizer

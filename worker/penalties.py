@@ -20,13 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    # Annotation only: request.py -> protocol.py -> sampler.py -> here at runtime.
-    from .request import Request
+from .request import Request
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's logprobs; crosses to the router inside `TokenDelta`."""
+
+    token_id: int  # the sampled token
+    # Its logprob under the raw distribution: before penalties, temperature and filters (vLLM v1's
+    # default, logprobs_mode="raw_logprobs").
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # top-N (token id, logprob), highest first
 
 
 class FinishReason(str, enum.Enum):

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .protocol import FinishReason, HandoffTarget, TokenDelta
+from .protocol import FinishReason, HandoffTarget, TokenDelta, TokenLogprobs
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from .sampler import TokenLogprobs
     from .text.detokenizer import IncrementalDetokenizer
 
 

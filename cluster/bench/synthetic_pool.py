@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import TokenDelta, TokenLogprobs, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
-from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
 
 from ..interfaces import ModelDescription

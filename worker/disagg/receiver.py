@@ -34,9 +34,8 @@ from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import PeerDescriptor, PoolLayout, node_id
 
 from ..kv_cache.block_allocator import BlockAllocator
-from ..protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget
+from ..protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget, TokenLogprobs
 from ..request import FinishReason, Request, RequestOutput
-from ..sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
 from ..scheduler import Scheduler
 
