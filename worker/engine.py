@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from kvrelay.memory_model.mailbox import Payload, Status
 from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import KVSender, PoolLayout, allocate_shared_pool, dtype_name
 
@@ -20,6 +19,7 @@ from .attention.backend import AttentionBackend
 from .attention.torch_backend import TorchPagedAttention
 from .config import EngineConfig, resolve_device, resolve_dtype
 from .cuda_graph import default_buckets
+from .disagg.export import export_prefill
 from .disagg.receiver import HandoffReceiver
 from .kv_cache.block_allocator import BlockAllocator
 from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
@@ -333,23 +333,6 @@ class Engine:
         """End a request that is in no scheduler queue (its blocks are the caller's business)."""
         return self._finish(req, reason, [], "", [])
 
-    def _export_kv(self, req: Request, token: int, lp: TokenLogprobs | None) -> str | None:
-        """Prefill worker: hand the prompt's KV and the first token to the decode worker; returns
-        why it failed (then nothing was written to the decode worker), None on success."""
-        target = req.handoff
-        assert target is not None and self.kv_sender is not None
-        n = -(-req.num_prompt_tokens // self.allocator.block_size)
-        src = self.allocator.get_block_ids(req.request_id)[target.skip_blocks : n]
-        payload = Payload(Status.OK, token, lp.logprob if lp else None, lp.top if lp else ())
-        try:
-            self.kv_sender.send(target.peer, target.slot, target.expected, src, target.dst_block_ids, payload)
-        except Exception as e:
-            log.error(
-                "KV handoff of %s to %s failed: %s: %s", req.request_id, target.peer, type(e).__name__, e
-            )
-            return f"KV handoff failed: {type(e).__name__}"
-        return None
-
     # ---- one step ---------------------------------------------------------------------
     def step(self, *, poll_handoffs: bool = True) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns an output per request that advanced.
@@ -383,7 +366,10 @@ class Engine:
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        handoff_error = self._export_kv(req, token, lp) if req.handoff is not None else None
+        handoff_error = None
+        if req.handoff is not None:  # a prefill worker's request: its KV goes to the decode worker
+            assert self.kv_sender is not None
+            handoff_error = export_prefill(self.kv_sender, self.allocator, req, token, lp)
         req.all_token_ids.append(token)
         logprobs = [lp] if lp is not None else []
         text, reason, stopped_on_text = "", None, False
