@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from kvrelay.cluster.config import ServerConfig, TlsConfig
+from .config import ServerConfig, TlsConfig
 
 log = logging.getLogger("kvrelay")
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from kvrelay.cluster.routing import BalanceConfig
 from kvrelay.worker.config import EngineConfig
+
+from .routing import BalanceConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 _SECTIONS = ("engine", "routing", "tls")

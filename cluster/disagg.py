@@ -29,14 +29,14 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
-from kvrelay.cluster.pool import PoolTimeouts, RayWorkerClient, RayWorkerPool
-from kvrelay.cluster.ray_util import ray_future
 from kvrelay.memory_model.transport import PeerDescriptor
 from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import EngineStats
-from kvrelay.worker.protocol import HandoffTarget, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, HandoffTarget, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
+
+from .interfaces import ModelDescription, WorkerClient, WorkerPool
+from .pool import PoolTimeouts, RayWorkerClient, RayWorkerPool
+from .ray_util import ray_future
 
 log = logging.getLogger("kvrelay")
 # After a lost submit to a prefill worker, ask it (if it survived) what it never received.

@@ -12,10 +12,11 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvrelay.cluster.auth import ServerSecurity, load_security
-from kvrelay.cluster.config import ServerConfig
-from kvrelay.cluster.router import _UNPARSABLE, SERVICE_NAME, GenerationRouter
 from kvrelay.proto import kvrelay_pb2 as pb
+
+from .auth import ServerSecurity, load_security
+from .config import ServerConfig
+from .router import _UNPARSABLE, SERVICE_NAME, GenerationRouter
 
 # RPCs the server runs at once beyond max_queued_requests: health probes, stats, and calls that
 # are about to be refused, so those still get an answer under full load.

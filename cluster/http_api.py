@@ -36,12 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvrelay.cluster.auth import TokenSet
-from kvrelay.cluster.http_errors import HttpError, of_validation
-from kvrelay.cluster.openai_responses import JSON, Completion
-from kvrelay.cluster.openai_schema import ChatCompletionRequest, CompletionRequest
-from kvrelay.cluster.router_core import RouterCore, RouterError, Status, Stream, internal_error
-from kvrelay.cluster.validation import Prompt
+from .auth import TokenSet
+from .http_errors import HttpError, of_validation
+from .openai_responses import JSON, Completion
+from .openai_schema import ChatCompletionRequest, CompletionRequest
+from .router_core import RouterCore, RouterError, Status, Stream, internal_error
+from .validation import Prompt
 
 _DONE = "data: [DONE]\n\n"
 _UNAUTHENTICATED = "missing or invalid token: send the header 'Authorization: Bearer <token>'"

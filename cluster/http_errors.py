@@ -8,7 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from kvrelay.cluster.router_core import RouterError, Status
+from .router_core import RouterError, Status
 
 # Status -> (HTTP status, OpenAI error type, code)
 _HTTP: dict[Status, tuple[int, str, str | None]] = {

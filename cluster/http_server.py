@@ -18,10 +18,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from kvrelay.cluster.auth import ServerSecurity
-from kvrelay.cluster.config import ServerConfig
-from kvrelay.cluster.http_api import build_app
-from kvrelay.cluster.router_core import RouterCore
+from .auth import ServerSecurity
+from .config import ServerConfig
+from .http_api import build_app
+from .router_core import RouterCore
 
 log = logging.getLogger("kvrelay")
 _START_TIMEOUT_S = 30.0

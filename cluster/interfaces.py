@@ -10,24 +10,13 @@ Threading: every method and callback runs on the router's asyncio event loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import ModelDescription, TokenDelta, WorkerLoad, WorkRequest
 
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """Identical on every worker of a pool; the router validates requests against it."""
-
-    model: str
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    block_size: int
-    # Total KV capacity of ONE worker in tokens: a request larger than this can never run.
-    kv_capacity_tokens: int
-    model_dir: str | None  # a HF dir or .gguf file the router loads the tokenizer from; None = token ids only
+# ModelDescription is a worker->router contract (worker/protocol.py); re-exported here for the
+# router modules and callers that import it from the pool interface.
+__all__ = ["ModelDescription", "WorkerClient", "WorkerPool"]
 
 
 class WorkerClient(Protocol):

@@ -1,9 +1,9 @@
 """Prometheus metrics of the router and its workers, on their own registry.
 
 Request latencies are observed by the router as streams progress. Worker metrics are read at
-scrape time from the loads the workers sent with their latest poll (`WorkerLoad`), labelled
-`worker="<rank>"`; the engine's cumulative counters reset when a worker restarts, which Prometheus
-treats as a counter reset.
+scrape time from the loads the workers sent with their latest poll (`WorkerLoad` and its
+`EngineStats`, whose fields say how they are exported), labelled `worker="<rank>"`; the engine's
+cumulative counters reset when a worker restarts, which Prometheus treats as a counter reset.
 
 The HTTP endpoint (`serve_http`) runs on prometheus-client's own thread; the scrape only reads
 plain attributes that the event loop replaces whole, never a structure it mutates in place.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -20,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, WorkerLoad
+from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, EngineStats, Metric, WorkerLoad
 
 # (rank, healthy, latest load) of every worker
 WorkerSnapshot = Callable[[], Sequence[tuple[int, bool, WorkerLoad]]]
@@ -96,21 +97,26 @@ class ServerMetrics:
 
 
 def add_worker_stats(stats: pb.ServerStats, workers: Sequence[tuple[int, bool, WorkerLoad]]) -> None:
-    """ServerStats' per-worker part, from the same snapshot the Prometheus collector reads."""
+    """ServerStats' per-worker part, from the same snapshot the Prometheus collector reads: each
+    `WorkerStats` field from the load (routing's gauges) or else the engine's `EngineStats`."""
     for rank, healthy, load in workers:
         stats.num_healthy_workers += healthy
-        stats.workers.add(
-            rank=rank,
-            healthy=healthy,
-            num_running=load.num_running,
-            num_waiting=load.num_waiting,
-            kv_usage=load.kv_usage,
-            prefix_cache_queries=load.prefix_cache_queries,
-            prefix_cache_hits=load.prefix_cache_hits,
-            num_preemptions=load.num_preemptions,
-            num_graph_replays=load.num_graph_replays,
-            num_eager_steps=load.num_eager_steps,
-        )
+        values = {
+            name: getattr(load, name) if hasattr(load, name) else getattr(load.stats, name)
+            for name in _WORKER_STATS_FIELDS
+        }
+        stats.workers.add(rank=rank, healthy=healthy, **values)
+
+
+_WORKER_STATS_FIELDS = [f.name for f in pb.WorkerStats.DESCRIPTOR.fields if f.name not in ("rank", "healthy")]
+# The EngineStats fields that Prometheus shows, with how: metadata["metric"] (worker/protocol.py).
+_ENGINE_METRICS = [(f.name, f.metadata["metric"]) for f in fields(EngineStats) if "metric" in f.metadata]
+
+
+def _family(metric: Metric) -> Any:
+    labels = ["worker", *(k for k, _ in metric.labels)]
+    cls = GaugeMetricFamily if metric.kind == "gauge" else CounterMetricFamily
+    return cls(metric.name, metric.doc, labels=labels)
 
 
 class _WorkerCollector(Collector):
@@ -122,21 +128,23 @@ class _WorkerCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         snapshot = list(self._workers())
+        # Routing's gauges (from WorkerLoad) and the derived hit rate; then one family per
+        # EngineStats metric name, in field order.
         gauges = {
             "healthy": GaugeMetricFamily(
                 "kvrelay_worker_healthy", "1 while the worker serves, 0 while it is down.", labels=["worker"]
             ),
-            "running": GaugeMetricFamily(
+            "num_running": GaugeMetricFamily(
                 "kvrelay_worker_running_requests",
                 "Requests in the worker's running batch.",
                 labels=["worker"],
             ),
-            "waiting": GaugeMetricFamily(
+            "num_waiting": GaugeMetricFamily(
                 "kvrelay_worker_waiting_requests",
                 "Requests waiting in the worker's scheduler.",
                 labels=["worker"],
             ),
-            "kv": GaugeMetricFamily(
+            "kv_usage": GaugeMetricFamily(
                 "kvrelay_worker_kv_usage_ratio", "Used KV blocks / total KV blocks.", labels=["worker"]
             ),
             "hit_rate": GaugeMetricFamily(
@@ -144,43 +152,15 @@ class _WorkerCollector(Collector):
                 "Prompt tokens found in the prefix cache / prompt tokens looked up, since the worker started.",
                 labels=["worker"],
             ),
-            "outstanding": GaugeMetricFamily(
+            "outstanding_tokens": GaugeMetricFamily(
                 "kvrelay_worker_outstanding_tokens",
                 "Tokens the worker's admitted requests still have to compute or produce.",
                 labels=["worker"],
             ),
-            "quarantined": GaugeMetricFamily(
-                "kvrelay_worker_kv_quarantined_blocks",
-                "KV blocks held back after a given-up handoff until its producer finishes or dies.",
-                labels=["worker"],
-            ),
         }
-        counters = {
-            "queries": CounterMetricFamily(
-                "kvrelay_worker_prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache.",
-                labels=["worker"],
-            ),
-            "hits": CounterMetricFamily(
-                "kvrelay_worker_prefix_cache_hits",
-                "Prompt tokens found in the prefix cache.",
-                labels=["worker"],
-            ),
-            "preemptions": CounterMetricFamily(
-                "kvrelay_worker_preemptions", "Requests preempted for lack of KV blocks.", labels=["worker"]
-            ),
-            "graph": CounterMetricFamily(
-                "kvrelay_worker_graph_replays", "Engine steps run as a CUDA graph replay.", labels=["worker"]
-            ),
-            "eager": CounterMetricFamily(
-                "kvrelay_worker_eager_steps", "Engine steps run eagerly (no graph fit).", labels=["worker"]
-            ),
-            "handoffs": CounterMetricFamily(
-                "kvrelay_worker_kv_handoffs",
-                "Disaggregated serving: prompts whose KV a decode worker received or gave up on.",
-                labels=["worker", "result"],
-            ),
-        }
+        engine: dict[str, Any] = {}
+        for _, metric in _ENGINE_METRICS:
+            engine.setdefault(metric.name, _family(metric))
         handoff_wait = HistogramMetricFamily(
             "kvrelay_worker_kv_handoff_wait_seconds",
             "Disaggregated serving, decode workers: from a request's reservation to its KV's arrival "
@@ -188,28 +168,18 @@ class _WorkerCollector(Collector):
             labels=["worker"],
         )
         for rank, healthy, load in snapshot:
-            w = [str(rank)]
+            w, s = [str(rank)], load.stats
             gauges["healthy"].add_metric(w, 1.0 if healthy else 0.0)
-            gauges["running"].add_metric(w, load.num_running)
-            gauges["waiting"].add_metric(w, load.num_waiting)
-            gauges["kv"].add_metric(w, load.kv_usage)
-            q = load.prefix_cache_queries
-            gauges["hit_rate"].add_metric(w, load.prefix_cache_hits / q if q else 0.0)
-            gauges["outstanding"].add_metric(w, load.outstanding_tokens)
-            counters["queries"].add_metric(w, q)
-            counters["hits"].add_metric(w, load.prefix_cache_hits)
-            counters["preemptions"].add_metric(w, load.num_preemptions)
-            counters["graph"].add_metric(w, load.num_graph_replays)
-            counters["eager"].add_metric(w, load.num_eager_steps)
-            gauges["quarantined"].add_metric(w, load.num_quarantined_blocks)
-            counters["handoffs"].add_metric([*w, "received"], load.num_handoffs_received)
-            counters["handoffs"].add_metric([*w, "given_up"], load.num_handoffs_given_up)
-            if load.handoff_wait_counts:
-                cumulative = list(itertools.accumulate(load.handoff_wait_counts))
+            for name in ("num_running", "num_waiting", "kv_usage", "outstanding_tokens"):
+                gauges[name].add_metric(w, getattr(load, name))
+            q = s.prefix_cache_queries
+            gauges["hit_rate"].add_metric(w, s.prefix_cache_hits / q if q else 0.0)
+            for name, metric in _ENGINE_METRICS:
+                engine[metric.name].add_metric([*w, *(v for _, v in metric.labels)], getattr(s, name))
+            if s.handoff_wait_counts:
+                cumulative = list(itertools.accumulate(s.handoff_wait_counts))
                 bounds = [*(str(b) for b in HANDOFF_WAIT_BUCKETS_S), "+Inf"]
-                handoff_wait.add_metric(
-                    w, list(zip(bounds, cumulative, strict=True)), load.handoff_wait_sum_s
-                )
+                handoff_wait.add_metric(w, list(zip(bounds, cumulative, strict=True)), s.handoff_wait_sum_s)
         yield from gauges.values()
-        yield from counters.values()
+        yield from engine.values()
         yield handoff_wait

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 JSON = dict[str, Any]
 

@@ -17,8 +17,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvrelay.cluster.validation import ChatPrompt, Prompt
 from kvrelay.proto import kvrelay_pb2 as pb
+
+from .validation import ChatPrompt, Prompt
 
 _UINT32 = 2**32 - 1
 _UINT64 = 2**64 - 1

@@ -25,17 +25,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.interfaces import ModelDescription, WorkerClient, WorkerPool
-from kvrelay.cluster.ray_util import ProgressWatchdog, error_summary, ray_future
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import EngineStats
-from kvrelay.worker.protocol import StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+
+from .interfaces import ModelDescription, WorkerClient, WorkerPool
+from .ray_util import ProgressWatchdog, error_summary, ray_future
 
 log = logging.getLogger("kvrelay")
 
 # Each actor's environment: every GPU of the node visible (CUDA IPC between actors needs it), and
-# NVLink multicast off (see shared/device/README.md).
+# NVLink multicast off (NCCL's NVLS and torch's symmetric memory would map multicast objects,
+# which the lent GPU machines do not allow).
 _GPU_ENV = {
     "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
     "NCCL_NVLS_ENABLE": "0",

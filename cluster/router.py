@@ -26,13 +26,14 @@ import grpc.aio
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2
 
-from kvrelay.cluster.config import ServerConfig
-from kvrelay.cluster.interfaces import WorkerPool
-from kvrelay.cluster.metrics import add_worker_stats
-from kvrelay.cluster.router_core import RouterCore, RouterError, Status, _Stream, internal_error
-from kvrelay.cluster.validation import model_info, prompt_of
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .interfaces import WorkerPool
+from .metrics import add_worker_stats
+from .router_core import RouterCore, RouterError, Status, _Stream, internal_error
+from .validation import model_info, prompt_of
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "kvrelay.v1.Generation"
 Code = grpc.StatusCode

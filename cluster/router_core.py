@@ -43,14 +43,18 @@ from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvrelay.cluster.admission import Admission, AdmissionFull, Ticket
-from kvrelay.cluster.config import ServerConfig
-from kvrelay.cluster.interfaces import WorkerClient, WorkerPool
-from kvrelay.cluster.metrics import ServerMetrics
-from kvrelay.cluster.router_errors import RouterError, Status, internal_error
-from kvrelay.cluster.routing import Balancer, PerWorkerBatcher
-from kvrelay.cluster.text import ResponseBuilder, TextCodec
-from kvrelay.cluster.validation import (
+from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.worker.protocol import TokenDelta, WorkerLoad
+from kvrelay.worker.sampling_params import SamplingParams
+
+from .admission import Admission, AdmissionFull, Ticket
+from .config import ServerConfig
+from .interfaces import WorkerClient, WorkerPool
+from .metrics import ServerMetrics
+from .router_errors import RouterError, Status, internal_error
+from .routing import Balancer, PerWorkerBatcher
+from .text import ResponseBuilder, TextCodec
+from .validation import (
     ChatPrompt,
     Limits,
     Prompt,
@@ -61,9 +65,6 @@ from kvrelay.cluster.validation import (
     sampling_params,
     work_request,
 )
-from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.protocol import TokenDelta, WorkerLoad
-from kvrelay.worker.sampling_params import SamplingParams
 
 __all__ = ["RouterCore", "RouterError", "Status", "Stream", "internal_error"]
 log = logging.getLogger("kvrelay")

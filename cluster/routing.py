@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from kvrelay.worker.kv_cache.block_allocator import BlockHash, hash_prompt_blocks
+from kvrelay.worker.kv_cache.prefix_hash import BlockHash, hash_prompt_blocks
 from kvrelay.worker.protocol import WorkerLoad
 
 log = logging.getLogger("kvrelay")
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 class Candidate(Protocol):
-    """What the balancer reads of a worker (`cluster.interfaces.Candidate` has it)."""
+    """What the balancer reads of a worker (`cluster.interfaces.WorkerClient` has it)."""
 
     @property
     def rank(self) -> int: ...

@@ -35,12 +35,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.config import DEVICES, ServerConfig, load_config
+from .config import DEVICES, ServerConfig, load_config
 
 if TYPE_CHECKING:
-    from kvrelay.cluster.auth import ServerSecurity
-    from kvrelay.cluster.http_server import HttpServer
-    from kvrelay.cluster.interfaces import WorkerPool
+    from .auth import ServerSecurity
+    from .http_server import HttpServer
+    from .interfaces import WorkerPool
 
 log = logging.getLogger("kvrelay")
 
@@ -129,7 +129,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """`kvrelay serve`: blocks until drained; returns the exit status. Bad configuration raises
     ValueError (the message names the key), which the CLI prints as one line."""
     config = config_from_args(args)
-    from kvrelay.cluster.auth import load_security
+    from .auth import load_security
 
     security = load_security(config)  # before Ray starts: a bad file or token fails in a second
     return asyncio.run(serve(config, security=security))
@@ -153,7 +153,7 @@ def resolve_workers(config: ServerConfig) -> tuple[int, str]:
 
 def make_pool(config: ServerConfig) -> WorkerPool:
     """Colocated workers, or prefill + decode workers (disaggregated: cluster/disagg.py)."""
-    from kvrelay.cluster.pool import RayWorkerPool
+    from .pool import RayWorkerPool
 
     if config.prefill_workers is None and config.decode_workers is None:
         num_workers, device = resolve_workers(config)
@@ -170,7 +170,7 @@ def make_pool(config: ServerConfig) -> WorkerPool:
         raise ValueError(
             "prefill_workers and decode_workers: give both, each >= 1, for disaggregated serving"
         )
-    from kvrelay.cluster.disagg import DisaggregatedPool
+    from .disagg import DisaggregatedPool
 
     _, device = resolve_workers(config)
     log.info(
@@ -203,9 +203,9 @@ async def serve(
     pool: default `make_pool(config)` (`kvrelay bench router` passes a synthetic one)."""
     # Imported here, not at module level: the CLI builds its parser from this module, and
     # `kvrelay generate` or `bench` must not need gRPC's health/reflection packages or Ray.
-    from kvrelay.cluster.auth import load_security
-    from kvrelay.cluster.grpc_server import build_health_server, build_server, format_address
-    from kvrelay.cluster.router import GenerationRouter
+    from .auth import load_security
+    from .grpc_server import build_health_server, build_server, format_address
+    from .router import GenerationRouter
 
     if security is None:
         security = load_security(config)
@@ -232,7 +232,7 @@ async def serve(
             log.info("metrics on http://%s/metrics", format_address(config.host, metrics_port))
         http_line = None
         if config.http_port is not None:
-            from kvrelay.cluster.http_server import HttpServer
+            from .http_server import HttpServer
 
             http_server = HttpServer(router, config, security)
             http_port = await http_server.start()

@@ -21,12 +21,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.detokenizer import IncrementalDetokenizer
 from kvrelay.worker.protocol import TokenDelta
 from kvrelay.worker.request import FinishReason
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
+
+from .interfaces import ModelDescription
 
 log = logging.getLogger("kvrelay")
 

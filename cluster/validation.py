@@ -15,10 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.proto import kvrelay_pb2 as pb
-from kvrelay.worker.chat_template import MAX_CHAT_MESSAGES
-from kvrelay.worker.protocol import WorkRequest
+from kvrelay.worker.protocol import WorkRequest, check_prompt_fits
 from kvrelay.worker.sampling_params import (
     MAX_LOGPROBS,
     MAX_STOP_STRING_LEN,
@@ -26,6 +24,9 @@ from kvrelay.worker.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from kvrelay.worker.text.chat_template import MAX_CHAT_MESSAGES, MAX_ROLE_CHARS
+
+from .interfaces import ModelDescription
 
 MAX_REQUEST_ID_LEN = 256
 # A chat prompt is bounded before its template renders it: at most MAX_CHAT_MESSAGES messages (the
@@ -33,7 +34,6 @@ MAX_REQUEST_ID_LEN = 256
 # content (no real tokenizer averages anywhere near 16 characters a token, so a conversation past
 # it cannot fit the context anyway).
 CHAT_CHARS_PER_TOKEN = 16
-MAX_CHAT_ROLE_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,9 @@ def _check_chat(prompt: ChatPrompt, limits: Limits) -> None:
     chars = 0
     for i, m in enumerate(messages):
         role = m["role"]
-        if not 1 <= len(role) <= MAX_CHAT_ROLE_LEN:
+        if not 1 <= len(role) <= MAX_ROLE_CHARS:
             raise ValueError(
-                f"chat: message {i}: role must be 1..{MAX_CHAT_ROLE_LEN} characters, got {len(role)}"
+                f"chat: message {i}: role must be 1..{MAX_ROLE_CHARS} characters, got {len(role)}"
             )
         chars += len(role) + len(m["content"])
     if chars > limits.max_chat_chars:
@@ -248,21 +248,15 @@ def check_prompt(ids: Sequence[int], params: SamplingParams, limits: Limits) -> 
     """The prompt's ids against the vocabulary, the context length and one worker's KV capacity."""
     if not ids:
         raise ValueError("text: the prompt tokenized to no tokens")
-    vocab = limits.vocab_size
-    if min(ids) < 0 or max(ids) >= vocab:  # C-speed scan first: prompts run to 100k+ tokens
-        bad = next(t for t in ids if not 0 <= t < vocab)
-        raise ValueError(f"token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
-    total = len(ids) + params.max_tokens
-    if total > limits.max_model_len:
-        raise ValueError(
-            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-            f"exceeds max_model_len {limits.max_model_len}"
-        )
-    if total > limits.kv_capacity_tokens:
-        raise ValueError(
-            f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-            f"exceeds one worker's KV cache capacity of {limits.kv_capacity_tokens} tokens"
-        )
+    check_prompt_fits(
+        ids,
+        params.max_tokens,
+        vocab_size=limits.vocab_size,
+        max_model_len=limits.max_model_len,
+        kv_capacity_tokens=limits.kv_capacity_tokens,
+        ids_field="token_ids",
+        total_field="max_tokens",
+    )
 
 
 def remaining_context(num_prompt_tokens: int, limits: Limits) -> int:

@@ -102,26 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
     be.add_argument("--hf-contexts", default="512", help="GPU: contexts of the transformers baseline")
     be.add_argument("--json", type=Path, default=None, help="write results here")
-    from kvrelay.cluster.bench_serve import add_bench_serve_args
+    from kvrelay.cluster.bench.serve import add_bench_serve_args
 
     add_bench_serve_args(bench.add_parser("serve", help="load test of a running server over gRPC"))
-    from kvrelay.cluster.bench_disagg import add_bench_disagg_args
+    from kvrelay.cluster.bench.disagg import add_bench_disagg_args
 
     add_bench_disagg_args(
         bench.add_parser("disagg", help="disaggregated vs colocated serving: TTFT and throughput")
     )
-    from kvrelay.cluster.bench_router import add_bench_router_args
+    from kvrelay.cluster.bench.router import add_bench_router_args
 
     add_bench_router_args(
         bench.add_parser("router", help="the gRPC router's own cost under many streams (no model)")
     )
-    from kvrelay.memory_model.bench_handoff import add_bench_handoff_args
+    from kvrelay.memory_model.verify.bench_handoff import add_bench_handoff_args
 
     add_bench_handoff_args(
         bench.add_parser("handoff", help="GPU: KV handoff signal latency and bandwidth (memory_model)")
     )
 
-    from kvrelay.memory_model.litmus import add_litmus_args
+    from kvrelay.memory_model.verify.litmus import add_litmus_args
 
     add_litmus_args(sub.add_parser("litmus", help="GPU memory-model litmus tests (MP, SB, LB)"))
     cp = sub.add_parser(
@@ -318,7 +318,7 @@ def _generate_remote(
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kvrelay.worker.bench_engine import run_engine_bench
+    from kvrelay.worker.bench.engine import run_engine_bench
     from kvrelay.worker.config import resolve_device
 
     on_gpu = resolve_device(args.device).type == "cuda"
@@ -354,28 +354,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_serve(args)
         if args.command == "litmus":
-            from kvrelay.memory_model.litmus import run_litmus
+            from kvrelay.memory_model.verify.litmus import run_litmus
 
             return run_litmus(args)
         if args.command == "check-protocol":
-            from kvrelay.memory_model.checker import run_checker
+            from kvrelay.memory_model.verify.checker import run_checker
 
             names = args.variants.split(",") if args.variants else None
             return run_checker(names, show_traces=args.traces)
         if args.bench_command == "disagg":
-            from kvrelay.cluster.bench_disagg import run_bench_disagg
+            from kvrelay.cluster.bench.disagg import run_bench_disagg
 
             return run_bench_disagg(args)
         if args.bench_command == "router":
-            from kvrelay.cluster.bench_router import run_bench_router
+            from kvrelay.cluster.bench.router import run_bench_router
 
             return run_bench_router(args)
         if args.bench_command == "handoff":
-            from kvrelay.memory_model.bench_handoff import run_bench_handoff
+            from kvrelay.memory_model.verify.bench_handoff import run_bench_handoff
 
             return run_bench_handoff(args)
         if args.bench_command == "serve":
-            from kvrelay.cluster.bench_serve import run_bench_serve
+            from kvrelay.cluster.bench.serve import run_bench_serve
 
             return run_bench_serve(args)
         return _cmd_bench(args)

@@ -55,8 +55,16 @@ One handoff, in order:
 Scopes. Everything crossing processes or GPUs is system scope (.sys / C11 atomics on shared
 memory); the done counter is GPU scope because only CTAs of P's launch touch it.
 
-Verification: `checker.py` enumerates the interleavings of this protocol under a
+Verification (`verify/`): `verify/checker.py` enumerates the interleavings of this protocol under a
 release/acquire model where plain writes may be seen late and shows each weakened variant
-fails; `litmus.py` measures what the hardware does; tests/test_handoff*.py run the protocol
+fails; `verify/litmus.py` measures what the hardware does; tests/test_handoff*.py run the protocol
 for real (CPU processes in CI; GPUs on the lent machines).
 """
+
+# One file, one module: imported as `memory_model` (the checkout's top-level folder on sys.path) this
+# package would load a second copy of every module beside `kvrelay.memory_model`, with its own classes and
+# globals (isinstance fails, Ray unpickles the other copy). Only the `kvrelay/` link is allowed.
+if __name__ != "kvrelay.memory_model":
+    raise ImportError(
+        f"import {__name__} as kvrelay.{__name__}: kvrelay's top-level folders load only through the kvrelay package"
+    )

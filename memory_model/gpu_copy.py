@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrelay.memory_model import ptx
+from . import ptx
 
 # One CTA moves at most this many bytes per work item: 128 B (8 x 16 B vectors) per
 # thread of 4 warps, enough bytes in flight per SM to saturate HBM and NVLink.

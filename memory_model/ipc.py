@@ -10,7 +10,7 @@ therefore labelled with the opener's device although the bytes live on ``TensorE
 Both processes must see every GPU of the node, in the same order, so that the device index
 in an export is physical and means the same GPU in both: start Ray actors with
 ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`` and pick the device from
-``ray.get_gpu_ids()`` (see shared/device/README.md). ``open_tensors`` checks peer access.
+``ray.get_gpu_ids()`` (`cluster/pool.py` does both). ``open_tensors`` checks peer access.
 
 The owner must keep the exported tensors alive (torch also counts the peer's references
 before it reuses the memory). A peer's mappings are cached per ``owner_key`` (one key per

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvrelay.memory_model import atomics
-from kvrelay.memory_model.atomics import Order
-from kvrelay.memory_model.shm import SharedRegion
+from . import atomics
+from .atomics import Order
+from .shm import SharedRegion
 
 SLOT_WORDS = 64
 SLOT_BYTES = SLOT_WORDS * 8

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kvrelay.memory_model.mailbox import MailboxWriter, Payload, Status
-from kvrelay.memory_model.shm import SharedRegion
+from .mailbox import MailboxWriter, Payload, Status
+from .shm import SharedRegion
 
 if TYPE_CHECKING:  # gpu_copy imports Triton: only where a GPU sends
-    from kvrelay.memory_model.gpu_copy import BlockCopier
+    from .gpu_copy import BlockCopier
 
 log = logging.getLogger("kvrelay")
 
@@ -130,7 +130,7 @@ class _Peer:
             )
             self.dst = layer_views(self.region, desc.layout)
         elif desc.kind == "cuda_ipc":
-            from kvrelay.memory_model import gpu_copy, ipc
+            from . import gpu_copy, ipc
 
             self.dst = ipc.open_tensors(desc.ipc)
             self.dst_table = gpu_copy.build_layer_table(self.dst, device)
@@ -140,7 +140,7 @@ class _Peer:
 
     def close(self) -> None:
         if self.desc.kind == "cuda_ipc":
-            from kvrelay.memory_model import ipc
+            from . import ipc
 
             ipc.unregister_host(self.mailbox.region.address)
             ipc.close_peer(self.desc.ipc.owner_key)
@@ -252,7 +252,7 @@ class KVSender:
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
     ) -> None:
-        from kvrelay.memory_model import gpu_copy
+        from . import gpu_copy
 
         signal = peer.signal_base + peer.mailbox.signal_address(slot) - peer.mailbox.region.address
         if not src_block_ids:

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvrelay.worker.bench_engine import _admit_decoding
+from kvrelay.worker.bench.engine import _admit_decoding
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.sampling_params import SamplingParams

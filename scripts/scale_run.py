@@ -14,7 +14,7 @@
 
 The handoff latency/bandwidth matrix between every GPU pair is `kvrelay bench handoff --matrix`
 (scripts/gpu_check.sh memory). Every server is a real `kvrelay serve`, started and drained in
-turn; every figure comes from the load-test harness (cluster/bench_serve.py).
+turn; every figure comes from the load-test harness (cluster/bench/serve.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_disagg import ServeSubprocess, measure_point
-from kvrelay.cluster.bench_metrics import BenchMetrics, process_cpu_seconds
+from kvrelay.cluster.bench.disagg import ServeSubprocess, measure_point
+from kvrelay.cluster.bench.metrics import BenchMetrics, process_cpu_seconds
 
 DEFAULT_SPLITS = {2: ["1:1"], 4: ["1:3", "2:2"], 8: ["1:7", "2:6", "4:4"]}
 

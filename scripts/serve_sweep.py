@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvrelay.cluster.bench_disagg import ServeSubprocess
+from kvrelay.cluster.bench.disagg import ServeSubprocess
 
 WORKLOADS = {
     "sharegpt": ["--workload", "sharegpt"],
@@ -47,7 +47,7 @@ def _slug(model: str) -> str:
 
 
 def replot(root: Path) -> int:
-    from kvrelay.cluster.bench_report import from_json, markdown, write_plots
+    from kvrelay.cluster.bench.report import from_json, markdown, write_plots
 
     for result in sorted(root.rglob("result.json")):
         run = from_json(json.loads(result.read_text()))

@@ -18,12 +18,12 @@ from fake_pool import FakePool
 from http_helpers import HttpServed, start_http, stop_http
 from ray_helpers import LoopThread
 
-from kvrelay.cluster.bench_clients import auto_client_processes, split_schedule
-from kvrelay.cluster.bench_http import HttpBenchClient, base_url
-from kvrelay.cluster.bench_metrics import Slo, compute_metrics
-from kvrelay.cluster.bench_report import BenchPoint, BenchRun, client_cpu_warning, format_table, to_json
-from kvrelay.cluster.bench_serve import BenchServeConfig, add_bench_serve_args, config_from_args, drive, run
-from kvrelay.cluster.bench_workloads import BenchRequest
+from kvrelay.cluster.bench.http_client import HttpBenchClient, base_url
+from kvrelay.cluster.bench.loadgen import auto_client_processes, split_schedule
+from kvrelay.cluster.bench.metrics import Slo, compute_metrics
+from kvrelay.cluster.bench.report import BenchPoint, BenchRun, client_cpu_warning, format_table, to_json
+from kvrelay.cluster.bench.serve import BenchServeConfig, add_bench_serve_args, config_from_args, drive, run
+from kvrelay.cluster.bench.workloads import BenchRequest
 
 INPUT_LEN, OUTPUT_LEN, NUM_REQUESTS = 8, 6, 12
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvrelay.cluster.bench_metrics import (
+from kvrelay.cluster.bench.metrics import (
     Distribution,
     RequestRecord,
     ServerDelta,
@@ -21,7 +21,7 @@ from kvrelay.cluster.bench_metrics import (
     parse_prometheus,
     server_delta,
 )
-from kvrelay.cluster.bench_report import (
+from kvrelay.cluster.bench.report import (
     BenchPoint,
     BenchRun,
     format_table,
@@ -30,7 +30,7 @@ from kvrelay.cluster.bench_report import (
     to_json,
     write_plots,
 )
-from kvrelay.cluster.bench_workloads import (
+from kvrelay.cluster.bench.workloads import (
     SHAREGPT_INPUT,
     LengthRange,
     arrival_offsets,

@@ -14,13 +14,12 @@ from typing import Any
 import pytest
 
 from kvrelay.cli import main
-from kvrelay.cluster.bench_router import (
-    SYNTHETIC_MODEL,
-    SyntheticPool,
+from kvrelay.cluster.bench.router import (
     _harness_config,
     add_bench_router_args,
     config_from_args,
 )
+from kvrelay.cluster.bench.synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
 from kvrelay.worker.protocol import TokenDelta, WorkRequest
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampling_params import SamplingParams

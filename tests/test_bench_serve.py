@@ -17,9 +17,9 @@ import pytest
 from test_serve import ServeProcess
 
 from kvrelay import cli
-from kvrelay.cluster.bench_metrics import BenchMetrics, Slo
-from kvrelay.cluster.bench_report import BenchRun
-from kvrelay.cluster.bench_serve import (
+from kvrelay.cluster.bench.metrics import BenchMetrics, Slo
+from kvrelay.cluster.bench.report import BenchRun
+from kvrelay.cluster.bench.serve import (
     BenchServeConfig,
     add_bench_serve_args,
     config_from_args,
@@ -27,7 +27,7 @@ from kvrelay.cluster.bench_serve import (
     run,
     send_one,
 )
-from kvrelay.cluster.bench_workloads import BenchRequest
+from kvrelay.cluster.bench.workloads import BenchRequest
 
 MAX_MODEL_LEN = 128
 CONFIG = f"""\

@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 
-from kvrelay.worker.kv_cache.block_allocator import (
-    BlockAllocator,
-    BlockHash,
-    BlockId,
-    hash_block_tokens,
-    hash_prompt_blocks,
-)
+from kvrelay.worker.kv_cache.block_allocator import BlockAllocator, BlockId
+from kvrelay.worker.kv_cache.prefix_hash import BlockHash, hash_block_tokens, hash_prompt_blocks
 
 # ---- factory helpers --------------------------------------------------------------------------------
 

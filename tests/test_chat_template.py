@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from kvrelay.worker.chat_template import MAX_CHAT_MESSAGES
 from kvrelay.worker.model.tiny import write_tokenizer_files
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.chat_template import MAX_CHAT_MESSAGES
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 # ChatML (SmolLM2 / Qwen style), with a default system prompt, a loop control and tojson.
 CHATML = (

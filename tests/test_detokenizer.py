@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from kvrelay.worker.detokenizer import DetokenizedDelta, IncrementalDetokenizer
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.detokenizer import DetokenizedDelta, IncrementalDetokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 CORPUS = [
     "héllo wörld 日本語 🙂",

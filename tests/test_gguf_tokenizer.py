@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gguf_helpers import write_spm_vocab_gguf
 
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 TEXTS = ["hello world", "hello  world", " hello", "hell or low", "héllo wörld ☃", "txt\nworld"]
 

@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the import
 pytest.importorskip("triton")
 
-from kvrelay.memory_model import bench_handoff, gpu_copy, ipc
+from kvrelay.memory_model import gpu_copy, ipc
+from kvrelay.memory_model.verify import bench_handoff
 
 CPU = torch.device("cpu")
 interp = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs on CPU-only machines")
@@ -294,7 +295,7 @@ def test_percentiles() -> None:
 
 
 def test_bench_handoff_devices_flag() -> None:
-    from kvrelay.memory_model.bench_handoff import _devices
+    from kvrelay.memory_model.verify.bench_handoff import _devices
 
     assert _devices(None, 1) == (0, 0) and _devices(None, 8) == (0, 1)
     assert _devices("3,5", 8) == (3, 5)

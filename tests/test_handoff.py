@@ -37,7 +37,7 @@ def _collect(
     outs: Sequence[RequestOutput], acc: dict[str, list[int]], done: dict[str, RequestOutput]
 ) -> None:
     for o in outs:
-        acc.setdefault(o.request_id, []).extend(o.new_token_ids)
+        acc.setdefault(o.request_id, []).extend(o.token_ids)
         if o.finished:
             done[o.request_id] = o
 
@@ -110,7 +110,7 @@ def test_first_token_logprobs_travel_in_the_mailbox() -> None:
     first = None
     while first is None:
         first = next(iter(decode.step()), None)
-    assert first.new_token_ids == pout.new_token_ids
+    assert first.token_ids == pout.token_ids
     assert first.logprobs[0].logprob == pytest.approx(pout.logprobs[0].logprob, abs=0)
     assert first.logprobs[0].top == pout.logprobs[0].top
 
@@ -203,7 +203,7 @@ def test_abort_during_handoff_quarantines_until_the_producer_dies() -> None:
 
 
 def test_busy_when_sequences_are_reserved() -> None:
-    from kvrelay.worker.handoff import HandoffBusy
+    from kvrelay.worker.disagg.receiver import HandoffBusy
 
     decode = make_engine(kv_role="decode", num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=64)
     assert decode.handoff is not None

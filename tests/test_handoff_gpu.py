@@ -41,7 +41,7 @@ def _decode_process(device: str, conn: Any) -> None:
     deadline = time.monotonic() + 120
     while len(done) < len(prompts) and time.monotonic() < deadline:
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
             if out.finished:
                 done.add(out.request_id)
     engine.check_integrity()

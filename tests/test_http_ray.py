@@ -15,7 +15,7 @@ from http_helpers import HttpServed, add_http, chat_model_dir, reference_chat_id
 from ray_helpers import ray_local  # noqa: F401
 from serve_helpers import Served, start_served
 
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

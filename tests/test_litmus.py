@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.memory_model import litmus
-from kvrelay.memory_model.litmus import (
+from kvrelay.memory_model.verify import litmus
+from kvrelay.memory_model.verify.litmus import (
     FORBIDDEN,
     OUTCOMES,
     PROGRAMS,
@@ -276,7 +276,7 @@ def test_no_gpu_is_one_line_and_exit_2(
 
 
 def test_asm_blocks_predicate_every_access_on_lane_0() -> None:
-    from kvrelay.memory_model.litmus_kernels import arrive_asm, body_asm, poll_asm
+    from kvrelay.memory_model.verify.litmus_kernels import arrive_asm, body_asm, poll_asm
 
     body = body_asm(ptx_instructions("mp", "fence_sc", "sys", 0))
     accesses = [line for line in body.splitlines() if re.search(r"\b(ld|st|fence|red)\.", line)]
@@ -301,7 +301,7 @@ def compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     TRITON_INTERPRET=1 first (the decorator reads it); restored afterwards."""
     import importlib
 
-    from kvrelay.memory_model import litmus_kernels
+    from kvrelay.memory_model.verify import litmus_kernels
 
     interpreting = os.environ.get("TRITON_INTERPRET")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -332,7 +332,7 @@ def test_kernel_compiles_for_sm90_with_the_body_in_order(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kvrelay.memory_model import litmus_kernels as lk
+    from kvrelay.memory_model.verify import litmus_kernels as lk
 
     bodies = [lk.body_asm(ptx_instructions(test, variant, scope, r)) for r in (0, 1)]
     i64, ptr = "i64", "*i32"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from kvrelay.cluster.metrics import ServerMetrics
-from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, WorkerLoad
+from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, EngineStats, WorkerLoad
 
 
 def _load(**kw: object) -> WorkerLoad:
     return WorkerLoad(
-        num_running=1, num_waiting=0, kv_usage=0.5, num_free_blocks=10, outstanding_tokens=3, **kw
-    )  # type: ignore[arg-type]
+        num_running=1,
+        num_waiting=0,
+        kv_usage=0.5,
+        num_free_blocks=10,
+        outstanding_tokens=3,
+        stats=EngineStats(num_running=1, kv_usage=0.5, num_free_blocks=10, **kw),  # type: ignore[arg-type]
+    )
 
 
 def test_handoff_wait_histogram_is_cumulative_per_worker() -> None:

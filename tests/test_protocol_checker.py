@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from kvrelay.memory_model.checker import EXPECTED, CheckResult, check, format_trace, run_checker
-from kvrelay.memory_model.checker_model import (
+from kvrelay.memory_model.verify.checker import EXPECTED, CheckResult, check, format_trace, run_checker
+from kvrelay.memory_model.verify.checker_model import (
     WAITING,
     Invariant,
     ModelParams,
@@ -18,7 +18,7 @@ from kvrelay.memory_model.checker_model import (
     initial_state,
     pack,
 )
-from kvrelay.memory_model.checker_steps import successors, terminal_violation
+from kvrelay.memory_model.verify.checker_steps import successors, terminal_violation
 
 BROKEN = [v for v in Variant if v is not Variant.CORRECT]
 

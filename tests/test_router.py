@@ -41,14 +41,14 @@ from kvrelay.cluster.router import GenerationRouter
 from kvrelay.cluster.text import ResponseBuilder
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
-from kvrelay.worker.detokenizer import IncrementalDetokenizer
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.model.tiny import tiny_model_dir
 from kvrelay.worker.protocol import TokenDelta
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampler import TokenLogprobs
 from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.detokenizer import IncrementalDetokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
 VOCAB = 320

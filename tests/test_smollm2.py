@@ -14,7 +14,7 @@ from engine_helpers import hf_greedy, make_engine
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.model.loader import resolve_model
 from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.tokenizer import Tokenizer
+from kvrelay.worker.text.tokenizer import Tokenizer
 
 PROMPTS = ["What is the capital of France?", "Once upon a time", "def fibonacci(n):", "Ünïcödé: 日本語 1234"]
 CONVERSATIONS = [

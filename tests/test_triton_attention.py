@@ -364,7 +364,7 @@ def test_decode_cuda_graph_replay_follows_new_lengths() -> None:
 
 @pytest.mark.gpu
 def test_bench_decode_attention_reports_bandwidth() -> None:
-    from kvrelay.worker.attention.bench_attention import bench_decode_attention
+    from kvrelay.worker.bench.attention import bench_decode_attention
 
     result = bench_decode_attention(batch=8, context=512, iters=5)
     assert result["attn_ms"] > 0 and result["attn_gbps"] > 0 and result["copy_gbps"] > 0

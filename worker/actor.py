@@ -15,15 +15,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import PeerDescriptor
-from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.engine_loop import EngineLoop
-from kvrelay.worker.model.loader import resolve_model
-from kvrelay.worker.model.presets import is_random_model
-from kvrelay.worker.protocol import HandoffTarget, StepBatch, WorkRequest
+
+from .config import EngineConfig
+from .engine import Engine, EngineStats
+from .engine_loop import EngineLoop
+from .model.loader import resolve_model
+from .model.presets import is_random_model
+from .protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 
@@ -122,7 +122,7 @@ class WorkerActor:
     def check_integrity(self) -> None:
         self._loop.check_integrity()
 
-    # ---- disaggregated serving: see worker/handoff.py and memory_model/ ---------------------
+    # ---- disaggregated serving: see worker/disagg/receiver.py and memory_model/ ---------------------
     def kv_descriptor(self) -> PeerDescriptor:
         """Decode worker: how producers reach this incarnation's pool and mailbox."""
         return self._loop.kv_descriptor()

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from kvrelay.worker.attention.metadata import AttentionMetadata
-from kvrelay.worker.model.llama import LlamaForCausalLM
+from .attention.metadata import AttentionMetadata
+from .model.llama import LlamaForCausalLM
 
 log = logging.getLogger("kvrelay")
 

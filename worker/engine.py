@@ -9,57 +9,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from kvrelay.memory_model.mailbox import Payload, Status
 from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import KVSender, PoolLayout, allocate_shared_pool, dtype_name
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.attention.torch_backend import TorchPagedAttention
-from kvrelay.worker.config import EngineConfig, resolve_device, resolve_dtype
-from kvrelay.worker.cuda_graph import default_buckets
-from kvrelay.worker.detokenizer import IncrementalDetokenizer
-from kvrelay.worker.handoff import HandoffReceiver
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.loader import load_model, resolve_model
-from kvrelay.worker.model.presets import is_random_model, random_model
-from kvrelay.worker.model_runner import ModelRunner
-from kvrelay.worker.penalties import PenaltyState
-from kvrelay.worker.protocol import HandoffTarget
-from kvrelay.worker.request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
-from kvrelay.worker.sampler import Sampler, TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from kvrelay.worker.tokenizer import Tokenizer
+
+from .attention.backend import AttentionBackend
+from .attention.torch_backend import TorchPagedAttention
+from .config import EngineConfig, resolve_device, resolve_dtype
+from .cuda_graph import default_buckets
+from .disagg.export import export_prefill
+from .disagg.receiver import HandoffReceiver
+from .kv_cache.block_allocator import BlockAllocator
+from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
+from .model.config import ModelConfig
+from .model.loader import load_model, resolve_model
+from .model.presets import is_random_model, random_model
+from .model_runner import ModelRunner
+from .penalties import PenaltyState
+from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
+from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from .text.detokenizer import IncrementalDetokenizer
+from .text.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay")
 _DEFAULT_PARAMS = SamplingParams()
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks: int
-    num_used_blocks: int
-    num_free_blocks: int
-    kv_usage: float
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found
-    num_preemptions: int
-    num_steps: int
-    num_graph_replays: int
-    num_eager_steps: int
-    # Disaggregated serving, decode workers (worker/handoff.py); 0 elsewhere.
-    num_handoffs_received: int = 0  # prompts whose KV arrived and went on to decode
-    num_handoffs_given_up: int = 0  # timed out, producer failed or died: recomputed or failed
-    num_quarantined_blocks: int = 0  # blocks held back from a given-up handoff
-    handoff_wait_counts: tuple[int, ...] = ()  # per protocol.HANDOFF_WAIT_BUCKETS_S bound, then +Inf
-    handoff_wait_sum_s: float = 0.0
 
 
 class Engine:
@@ -81,28 +59,8 @@ class Engine:
         self.max_model_len = self._max_model_len(self.model_config)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        spec = KVCacheSpec(
-            num_layers=self.model_config.num_hidden_layers,
-            num_kv_heads=self.model_config.num_key_value_heads,
-            head_dim=self.model_config.head_dim,
-            block_size=config.block_size,
-            dtype=self.dtype,
-        )
-        num_blocks = self._plan_kv_blocks(spec)
-        layout = PoolLayout(
-            spec.num_layers,
-            num_blocks,
-            spec.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            dtype_name(self.dtype),
-        )
-        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
-        self.kv_region: SharedRegion | None = None
-        if config.kv_role == "decode" and self.device.type == "cpu":
-            kv_caches, self.kv_region = allocate_shared_pool(layout)
-        else:
-            kv_caches = spec.allocate(num_blocks, self.device)
+        kv_caches, layout = self._make_kv_pool()
+        num_blocks = layout.num_blocks
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -129,10 +87,46 @@ class Engine:
         self.sampler = Sampler()
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
         self.penalties = PenaltyState(self.model_config.vocab_size, self.device)
-        self.handoff: HandoffReceiver | None = None
-        self.kv_sender: KVSender | None = None
+        # Disaggregated serving: a decode worker receives KV (handoff), a prefill worker sends it.
+        self.handoff, self.kv_sender = self._kv_role(kv_caches, layout)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def _make_kv_pool(self) -> tuple[list[torch.Tensor], PoolLayout]:
+        """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
+        sized by the config or the memory budget; in shared memory on a CPU decode worker."""
+        config = self.config
+        spec = KVCacheSpec(
+            num_layers=self.model_config.num_hidden_layers,
+            num_kv_heads=self.model_config.num_key_value_heads,
+            head_dim=self.model_config.head_dim,
+            block_size=config.block_size,
+            dtype=self.dtype,
+        )
+        num_blocks = self._plan_kv_blocks(spec)
+        layout = PoolLayout(
+            spec.num_layers,
+            num_blocks,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype_name(self.dtype),
+        )
+        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
+        self.kv_region: SharedRegion | None = None
+        if config.kv_role == "decode" and self.device.type == "cpu":
+            kv_caches, self.kv_region = allocate_shared_pool(layout)
+        else:
+            kv_caches = spec.allocate(num_blocks, self.device)
+        return kv_caches, layout
+
+    def _kv_role(
+        self, kv_caches: list[torch.Tensor], layout: PoolLayout
+    ) -> tuple[HandoffReceiver | None, KVSender | None]:
+        config = self.config
         if config.kv_role == "decode":
-            self.handoff = HandoffReceiver(
+            receiver = HandoffReceiver(
                 self,
                 kv_caches,
                 layout,
@@ -140,11 +134,10 @@ class Engine:
                 policy=config.handoff_policy,
                 num_slots=2 * config.max_num_seqs,
             )
-        elif config.kv_role == "prefill":
-            self.kv_sender = KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
-        self.requests: dict[str, Request] = {}
-        self.num_steps = 0
-        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+            return receiver, None
+        if config.kv_role == "prefill":
+            return None, KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
+        return None, None
 
     def _attention_backend(self) -> AttentionBackend:
         name = self.config.attention_backend
@@ -152,7 +145,7 @@ class Engine:
             name = "triton" if self.device.type == "cuda" else "torch"
         if name == "torch":
             return TorchPagedAttention()
-        from kvrelay.worker.attention.triton_backend import TritonPagedAttention
+        from .attention.triton_backend import TritonPagedAttention
 
         return TritonPagedAttention()
 
@@ -287,21 +280,16 @@ class Engine:
         vocab = self.model_config.vocab_size
         if not ids:
             raise ValueError("prompt: must hold at least 1 token, got an empty prompt")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.max_model_len}"
-            )
-        capacity = self.allocator.num_blocks * self.allocator.block_size
-        if total > capacity:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"KV cache capacity of {capacity} tokens"
-            )
+        check_prompt_fits(
+            ids,
+            params.max_tokens,
+            vocab_size=vocab,
+            max_model_len=self.max_model_len,
+            kv_capacity_tokens=self.allocator.num_blocks * self.allocator.block_size,
+            ids_field="prompt",
+            total_field=None,
+            capacity_name="the KV cache capacity",
+        )
         if params.top_k > vocab:
             raise ValueError(f"top_k must be <= the vocabulary size {vocab}, got {params.top_k}")
 
@@ -320,7 +308,7 @@ class Engine:
             self.handoff is not None and self.handoff.num_pending > 0
         )
 
-    # ---- disaggregated serving (worker/handoff.py) -------------------------------------------
+    # ---- disaggregated serving (worker/disagg/receiver.py) -------------------------------------------
     def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
         """The prompt's KV arrived (blocks already held by req): decode from the producer's token."""
         req.num_computed_tokens = req.num_prompt_tokens
@@ -343,23 +331,6 @@ class Engine:
     def finish_unscheduled(self, req: Request, reason: FinishReason) -> RequestOutput:
         """End a request that is in no scheduler queue (its blocks are the caller's business)."""
         return self._finish(req, reason, [], "", [])
-
-    def _export_kv(self, req: Request, token: int, lp: TokenLogprobs | None) -> str | None:
-        """Prefill worker: hand the prompt's KV and the first token to the decode worker; returns
-        why it failed (then nothing was written to the decode worker), None on success."""
-        target = req.handoff
-        assert target is not None and self.kv_sender is not None
-        n = -(-req.num_prompt_tokens // self.allocator.block_size)
-        src = self.allocator.get_block_ids(req.request_id)[target.skip_blocks : n]
-        payload = Payload(Status.OK, token, lp.logprob if lp else None, lp.top if lp else ())
-        try:
-            self.kv_sender.send(target.peer, target.slot, target.expected, src, target.dst_block_ids, payload)
-        except Exception as e:
-            log.error(
-                "KV handoff of %s to %s failed: %s: %s", req.request_id, target.peer, type(e).__name__, e
-            )
-            return f"KV handoff failed: {type(e).__name__}"
-        return None
 
     # ---- one step ---------------------------------------------------------------------
     def step(self, *, poll_handoffs: bool = True) -> list[RequestOutput]:
@@ -394,7 +365,10 @@ class Engine:
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        handoff_error = self._export_kv(req, token, lp) if req.handoff is not None else None
+        handoff_error = None
+        if req.handoff is not None:  # a prefill worker's request: its KV goes to the decode worker
+            assert self.kv_sender is not None
+            handoff_error = export_prefill(self.kv_sender, self.allocator, req, token, lp)
         req.all_token_ids.append(token)
         logprobs = [lp] if lp is not None else []
         text, reason, stopped_on_text = "", None, False
@@ -448,13 +422,14 @@ class Engine:
     ) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
-            new_token_ids=tokens,
-            new_text=text,
+            token_ids=tokens,
             logprobs=logprobs,
             finish_reason=reason,
+            deadline_exceeded=False,
             prompt_tokens=req.num_prompt_tokens,
             completion_tokens=req.num_output_tokens,
             cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0),
+            text=text,
         )
 
     # ---- offline use ------------------------------------------------------------------
@@ -476,8 +451,8 @@ class Engine:
         while self.has_unfinished_requests():
             for out in self.step():
                 c = acc[out.request_id]
-                c.token_ids += out.new_token_ids
-                c.text += out.new_text
+                c.token_ids += out.token_ids
+                c.text += out.text
                 c.logprobs += out.logprobs
                 c.prompt_tokens = out.prompt_tokens
                 c.cached_prompt_tokens = out.cached_prompt_tokens

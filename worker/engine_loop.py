@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -32,10 +33,11 @@ import torch
 
 from kvrelay.memory_model.mailbox import Payload
 from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
-from kvrelay.worker.engine import Engine, EngineStats
-from kvrelay.worker.handoff import HandoffBusy, HandoffReceiver
-from kvrelay.worker.protocol import HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
-from kvrelay.worker.request import FinishReason, RequestOutput
+
+from .disagg.receiver import HandoffBusy, HandoffReceiver
+from .engine import Engine
+from .protocol import EngineStats, HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
 T = TypeVar("T")
@@ -119,7 +121,7 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._call(lambda _: self._engine.stats())
 
-    # ---- disaggregated serving (worker/handoff.py) ----------------------------------------
+    # ---- disaggregated serving (worker/disagg/receiver.py) ----------------------------------------
     def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
         """Decode worker: reserve blocks and a mailbox slot per request, to be filled by
         `producer`. Per request: its HandoffTarget, "busy: ..." (run it here as a plain request
@@ -389,15 +391,8 @@ class EngineLoop:
                 out = self._engine.abort_request(rid)
                 if out is None:  # dropped by the engine mid-step: it still gets its final delta
                     last = self._live[rid]
-                    out = RequestOutput(
-                        rid,
-                        [],
-                        "",
-                        [],
-                        None,
-                        last.prompt_tokens,
-                        last.completion_tokens,
-                        last.cached_prompt_tokens,
+                    out = TokenDelta.empty(
+                        rid, last.prompt_tokens, last.completion_tokens, last.cached_prompt_tokens
                     )
                 outputs.append(out)
             if isinstance(error, torch.cuda.OutOfMemoryError):
@@ -452,7 +447,7 @@ class EngineLoop:
 
 
 def _empty_output(request_id: str, prompt_tokens: int) -> RequestOutput:
-    return RequestOutput(request_id, [], "", [], None, prompt_tokens, 0, 0)
+    return TokenDelta.empty(request_id, prompt_tokens)
 
 
 def engine_load(engine: Engine) -> WorkerLoad:
@@ -468,32 +463,14 @@ def engine_load(engine: Engine) -> WorkerLoad:
         num_free_blocks=s.num_free_blocks,
         outstanding_tokens=outstanding,
         num_kv_blocks=s.num_kv_blocks,
-        prefix_cache_queries=s.prefix_cache_queries,
-        prefix_cache_hits=s.prefix_cache_hits,
-        num_preemptions=s.num_preemptions,
-        num_graph_replays=s.num_graph_replays,
-        num_eager_steps=s.num_eager_steps,
-        num_handoffs_received=s.num_handoffs_received,
-        num_handoffs_given_up=s.num_handoffs_given_up,
-        num_quarantined_blocks=s.num_quarantined_blocks,
-        handoff_wait_counts=s.handoff_wait_counts,
-        handoff_wait_sum_s=s.handoff_wait_sum_s,
+        stats=s,
     )
 
 
 def delta_of(out: RequestOutput) -> TokenDelta:
-    """One engine step's output of one request, as it crosses to the router."""
-    return TokenDelta(
-        request_id=out.request_id,
-        token_ids=list(out.new_token_ids),
-        logprobs=list(out.logprobs),
-        finish_reason=out.finish_reason,
-        deadline_exceeded=out.deadline_exceeded,
-        prompt_tokens=out.prompt_tokens,
-        completion_tokens=out.completion_tokens,
-        cached_prompt_tokens=out.cached_prompt_tokens,
-        error=out.error,
-    )
+    """One engine step's output as it crosses to the router: its own lists (later steps merge into
+    it) and no text (the router makes the text)."""
+    return dataclasses.replace(out, token_ids=list(out.token_ids), logprobs=list(out.logprobs), text="")
 
 
 _REMEMBERED_IDS = 1 << 16
@@ -509,12 +486,5 @@ def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
     d = outbox.get(out.request_id)
     if d is None:
         outbox[out.request_id] = delta_of(out)
-        return
-    assert d.finish_reason is None, f"output for {out.request_id!r} after its final delta"
-    d.token_ids += out.new_token_ids
-    d.logprobs += out.logprobs
-    d.finish_reason = out.finish_reason
-    d.deadline_exceeded = out.deadline_exceeded
-    d.completion_tokens = out.completion_tokens
-    d.cached_prompt_tokens = out.cached_prompt_tokens
-    d.error = out.error
+    else:
+        d.merge(dataclasses.replace(out, text=""))

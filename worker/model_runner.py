@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvrelay.worker.attention.metadata import AttentionMetadata
-from kvrelay.worker.cuda_graph import CudaGraphRunner
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.request import Request
-from kvrelay.worker.scheduler import ScheduledRequest, SchedulerOutput
+from .attention.metadata import AttentionMetadata
+from .cuda_graph import CudaGraphRunner
+from .kv_cache.block_allocator import BlockAllocator
+from .model.llama import LlamaForCausalLM
+from .request import Request
+from .scheduler import ScheduledRequest, SchedulerOutput
 
 
 class InputBuffers:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.worker.request import Request
+from .request import Request
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Messages between the router and a worker actor: the whole router-to-worker interface.
 
+Every worker<->router contract lives here: `ModelDescription` (what a pool serves), `WorkRequest`
+and `HandoffTarget` (router -> worker), `TokenDelta` (the one output type: an engine step's and a
+poll's), `WorkerLoad` with its `EngineStats`, `StepBatch`, and the prompt check both sides run.
+
 Everything here crosses a Ray call, so it is small plain data (slotted dataclasses of ints,
 floats and strings). Both directions are batched: the router submits every request bound
 for one worker in one call, and a worker returns every request's progress since the last
@@ -11,11 +15,45 @@ included: when one matches, the router aborts the request on its worker).
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from kvrelay.worker.request import FinishReason
-from kvrelay.worker.sampler import TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's logprobs; crosses to the router inside `TokenDelta`."""
+
+    token_id: int  # the sampled token
+    # Its logprob under the raw distribution: before penalties, temperature and filters (vLLM v1's
+    # default, logprobs_mode="raw_logprobs").
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # top-N (token id, logprob), highest first
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context limit
+    ABORT = "abort"  # cancelled, deadline passed, or the engine shut down
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Identical on every worker of a pool; the router validates requests against it."""
+
+    model: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    # Total KV capacity of ONE worker in tokens: a request larger than this can never run.
+    kv_capacity_tokens: int
+    model_dir: (
+        str | None
+    )  # a HF directory or .gguf file the router loads the tokenizer from; None = token ids only
 
 
 @dataclass(slots=True)
@@ -49,31 +87,138 @@ class WorkRequest:
 
 @dataclass(slots=True)
 class TokenDelta:
-    """One request's progress since the last poll (several engine steps may be merged)."""
+    """A request's progress: what one engine step gained (`Engine.step`), or several steps merged
+    (what a worker's poll returns). The one output type of the engine, the loop and the router
+    (`worker.request.RequestOutput` is this class)."""
 
     request_id: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs]
+    token_ids: list[int]  # new since the previous delta
+    logprobs: list[TokenLogprobs]  # one per token of token_ids when logprobs were asked for, else []
     finish_reason: FinishReason | None
     # True when the finish was the deadline passing (finish_reason is then ABORT).
     deadline_exceeded: bool
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # totals so far, not increments
     cached_prompt_tokens: int
     # Set when the request failed for a reason of the serving system, not of the request (a KV
     # handoff that could not complete under the "fail" policy): the router answers UNAVAILABLE.
     error: str | None = None
+    # The detokenized text of token_ids, where the engine detokenizes (offline `Engine.generate`);
+    # "" on a worker: the router makes the text, and only tokens cross.
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def empty(
+        cls, request_id: str, prompt_tokens: int, completion_tokens: int = 0, cached: int = 0
+    ) -> TokenDelta:
+        return cls(request_id, [], [], None, False, prompt_tokens, completion_tokens, cached)
+
+    def merge(self, later: TokenDelta) -> None:
+        """Folds a later delta of the same request into this one (a poll returns one per request)."""
+        assert self.finish_reason is None, f"output for {self.request_id!r} after its final delta"
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.text += later.text
+        self.finish_reason = later.finish_reason
+        self.deadline_exceeded = later.deadline_exceeded
+        self.completion_tokens = later.completion_tokens
+        self.cached_prompt_tokens = later.cached_prompt_tokens
+        self.error = later.error
 
 
-# Upper bounds (seconds) of the decode workers' handoff-wait histogram: from a request's
-# reservation to its KV's arrival (the router's reserve answer, the prefill worker's queue and
-# prompt compute, the copy and its signal). Prometheus adds +Inf.
+_HANDOFFS = "kvrelay_worker_kv_handoffs"
+_HANDOFFS_DOC = "Disaggregated serving: prompts whose KV a decode worker received or gave up on."
+
 HANDOFF_WAIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How the router exports one `EngineStats` field to Prometheus, as `worker="<rank>"` series.
+
+    Fields that share a name are one family told apart by `labels` (the handoff results)."""
+
+    kind: Literal["gauge", "counter"]
+    name: str
+    doc: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def _metric(kind: Literal["gauge", "counter"], name: str, doc: str, **labels: str) -> dict[str, Metric]:
+    return {"metric": Metric(kind, name, doc, tuple(labels.items()))}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One engine's gauges and cumulative counters, read between steps; crosses to the router inside
+    every `WorkerLoad`. A new counter is one field here (with its `Metric`, when Prometheus should
+    show it) and its value in `Engine.stats`: ServerStats and the Prometheus collector loop over
+    the fields. Counters reset when a worker restarts (Prometheus treats it as a counter reset)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_used_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_usage: float = 0.0  # used blocks / total blocks
+    # prompt tokens looked up in the prefix cache, and of those the tokens found
+    prefix_cache_queries: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        ),
+    )
+    prefix_cache_hits: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache."
+        ),
+    )
+    num_preemptions: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_preemptions", "Requests preempted for lack of KV blocks."
+        ),
+    )
+    num_steps: int = 0
+    num_graph_replays: int = field(
+        default=0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_graph_replays", "Engine steps run as a CUDA graph replay."
+        ),
+    )
+    num_eager_steps: int = field(
+        default=0,
+        metadata=_metric("counter", "kvrelay_worker_eager_steps", "Engine steps run eagerly (no graph fit)."),
+    )
+    # Disaggregated serving, decode workers (worker/disagg/receiver.py); 0 elsewhere.
+    num_handoffs_received: int = field(  # prompts whose KV arrived and went on to decode
+        default=0, metadata=_metric("counter", _HANDOFFS, _HANDOFFS_DOC, result="received")
+    )
+    num_handoffs_given_up: int = field(  # timed out, producer failed or died: recomputed or failed
+        default=0, metadata=_metric("counter", _HANDOFFS, _HANDOFFS_DOC, result="given_up")
+    )
+    num_quarantined_blocks: int = field(  # blocks held back from a given-up handoff
+        default=0,
+        metadata=_metric(
+            "gauge",
+            "kvrelay_worker_kv_quarantined_blocks",
+            "KV blocks held back after a given-up handoff until its producer finishes or dies.",
+        ),
+    )
+    # Per HANDOFF_WAIT_BUCKETS_S bound, then +Inf: handoffs received with a wait in that bucket
+    # (not cumulative); and the waits' sum in seconds. Exported as one histogram.
+    handoff_wait_counts: tuple[int, ...] = ()
+    handoff_wait_sum_s: float = 0.0
 
 
 @dataclass(slots=True)
 class WorkerLoad:
-    """What the router balances on; sent with every poll."""
+    """What the router balances on, sent with every poll; `stats` rides along for the metrics."""
 
     num_running: int
     num_waiting: int
@@ -81,20 +226,10 @@ class WorkerLoad:
     num_free_blocks: int
     # Tokens still to be produced or computed by admitted requests (prompt left + max_tokens left).
     outstanding_tokens: int
-    # Cumulative engine counters, for ServerStats and Prometheus.
     num_kv_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_graph_replays: int = 0
-    num_eager_steps: int = 0
-    num_handoffs_received: int = 0
-    num_handoffs_given_up: int = 0
-    num_quarantined_blocks: int = 0
-    # Per HANDOFF_WAIT_BUCKETS_S bound, then +Inf: handoffs received with a wait in that bucket
-    # (not cumulative); and the waits' sum in seconds.
-    handoff_wait_counts: tuple[int, ...] = ()
-    handoff_wait_sum_s: float = 0.0
+    # The engine's counters at the same step (ServerStats and Prometheus only; routing never reads
+    # them). All zero until the worker's first poll.
+    stats: EngineStats = field(default_factory=EngineStats)
 
 
 @dataclass(slots=True)
@@ -103,3 +238,34 @@ class StepBatch:
     load: WorkerLoad | None = None
     # Requests the worker refused at submit time (request_id -> message naming the field and limit).
     rejected: dict[str, str] = field(default_factory=dict)
+
+
+def check_prompt_fits(
+    ids: Sequence[int],
+    max_tokens: int,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    kv_capacity_tokens: int,
+    ids_field: str,
+    total_field: str | None,
+    capacity_name: str = "one worker's KV cache capacity",
+) -> None:
+    """A non-empty prompt's ids against the vocabulary, the context length and one worker's KV
+    capacity: the router's check (`cluster/validation.py`) and the engine's (`Engine.validate`), each
+    naming the fields of its own API (ids_field for a bad id, total_field for a total too long) and
+    the capacity as its caller sees it."""
+    if min(ids) < 0 or max(ids) >= vocab_size:  # C-speed scan first: prompts run to 100k+ tokens
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"{ids_field}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    total = len(ids) + max_tokens
+    what = f"{total_field}: prompt" if total_field else "prompt"
+    if total > max_model_len:
+        raise ValueError(
+            f"{what} ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds max_model_len {max_model_len}"
+        )
+    if total > kv_capacity_tokens:
+        raise ValueError(
+            f"{what} ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds {capacity_name} "
+            f"of {kv_capacity_tokens} tokens"
+        )

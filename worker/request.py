@@ -9,18 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvrelay.worker.sampling_params import SamplingParams
+from .protocol import FinishReason, HandoffTarget, TokenDelta, TokenLogprobs
+from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvrelay.worker.detokenizer import IncrementalDetokenizer
-    from kvrelay.worker.protocol import HandoffTarget
-    from kvrelay.worker.sampler import TokenLogprobs
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens or the model's context limit
-    ABORT = "abort"  # cancelled, deadline passed, or the engine shut down
+    from .text.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -88,24 +81,9 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
 
-@dataclass
-class RequestOutput:
-    """What one request gained in one engine step (only requests that advanced or finished)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    logprobs: list[TokenLogprobs]
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    deadline_exceeded: bool = False  # finished as ABORT because its deadline passed
-    error: str | None = None  # a serving-system failure (see TokenDelta.error)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+# One engine step's output of one request (only requests that advanced or finished): the same type
+# that crosses to the router, so nothing is copied field by field between them.
+RequestOutput = TokenDelta
 
 
 @dataclass

@@ -15,17 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.worker.penalties import PenaltyBatch, apply_penalties
-from kvrelay.worker.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int  # the sampled token
-    # Its logprob under the raw distribution: before penalties, temperature and filters (vLLM v1's
-    # default, logprobs_mode="raw_logprobs").
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # top-N (token id, logprob), highest first
+from .penalties import PenaltyBatch, apply_penalties
+from .protocol import TokenLogprobs
+from .sampling_params import SamplingParams
 
 
 @dataclass

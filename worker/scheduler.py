@@ -20,8 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvrelay.worker.kv_cache.block_allocator import BlockAllocator
-from kvrelay.worker.request import Request, RequestStatus
+from .kv_cache.block_allocator import BlockAllocator
+from .request import Request, RequestStatus
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order; the tail is preempted first
         self.num_preemptions = 0
-        # Sequences reserved for KV handoffs in flight (worker/handoff.py): they count against
+        # Sequences reserved for KV handoffs in flight (worker/disagg/receiver.py): they count against
         # max_num_seqs, so an arriving handoff always finds its place in `running`.
         self.num_reserved = 0
 

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from kvrelay.worker.attention.metadata import AttentionMetadata
+from .metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):

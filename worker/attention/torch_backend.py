@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvrelay.worker.attention.metadata import AttentionMetadata
+from .metadata import AttentionMetadata
 
 _HALF = (torch.float16, torch.bfloat16)
 

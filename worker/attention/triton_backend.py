@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvrelay.worker.attention import triton_kernels as tk
-from kvrelay.worker.attention.metadata import AttentionMetadata
+from . import triton_kernels as tk
+from .metadata import AttentionMetadata
 
 _PREFILL_IMPLS = ("triton", "sdpa")
 # The interpreter has no SMs; any count works, and a small one keeps CPU grids small.

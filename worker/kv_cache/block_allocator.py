@@ -1,6 +1,7 @@
 """Paged-KV block allocator with prefix caching: ids, ref counts, chained block hashes, LRU queues.
 
-Plain Python, no torch: the scheduler calls it on every step, the router reuses the hash functions.
+Plain Python, no torch: the scheduler calls it on every step. The block hashes are `prefix_hash.py`'s,
+shared with the router.
 
 Each block is in exactly one of three states:
   - used:      ref_cnt > 0, held by the requests that reference it (hash optional);
@@ -12,55 +13,14 @@ Allocation takes free blocks first and evicts cached blocks only when none is le
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NewType
 
+from .prefix_hash import BlockHash, hash_block_tokens
+
 BlockId = NewType("BlockId", int)
-BlockHash = NewType("BlockHash", bytes)
-
-# The parent of a prompt's first block. Fixed forever: the router hashes prompts in another process,
-# so changing it silently disables prefix-aware routing against older workers.
-_ROOT_HASH = hashlib.sha256(b"kvrelay.prefix-cache.root.v1").digest()  # 32 bytes
-_HASH_BYTES = 16
-
-
-@lru_cache(maxsize=64)
-def _uint32_le(num_tokens: int) -> struct.Struct:
-    # One compiled Struct per block length (in practice: one per block size).
-    return struct.Struct(f"<{num_tokens}I")
-
-
-def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """Chained hash of one FULL block.
-
-    sha256(parent digest, or the fixed 32-byte root for the first block, + token ids as little-endian
-    uint32), truncated to 16 bytes. Deterministic across processes and machines (no Python `hash()`),
-    so the router can compute the same value for prefix-aware routing.
-    """
-    try:
-        packed = _uint32_le(len(token_ids)).pack(*token_ids)
-    except struct.error as exc:
-        raise ValueError(f"token_ids must be ints in [0, 2**32), got {list(token_ids)!r}") from exc
-    digest = hashlib.sha256(_ROOT_HASH if parent is None else parent)
-    digest.update(packed)
-    return BlockHash(digest.digest()[:_HASH_BYTES])
-
-
-def hash_prompt_blocks(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
-    """Hashes of every full block of token_ids, each chained on the previous one; a partial tail is skipped."""
-    if block_size <= 0:
-        raise ValueError(f"block_size must be > 0, got {block_size}")
-    hashes: list[BlockHash] = []
-    parent: BlockHash | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
 
 
 @dataclass(slots=True)

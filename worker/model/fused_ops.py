@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from kvrelay.worker.model.rope import apply_rotary
+from .rope import apply_rotary
 
 # Triton is imported at the first Triton launch, not with this module (which every model
 # import pulls in): torch's CPU wheels ship no Triton, and importing triton.language before

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.model.loader import _Target, _targets, build_empty_model
+from ..attention.backend import AttentionBackend
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .loader import _Target, _targets, build_empty_model
 
 logger = logging.getLogger("kvrelay")
 

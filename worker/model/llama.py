@@ -26,12 +26,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.attention.metadata import AttentionMetadata
-from kvrelay.worker.model import fused_ops
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.fused_ops import FUSED_IMPLS, FusedImpl
-from kvrelay.worker.model.rope import RotaryEmbedding
+from ..attention.backend import AttentionBackend
+from ..attention.metadata import AttentionMetadata
+from . import fused_ops
+from .config import ModelConfig
+from .fused_ops import FUSED_IMPLS, FusedImpl
+from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):

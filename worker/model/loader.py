@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.model.smollm2 import SMOLLM2_NAME, smollm2_path
-from kvrelay.worker.model.tiny import tiny_model_dir
+from ..attention.backend import AttentionBackend
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .smollm2 import SMOLLM2_NAME, smollm2_path
+from .tiny import tiny_model_dir
 
 logger = logging.getLogger("kvrelay")
 
@@ -69,7 +69,7 @@ def load_model(
     ``dtype`` on ``device``, in eval mode."""
     model_dir = Path(model_dir)
     if model_dir.suffix.lower() == ".gguf":
-        from kvrelay.worker.model.gguf_loader import load_gguf_model  # it imports this module
+        from .gguf_loader import load_gguf_model  # it imports this module
 
         return load_gguf_model(model_dir, dtype, device, attn_backend)
     config = ModelConfig.from_dir(model_dir)

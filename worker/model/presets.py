@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from kvrelay.worker.attention.backend import AttentionBackend
-from kvrelay.worker.model.config import ModelConfig
-from kvrelay.worker.model.llama import LlamaForCausalLM
-from kvrelay.worker.model.loader import build_empty_model
+from ..attention.backend import AttentionBackend
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .loader import build_empty_model
 
 log = logging.getLogger("kvrelay")
 

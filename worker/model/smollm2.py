@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvrelay.worker.model.tiny import cache_root
+from .tiny import cache_root
 
 logger = logging.getLogger("kvrelay")
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_metrics import BenchMetrics, Distribution, ServerDelta, Slo
+from .metrics import BenchMetrics, Distribution, ServerDelta, Slo
 
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
 # A client process above this many CPU seconds per wall second is (nearly) saturated: its event

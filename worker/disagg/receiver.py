@@ -25,23 +25,48 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from kvrelay.memory_model.mailbox import Mailbox, Payload, Status
+from kvrelay.memory_model.shm import SharedRegion
 from kvrelay.memory_model.transport import PeerDescriptor, PoolLayout, node_id
-from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget
-from kvrelay.worker.request import FinishReason, Request, RequestOutput
-from kvrelay.worker.sampler import TokenLogprobs
-from kvrelay.worker.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from kvrelay.worker.engine import Engine
+from ..kv_cache.block_allocator import BlockAllocator
+from ..protocol import HANDOFF_WAIT_BUCKETS_S, HandoffTarget, TokenLogprobs
+from ..request import FinishReason, Request, RequestOutput
+from ..sampling_params import SamplingParams
+from ..scheduler import Scheduler
 
 log = logging.getLogger("kvrelay")
 
 POLICIES = ("recompute", "fail")
+
+
+class HandoffHost(Protocol):
+    """What the receiver uses of the engine it serves (`Engine` is one): its block allocator and
+    scheduler (reservations hold blocks and count against the running batch), its request table,
+    and the verbs that admit, requeue or end a request whose handoff resolved. A protocol, so this
+    module does not import the engine that imports it."""
+
+    allocator: BlockAllocator
+    scheduler: Scheduler
+    requests: dict[str, Request]
+    # A CPU decode worker's KV pool in shared memory (prefill workers write it); None on a GPU.
+    kv_region: SharedRegion | None
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None: ...
+
+    def new_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, deadline: float | None
+    ) -> Request: ...
+
+    def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput: ...
+
+    def requeue_locally(self, req: Request) -> None: ...
+
+    def finish_unscheduled(self, req: Request, reason: FinishReason) -> RequestOutput: ...
 
 
 class HandoffBusy(Exception):
@@ -64,7 +89,7 @@ class _Pending:
 class HandoffReceiver:
     def __init__(
         self,
-        engine: Engine,
+        engine: HandoffHost,
         kv_caches: list[torch.Tensor],
         layout: PoolLayout,
         *,
@@ -75,6 +100,7 @@ class HandoffReceiver:
         if policy not in POLICIES:
             raise ValueError(f"handoff_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self._engine = engine
+        self._kv_caches = kv_caches  # [2, num_blocks, block_size, kv_heads, head_dim] per layer
         self.timeout_s = timeout_s
         self.policy = policy
         self.key = uuid.uuid4().hex
@@ -88,7 +114,7 @@ class HandoffReceiver:
         self.descriptor = self._describe(kv_caches, layout)
 
     def _describe(self, kv_caches: list[torch.Tensor], layout: PoolLayout) -> PeerDescriptor:
-        region = getattr(self._engine, "kv_region", None)
+        region = self._engine.kv_region
         common = {
             "key": self.key,
             "epoch": self.mailbox.epoch,
@@ -212,7 +238,7 @@ class HandoffReceiver:
         if list(held[len(held) - len(dst_block_ids) :]) != list(dst_block_ids):
             raise RuntimeError(f"relay for {key} names blocks it did not reserve")
         if dst_block_ids:
-            kv = self._engine.runner.kv_caches
+            kv = self._kv_caches
             ids = torch.tensor(dst_block_ids, dtype=torch.long, device=kv[0].device)
             for layer, data in zip(kv, blocks, strict=True):
                 layer.index_copy_(1, ids, data.to(layer.device, non_blocking=True))

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.cluster.bench_metrics import RequestRecord
-from kvrelay.cluster.bench_workloads import BenchRequest
+from .metrics import RequestRecord
+from .workloads import BenchRequest
 
 if TYPE_CHECKING:
-    from kvrelay.cluster.bench_serve import BenchServeConfig
+    from .serve import BenchServeConfig
 
 _START_TIMEOUT_S = 120.0  # a child imports grpc/httpx and connects before it is ready
 _START_MARGIN_S = 0.25  # the common start is this far ahead, so every child has its command
@@ -87,7 +87,7 @@ def _child(cfg: BenchServeConfig, conn: Connection, done: Any, index: int) -> No
 
 
 async def _child_loop(cfg: BenchServeConfig, conn: Connection, done: Any, index: int) -> None:
-    from kvrelay.cluster.bench_serve import drive, open_client
+    from .serve import drive, open_client
 
     async with open_client(cfg) as client:
         try:
@@ -222,7 +222,7 @@ class LoadGenerator:
         on_progress: Callable[[int], Any] | None = None,
     ) -> tuple[list[RequestRecord], tuple[float, ...]]:
         """Sends the schedule; every record and each client process's CPU per wall second."""
-        from kvrelay.cluster.bench_serve import drive
+        from .serve import drive
 
         if self.cfg.client_processes > 1:
             if self._procs is None:
@@ -244,7 +244,7 @@ class LoadGenerator:
 async def load_generator(cfg: BenchServeConfig) -> AsyncIterator[LoadGenerator]:
     """A `LoadGenerator` over a client of --protocol (not yet waited ready: the caller's set-up
     turns its errors into messages naming --server)."""
-    from kvrelay.cluster.bench_serve import open_client
+    from .serve import open_client
 
     async with open_client(cfg) as client:
         gen = LoadGenerator(cfg, client)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvrelay.worker.tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 # Prompt tokens decoded as context for the first output token (vLLM's
 # INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).

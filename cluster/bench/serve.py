@@ -6,9 +6,9 @@
 
 An asyncio event loop drives every stream through `AsyncKvrelayClient` (gRPC) or
 `bench_http.HttpBenchClient` (the OpenAI API's streaming completions); a request's times are taken
-as its messages arrive (`bench_metrics.RequestRecord`). With `--client-processes N` N processes
+as its messages arrive (`metrics.RequestRecord`). With `--client-processes N` N processes
 each run such a loop over their share of the schedule and their records are merged
-(`bench_clients.py`); each process's own CPU is reported, with a warning when one is saturated.
+(`loadgen.py`); each process's own CPU is reported, with a warning when one is saturated.
 A run is: warm-up requests (waited for, excluded), a scrape of the server's Prometheus counters (with `--metrics-url`), the measured
 requests sent on their arrival schedule, a second scrape. `--request-rate` or `--max-concurrency`
 given as a comma-separated list makes a sweep: one run per value, same requests each time.
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_clients import LoadGenerator, load_generator
-from kvrelay.cluster.bench_metrics import (
+from .loadgen import LoadGenerator, load_generator
+from .metrics import (
     RequestRecord,
     ServerDelta,
     Slo,
@@ -40,8 +40,8 @@ from kvrelay.cluster.bench_metrics import (
     parse_prometheus,
     server_delta,
 )
-from kvrelay.cluster.bench_report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
-from kvrelay.cluster.bench_workloads import (
+from .report import BenchPoint, BenchRun, format_table, markdown, write_json, write_plots
+from .workloads import (
     WORKLOADS,
     BenchRequest,
     LengthRange,
@@ -226,7 +226,7 @@ class BenchServeConfig:
 
 
 def parse_client_processes(text: str) -> int:
-    from kvrelay.cluster.bench_clients import auto_client_processes
+    from .loadgen import auto_client_processes
 
     if str(text).strip().lower() == "auto":
         return auto_client_processes()
@@ -318,7 +318,7 @@ async def text_prompts(client: Any, requests: list[BenchRequest], max_model_len:
 
 async def send_one(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> RequestRecord:
     """Streams one request, timing every message; a failure is recorded, never raised."""
-    from kvrelay.cluster.client import KvrelayError
+    from ..client import KvrelayError
 
     rec = RequestRecord(sent=time.perf_counter(), prompt_tokens=req.prompt_len)
     try:
@@ -347,7 +347,7 @@ def open_client(cfg: BenchServeConfig) -> Any:
     `model_info` and `generate` (gRPC's `AsyncKvrelayClient`, or `HttpBenchClient`)."""
     if cfg.protocol == "http":
         try:
-            from kvrelay.cluster.bench_http import HttpBenchClient
+            from .http_client import HttpBenchClient
         except ImportError:
             raise ValueError("--protocol http needs httpx: pip install 'kvrelay[bench]'") from None
 
@@ -355,7 +355,7 @@ def open_client(cfg: BenchServeConfig) -> Any:
         concs = [c for c in cfg.concurrencies if c is not None]
         limit = max(concs) if len(concs) == len(cfg.concurrencies) else None
         return HttpBenchClient(cfg.server, limit)
-    from kvrelay.cluster.client import AsyncKvrelayClient
+    from ..client import AsyncKvrelayClient
 
     return AsyncKvrelayClient(cfg.server)
 
@@ -442,7 +442,7 @@ async def run_point(
 
 
 async def run(cfg: BenchServeConfig) -> BenchRun:
-    from kvrelay.cluster.client import KvrelayError
+    from ..client import KvrelayError
 
     async with load_generator(cfg) as gen:
         try:

@@ -362,7 +362,12 @@ def run_cases(
 ) -> list[LitmusResult]:
     """Runs every (scope, test, variant) of ``config`` on the GPU(s). Raises
     ``LitmusTimeoutError`` (a RuntimeError) when a test CTA loses its partner."""
-    from kvrelay.memory_model.litmus_kernels import LaunchShape, LitmusLauncher, body_asm, enable_peer_access
+    from .litmus_kernels import (
+        LaunchShape,
+        LitmusLauncher,
+        body_asm,
+        enable_peer_access,
+    )
 
     launches, per_pair = config.plan
     shape = LaunchShape(

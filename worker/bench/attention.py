@@ -2,7 +2,7 @@
 
 Decode attention is memory bound: each step reads every cached K/V byte of the batch
 once. The figure of merit is achieved bytes/s over what ``dst.copy_(src)`` reaches on the
-same GPU (counted as bytes read + written). Run: ``python -m kvrelay.worker.attention.bench_attention``.
+same GPU (counted as bytes read + written). Run: ``python -m kvrelay.worker.bench.attention``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from kvrelay.worker.attention import triton_kernels as tk
-from kvrelay.worker.attention.triton_backend import TritonPagedAttention
-from kvrelay.worker.cuda_timing import median_cuda_ms
+from kvrelay.memory_model.verify.cuda_timing import median_cuda_ms
+
+from ..attention import triton_kernels as tk
+from ..attention.triton_backend import TritonPagedAttention
 
 
 @functools.cache

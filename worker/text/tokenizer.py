@@ -12,7 +12,7 @@ from typing import Any
 
 import tokenizers
 
-from worker.chat_template import render_chat
+from .chat_template import render_chat
 
 
 class Tokenizer:
@@ -86,8 +86,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer a GGUF file describes in its tokenizer.ggml.* metadata (and its chat template)."""
-        from kvrelay.worker.gguf_tokenizer import gguf_tokenizer_parts
-        from kvrelay.worker.model.gguf_loader import open_gguf
+        from ..model.gguf_loader import open_gguf
+        from .gguf_tokenizer import gguf_tokenizer_parts
 
         path = Path(path)
         parts = gguf_tokenizer_parts(open_gguf(path), path)
@@ -101,8 +101,8 @@ class Tokenizer:
         directory has no tokenizer.json (the model then serves token-id prompts only)."""
         path = Path(model_path)
         if path.suffix.lower() == ".gguf":
-            from kvrelay.worker.gguf_tokenizer import gguf_tokenizer_parts
-            from kvrelay.worker.model.gguf_loader import open_gguf
+            from ..model.gguf_loader import open_gguf
+            from .gguf_tokenizer import gguf_tokenizer_parts
 
             parts = gguf_tokenizer_parts(open_gguf(path), path)
             return None if parts is None else cls(name=str(path), **parts)

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from kvrelay.memory_model import ipc
-from kvrelay.worker.cuda_timing import median_cuda_ms
+from .. import ipc
+from .cuda_timing import median_cuda_ms
 
 TARGET_ONE_WAY_US = 2.0
 TARGET_CONTIGUOUS_RATIO = 0.80  # for copies >= 64 MB
@@ -75,7 +75,7 @@ def _pingpong_worker(rank: int, cfg: dict[str, Any], conn: Any) -> None:
     for launch in range(cfg["launches"] + 1):  # launch 0 compiles and warms up
         conn.send("ready")
         conn.recv()  # both sides launch after both are ready: neither times out compiling
-        from kvrelay.memory_model.bench_kernels import pingpong_kernel
+        from .bench_kernels import pingpong_kernel
 
         pingpong_kernel[(1,)](
             out,
@@ -106,7 +106,7 @@ def _cpu_responder(cfg: dict[str, Any], conn: Any) -> None:
     and answers with a release store into the GPU's (CPU atomics, memory_model.atomics)."""
     from multiprocessing import shared_memory
 
-    from kvrelay.memory_model import atomics
+    from .. import atomics
 
     shm = shared_memory.SharedMemory(name=cfg["shm"])
     host = _shm_address(shm)
@@ -224,7 +224,7 @@ def _copy_gbps(
 ) -> tuple[float, float, float]:
     """GB/s of the handoff copy as launched (GPU time of back-to-back launches), the host's
     microseconds per launch, and GB/s of the kernel alone (graph replay)."""
-    from kvrelay.memory_model import gpu_copy
+    from .. import gpu_copy
 
     device = src[0].device
     copier = gpu_copy.BlockCopier(src, dst_table, dst_num_blocks=dst_blocks)
@@ -268,7 +268,7 @@ def measure_bandwidth(
 ) -> list[dict[str, Any]]:
     """GB/s of the handoff copy (contiguous and scattered ids) and of a contiguous peer copy
     of the same bytes, per size. Sizes below one block id of all 32 layers use fewer layers."""
-    from kvrelay.memory_model import gpu_copy
+    from .. import gpu_copy
 
     layers, heads, dim, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
     region = block_size * heads * dim * 2  # bytes of one (layer, kv, block)

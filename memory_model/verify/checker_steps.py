@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvrelay.memory_model.checker_model import (
+from .checker_model import (
     ABANDONED,
     ABORTED,
     ABT,

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TextIO
 
-from kvrelay.memory_model.checker_model import (
+from .checker_model import (
     Invariant,
     ModelParams,
     State,
@@ -25,7 +25,7 @@ from kvrelay.memory_model.checker_model import (
     Violation,
     initial_state,
 )
-from kvrelay.memory_model.checker_steps import successors, terminal_violation
+from .checker_steps import successors, terminal_violation
 
 __all__ = [
     "EXPECTED",

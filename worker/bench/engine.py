@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kvrelay.worker.config import EngineConfig, resolve_device
-from kvrelay.worker.engine import Engine
-from kvrelay.worker.request import RequestStatus
-from kvrelay.worker.sampling_params import SamplingParams
+from ..config import EngineConfig, resolve_device
+from ..engine import Engine
+from ..request import RequestStatus
+from ..sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay")
 

@@ -2,7 +2,7 @@
 
 Starts `kvrelay serve` twice on the same model and flags, one after the other: N colocated
 workers, then P prefill + D decode workers (P + D = N, so both get the same devices), and
-drives each with the load-test harness (`cluster/bench_serve.py`) over the same requests:
+drives each with the load-test harness (`cluster/bench/serve.py`) over the same requests:
 
     ttft        long prompts, short outputs, one request at a time: time to first token
                 without queueing, so the disaggregated figure is the reserve call to the decode
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.bench_metrics import BenchMetrics
-from kvrelay.cluster.bench_serve import add_bench_serve_args, config_from_args, run
+from .metrics import BenchMetrics
+from .serve import add_bench_serve_args, config_from_args, run
 
 _READY = "kvrelay serving on "
 

@@ -38,7 +38,7 @@ _SPLITS = {
 def gguf_tokenizer_parts(reader: Any, path: Path) -> dict[str, Any] | None:
     """-> {"backend", "bos_token_id", "eos_token_ids", "add_bos_token", "chat_template"} (the
     Tokenizer's arguments), None for a file without tokenizer metadata."""
-    from kvrelay.worker.model.gguf_loader import field_value
+    from ..model.gguf_loader import field_value
 
     kind = field_value(reader, "tokenizer.ggml.model")
     if kind is None:

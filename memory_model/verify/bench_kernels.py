@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvrelay.memory_model import ptx
+from .. import ptx
 
 
 @triton.jit(do_not_specialize=["my_flag_addr", "peer_flag_addr", "base"])

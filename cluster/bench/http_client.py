@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from kvrelay.cluster.bench_metrics import RequestRecord
-from kvrelay.cluster.bench_workloads import BenchRequest
+from .metrics import RequestRecord
+from .workloads import BenchRequest
 
 _DATA = "data: "
 

@@ -1,0 +1,1 @@
+"""Offline engine and attention benchmarks (`kvrelay bench engine`); not runtime code."""
