@@ -7,6 +7,10 @@
 #   scripts/gpu_check.sh memory     # litmus + handoff bench only (on 2 GPUs: also across them)
 #   scripts/gpu_check.sh serve      # serving sweeps (1B, 8B; ShareGPT-like, shared-prefix) and
 #                                   # disaggregated vs colocated (bench disagg): not in "all"
+#   scripts/gpu_check.sh real       # the real model (smollm2, GGUF): its GPU tests, decode ms/token at
+#                                   # batch 1 and 64, and HTTP vs gRPC throughput at 64 streams: not in "all"
+# The machines reach no package registry: for `real`, put SmolLM2's GGUF in $KVRELAY_CACHE_DIR
+# (default ~/.cache/kvrelay) first, e.g. carried from a machine where `kvrelay generate --model smollm2` ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"; mkdir -p "$out"
@@ -46,6 +50,15 @@ if [[ "$what" == serve ]]; then
   status[disagg]=${PIPESTATUS[0]}
   tar -czf "$out/serve.tar.gz" -C "$out" serve && rm -rf "$out/serve"
 fi
+if [[ "$what" == real ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py tests/test_gguf.py -m "gpu or not gpu" 2>&1 | tee "$out/real_tests.log"
+  status[real_tests]=${PIPESTATUS[0]}
+  python3 -m kvrelay.cli bench engine --models smollm2 --batch-sizes 1,64 --contexts 512 --no-hf \
+    --json "$out/bench_smollm2.json" 2>&1 | tee "$out/bench_smollm2.log"
+  status[real_bench]=${PIPESTATUS[0]}
+  python3 scripts/http_vs_grpc.py --model smollm2 --concurrency 64 --out "$out/http_vs_grpc" ${HTTP_ARGS:-} 2>&1 | tee "$out/http_vs_grpc.log"
+  status[http_vs_grpc]=${PIPESTATUS[0]}
+fi
 echo
 echo "== summary"
 [[ -n "${status[tests]:-}" ]] && echo "gpu tests: exit ${status[tests]} ($(tail -n 1 "$out/gpu_tests.log"))"
@@ -54,5 +67,8 @@ echo "== summary"
 [[ -n "${status[handoff]:-}" ]] && { echo "bench handoff: exit ${status[handoff]}"; tail -n 20 "$out/bench_handoff.log"; }
 [[ -n "${status[serve]:-}" ]] && { echo "serve sweeps: exit ${status[serve]}"; grep -E "^ *(inf|[0-9.]+) +[0-9]+ +[0-9]+ " "$out/serve_sweep.log"; }
 [[ -n "${status[disagg]:-}" ]] && { echo "bench disagg: exit ${status[disagg]}"; tail -n 12 "$out/bench_disagg.log"; }
+[[ -n "${status[real_tests]:-}" ]] && echo "smollm2/gguf tests: exit ${status[real_tests]} ($(tail -n 1 "$out/real_tests.log"))"
+[[ -n "${status[real_bench]:-}" ]] && { echo "bench engine smollm2: exit ${status[real_bench]}"; sed -n '/^kvrelay bench engine on/,$p' "$out/bench_smollm2.log"; }
+[[ -n "${status[http_vs_grpc]:-}" ]] && { echo "http vs grpc: exit ${status[http_vs_grpc]}"; tail -n 7 "$out/http_vs_grpc.log"; }
 rc=0; for s in "${status[@]}"; do [[ "$s" == 0 ]] || rc=1; done
 exit $rc

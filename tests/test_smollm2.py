@@ -69,3 +69,20 @@ def test_greedy_matches_transformers_gguf_loader(gguf_file: Path, engine: Engine
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf.eval(), prompt, MAX_TOKENS)
+
+
+@pytest.mark.gpu
+def test_greedy_on_gpu_matches_transformers_gguf_loader(gguf_file: Path) -> None:
+    """The GGUF dequantized onto the GPU (float32: Triton paged attention and CUDA-graph decode) gives
+    transformers' greedy tokens (its GGUF loader, float32 on the CPU), for a batch of prompts that
+    exercises both prefill and graphed decode."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    engine = make_engine("smollm2", device="cuda", num_kv_blocks=256)
+    assert engine.tokenizer is not None
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    prompts.append(engine.tokenizer.apply_chat_template(CONVERSATIONS[2]))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf.eval(), prompt, MAX_TOKENS)
