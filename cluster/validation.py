@@ -29,11 +29,13 @@ from kvrelay.worker.text.chat_template import MAX_CHAT_MESSAGES, MAX_ROLE_CHARS
 from .interfaces import ModelDescription
 
 MAX_REQUEST_ID_LEN = 256
-# A chat prompt is bounded before its template renders it: at most MAX_CHAT_MESSAGES messages (the
-# template module's own bound), and at most max_model_len * CHAT_CHARS_PER_TOKEN characters of
-# content (no real tokenizer averages anywhere near 16 characters a token, so a conversation past
-# it cannot fit the context anyway).
-CHAT_CHARS_PER_TOKEN = 16
+# Text is bounded by characters before any tokenizer work: a text prompt holds at most
+# max_model_len * CHARS_PER_TOKEN_BOUND characters, and a chat prompt at most MAX_CHAT_MESSAGES
+# messages (the template module's own bound) and as many characters of content. No real tokenizer
+# averages anywhere near 16 characters a token, so a prompt past the bound cannot fit the context
+# anyway, and refusing it costs no tokenizer time (an 8 MB prompt took 20 s to tokenize and refuse,
+# stalling every stream's detokenization meanwhile).
+CHARS_PER_TOKEN_BOUND = 16
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ class Limits:
     max_chat_messages: int = MAX_CHAT_MESSAGES
 
     @property
-    def max_chat_chars(self) -> int:
-        """Characters of message content a chat prompt may hold (roles included)."""
-        return self.max_model_len * CHAT_CHARS_PER_TOKEN
+    def max_text_chars(self) -> int:
+        """Characters a text prompt may hold, or a chat prompt's messages (roles included)."""
+        return self.max_model_len * CHARS_PER_TOKEN_BOUND
 
     @classmethod
     def of(
@@ -141,6 +143,11 @@ def check_prompt_input(prompt: Prompt, limits: Limits) -> None:
             raise ValueError("text: the prompt must not be empty")
         if not limits.accepts_text:
             raise ValueError("text: this model has no tokenizer, so text prompts are refused; send token_ids")
+        if len(prompt) > limits.max_text_chars:
+            raise ValueError(
+                f"text: {len(prompt)} characters exceed {limits.max_text_chars} "
+                f"(max_model_len {limits.max_model_len} x {CHARS_PER_TOKEN_BOUND}); the prompt cannot fit"
+            )
     elif isinstance(prompt, ChatPrompt):
         _check_chat(prompt, limits)
     else:
@@ -164,10 +171,10 @@ def _check_chat(prompt: ChatPrompt, limits: Limits) -> None:
                 f"chat: message {i}: role must be 1..{MAX_ROLE_CHARS} characters, got {len(role)}"
             )
         chars += len(role) + len(m["content"])
-    if chars > limits.max_chat_chars:
+    if chars > limits.max_text_chars:
         raise ValueError(
-            f"chat: {chars} characters of messages exceed {limits.max_chat_chars} "
-            f"(max_model_len {limits.max_model_len} x {CHAT_CHARS_PER_TOKEN})"
+            f"chat: {chars} characters of messages exceed {limits.max_text_chars} "
+            f"(max_model_len {limits.max_model_len} x {CHARS_PER_TOKEN_BOUND})"
         )
     if not limits.has_chat_template:
         raise ValueError("chat: this model has no chat template; send text or token_ids")

@@ -291,6 +291,8 @@ def _request(prompt: Any = (1, 2, 3), request_id: str = "", **sampling: Any) -> 
 INVALID = [
     (_request(None), "prompt: give text or token_ids"),
     (_request(""), "text: the prompt must not be empty"),
+    # max_model_len 4096 x 16: refused on its length, before any tokenizer work.
+    (_request("x" * 65537), "text: 65537 characters exceed 65536 (max_model_len 4096 x 16)"),
     (_request(()), "token_ids: the prompt must hold at least 1 token"),
     (_request((1, 320, 2)), "token_ids: token id 320 is outside the vocabulary [0, 320)"),
     (_request((1, 2), max_tokens=4095), "max_tokens: prompt (2 tokens) + max_tokens (4095) = 4097 exceeds max_model_len 4096"),

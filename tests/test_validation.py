@@ -223,3 +223,14 @@ def test_remaining_context_is_bounded_by_the_context_and_one_workers_kv() -> Non
     check_prompt([1] * 100, params, LIMITS)  # accepted exactly at the bound
     with pytest.raises(ValueError, match=r"^max_tokens: prompt \(101 tokens\)"):
         check_prompt([1] * 101, params, LIMITS)
+
+
+def test_text_prompt_is_bounded_by_characters_before_tokenizing() -> None:
+    # max_model_len 4096 x 16 characters a token = 65536 characters; checked on the string itself.
+    ok = pb.GenerateRequest(text="x" * 65536)
+    assert prompt_of(ok, LIMITS) == "x" * 65536
+    with pytest.raises(ValueError) as e:
+        prompt_of(pb.GenerateRequest(text="é" * 65537), LIMITS)
+    assert str(e.value) == (
+        "text: 65537 characters exceed 65536 (max_model_len 4096 x 16); the prompt cannot fit"
+    )
