@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (vLLM's semantics)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]; 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]; 0 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -224,6 +227,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "stop": tuple(args.stop),
         "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
     }
     if args.prompts_file is not None:
         items = _read_prompts_file(args.prompts_file)

@@ -77,6 +77,12 @@ def test_generate_prompts_file_penalties_match_reference(
     expected = [reference_greedy(hf, p, SamplingParams(**f)) for p, f in zip(prompts, fields, strict=True)]
     assert [json.loads(line)["token_ids"] for line in out.splitlines()] == expected
 
+    # The same penalties as flags apply to a --prompt-ids prompt.
+    flags = ["--max-tokens", "10", "--ignore-eos", "--repetition-penalty", "1.6", "--frequency-penalty", "0.5"]
+    code, out, _ = run_cli([*args, *flags, "--prompt-ids", ",".join(map(str, prompts[0]))], capsys)
+    assert code == 0
+    assert json.loads(out)["token_ids"] == expected[0]
+
 
 def test_generate_text_prompt_on_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["generate", "--prompt", "Hello", "--max-tokens", "8", "--json"], capsys)
