@@ -78,7 +78,8 @@ def test_generate_prompts_file_penalties_match_reference(
     assert [json.loads(line)["token_ids"] for line in out.splitlines()] == expected
 
     # The same penalties as flags apply to a --prompt-ids prompt.
-    flags = ["--max-tokens", "10", "--ignore-eos", "--repetition-penalty", "1.6", "--frequency-penalty", "0.5"]
+    flags = ["--max-tokens", "10", "--ignore-eos", "--repetition-penalty", "1.6"]
+    flags += ["--frequency-penalty", "0.5"]
     code, out, _ = run_cli([*args, *flags, "--prompt-ids", ",".join(map(str, prompts[0]))], capsys)
     assert code == 0
     assert json.loads(out)["token_ids"] == expected[0]
