@@ -110,11 +110,14 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "router.json"
     argv = ["bench", "router", "--streams", "16,32", "--workers", "2", "--input-len", "16"]
     argv += ["--output-len", "6", "--step-ms", "10", "--ttft-ms", "10", "--json", str(out)]
+    # With a tokenizer and text asked for, the router's text path runs on every stream.
+    argv += ["--tokenizer", str(tiny_model_dir()), "--want-text"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "router cpu" in table and "+itl p50/p90/p99 ms" in table
     doc = json.loads(out.read_text())
     assert doc["settings"]["streams"] == [16, 32] and doc["settings"]["output_len"] == 6
+    assert (doc["settings"]["tokenizer"], doc["settings"]["want_text"]) == (str(tiny_model_dir()), True)
     assert [p["streams"] for p in doc["points"]] == [16, 32]
     for p in doc["points"]:
         assert p["completed"] == p["requests"] == 2 * p["streams"]

@@ -9,6 +9,10 @@ that costs nothing). The load-test harness (`cluster/bench/serve.py`) runs in th
 `--streams` value it sends one warm-up wave of that many requests (not measured), then
 `--requests-per-stream` x streams requests with at most `streams` open at once.
 
+The synthetic model has no tokenizer unless `--tokenizer` names one (a GGUF file or a directory with
+tokenizer.json); then the router has a text path, which the harness's token-id prompts skip
+(`skip_text`) unless `--want-text` asks for text: the pair measures what detokenizing costs per token.
+
 Figures per point, over the measured run only:
 - server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second; pool CPU is
   the synthetic workers' own share of it (making the deltas), router CPU the rest (gRPC, router,
@@ -405,7 +409,8 @@ def run_bench_router(args: argparse.Namespace) -> int:
         if warning is not None:
             sys.stderr.write(f"kvrelay: warning: {p.streams} streams: {warning}\n")
     if cfg.json_path is not None:
-        settings = asdict(cfg) | {"json_path": str(cfg.json_path), "cpu_count": os.cpu_count()}
+        paths = {k: str(v) for k, v in asdict(cfg).items() if isinstance(v, Path)}  # JSON has no Path
+        settings = asdict(cfg) | paths | {"cpu_count": os.cpu_count()}
         doc = {
             "settings": settings,
             "points": [
