@@ -234,7 +234,11 @@ class RouterCore:
             ticket=ticket,
             arrival=arrival,
             deadline=deadline,
-            out=ResponseBuilder(request_id, codec.detokenizer(ids, params.stop)),
+            # skip_text: the client decodes itself, so no detokenizer runs for it (no stop strings
+            # either: `sampling_params` refuses them together).
+            out=ResponseBuilder(
+                request_id, None if sampling.skip_text else codec.detokenizer(ids, params.stop)
+            ),
         )
         self._streams[request_id] = s
         self._by_worker_id[s.worker_request_id] = s

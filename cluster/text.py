@@ -113,15 +113,13 @@ class ResponseBuilder:
         assert not self.finished, f"delta for {self.request_id!r} after its last response"
         tokens, logprobs, finish = d.token_ids, d.logprobs, d.finish_reason
         text, stopped = "", False
-        if self._detok is not None:
-            if tokens:
-                delta = self._detok.add_tokens(tokens)
-                text = delta.new_text
-                if delta.stopped:
-                    stopped, finish = True, FinishReason.STOP
-                    tokens, logprobs = tokens[: delta.num_consumed], logprobs[: delta.num_consumed]
-            if finish is not None and not stopped:
-                text += self._detok.flush().new_text  # text held back as a possible stop-string start
+        if self._detok is not None and (tokens or finish is not None):
+            # The engine's local text path makes the same call (held-back text flushed on the last).
+            delta = self._detok.step(tokens, last=finish is not None)
+            text = delta.new_text
+            if delta.stopped:
+                stopped, finish = True, FinishReason.STOP
+                tokens, logprobs = tokens[: delta.num_consumed], logprobs[: delta.num_consumed]
         self.num_tokens += len(tokens)
         if finish is None and not tokens and not text:
             return None, False

@@ -196,6 +196,11 @@ def sampling_params(s: pb.SamplingParams, limits: Limits) -> SamplingParams:
     if not math.isfinite(s.min_p) or not 0.0 <= s.min_p <= 1.0:
         raise ValueError(f"min_p: must be in [0, 1] (0 = off), got {s.min_p}")
     _check_stop(s.stop, limits)
+    if s.skip_text and s.stop:
+        raise ValueError(
+            f"skip_text: stop strings are matched on the text, which skip_text turns off; "
+            f"send skip_text false or no stop strings (got {len(s.stop)})"
+        )
     if len(s.stop_token_ids) > limits.max_stop_token_ids:
         raise ValueError(f"stop_token_ids: at most {limits.max_stop_token_ids}, got {len(s.stop_token_ids)}")
     bad = next((t for t in s.stop_token_ids if t >= vocab), None)

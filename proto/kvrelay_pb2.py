@@ -14,15 +14,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrelay/proto/kvrelay.proto\x12\nkvrelay.v1\"\xc2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvrelay.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.kvrelay.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvrelay.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\r\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xc7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.kvrelay.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.kvrelay.v1.Usage\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.kvrelay.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xc2\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x06 \x01(\r\x12\x1e\n\x16max_stop_string_length\x18\x07 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x08 \x01(\x08\"\x17\n\x15GetServerStatsRequest\"\xee\x01\n\x0bWorkerStats\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_graph_replays\x18\t \x01(\x04\x12\x17\n\x0fnum_eager_steps\x18\n \x01(\x04\"\xb0\x01\n\x0bServerStats\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\x12\x1b\n\x13num_healthy_workers\x18\x02 \x01(\r\x12\x12\n\nnum_queued\x18\x03 \x01(\r\x12\x15\n\rnum_in_flight\x18\x04 \x01(\r\x12\x1a\n\x12num_requests_total\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.kvrelay.v1.WorkerStats*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xeb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x1c.kvrelay.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.kvrelay.v1.GetModelInfoRequest\x1a\x15.kvrelay.v1.ModelInfo\x12L\n\x0eGetServerStats\x12!.kvrelay.v1.GetServerStatsRequest\x1a\x17.kvrelay.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrelay/proto/kvrelay.proto\x12\nkvrelay.v1\"\xc2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvrelay.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.kvrelay.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvrelay.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xce\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\r\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x11\n\tskip_text\x18\x0e \x01(\x08\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xc7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.kvrelay.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.kvrelay.v1.Usage\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.kvrelay.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xc2\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x06 \x01(\r\x12\x1e\n\x16max_stop_string_length\x18\x07 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x08 \x01(\x08\"\x17\n\x15GetServerStatsRequest\"\xee\x01\n\x0bWorkerStats\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_graph_replays\x18\t \x01(\x04\x12\x17\n\x0fnum_eager_steps\x18\n \x01(\x04\"\xb0\x01\n\x0bServerStats\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\x12\x1b\n\x13num_healthy_workers\x18\x02 \x01(\r\x12\x12\n\nnum_queued\x18\x03 \x01(\r\x12\x15\n\rnum_in_flight\x18\x04 \x01(\r\x12\x1a\n\x12num_requests_total\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.kvrelay.v1.WorkerStats*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xeb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x1c.kvrelay.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.kvrelay.v1.GetModelInfoRequest\x1a\x15.kvrelay.v1.ModelInfo\x12L\n\x0eGetServerStats\x12!.kvrelay.v1.GetServerStatsRequest\x1a\x17.kvrelay.v1.ServerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.proto.kvrelay_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_FINISHREASON']._serialized_start=1782
-  _globals['_FINISHREASON']._serialized_end=1902
+  _globals['_FINISHREASON']._serialized_start=1801
+  _globals['_FINISHREASON']._serialized_end=1921
   _globals['_GENERATEREQUEST']._serialized_start=44
   _globals['_GENERATEREQUEST']._serialized_end=238
   _globals['_TOKENIDS']._serialized_start=240
@@ -32,25 +32,25 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_CHATMESSAGE']._serialized_start=324
   _globals['_CHATMESSAGE']._serialized_end=368
   _globals['_SAMPLINGPARAMS']._serialized_start=371
-  _globals['_SAMPLINGPARAMS']._serialized_end=686
-  _globals['_GENERATERESPONSE']._serialized_start=689
-  _globals['_GENERATERESPONSE']._serialized_end=888
-  _globals['_TOKENLOGPROBS']._serialized_start=890
-  _globals['_TOKENLOGPROBS']._serialized_end=977
-  _globals['_TOPLOGPROB']._serialized_start=979
-  _globals['_TOPLOGPROB']._serialized_end=1026
-  _globals['_USAGE']._serialized_start=1028
-  _globals['_USAGE']._serialized_end=1115
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1117
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1138
-  _globals['_MODELINFO']._serialized_start=1141
-  _globals['_MODELINFO']._serialized_end=1335
-  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1337
-  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1360
-  _globals['_WORKERSTATS']._serialized_start=1363
-  _globals['_WORKERSTATS']._serialized_end=1601
-  _globals['_SERVERSTATS']._serialized_start=1604
-  _globals['_SERVERSTATS']._serialized_end=1780
-  _globals['_GENERATION']._serialized_start=1905
-  _globals['_GENERATION']._serialized_end=2140
+  _globals['_SAMPLINGPARAMS']._serialized_end=705
+  _globals['_GENERATERESPONSE']._serialized_start=708
+  _globals['_GENERATERESPONSE']._serialized_end=907
+  _globals['_TOKENLOGPROBS']._serialized_start=909
+  _globals['_TOKENLOGPROBS']._serialized_end=996
+  _globals['_TOPLOGPROB']._serialized_start=998
+  _globals['_TOPLOGPROB']._serialized_end=1045
+  _globals['_USAGE']._serialized_start=1047
+  _globals['_USAGE']._serialized_end=1134
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1136
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1157
+  _globals['_MODELINFO']._serialized_start=1160
+  _globals['_MODELINFO']._serialized_end=1354
+  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1356
+  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1379
+  _globals['_WORKERSTATS']._serialized_start=1382
+  _globals['_WORKERSTATS']._serialized_end=1620
+  _globals['_SERVERSTATS']._serialized_start=1623
+  _globals['_SERVERSTATS']._serialized_end=1799
+  _globals['_GENERATION']._serialized_start=1924
+  _globals['_GENERATION']._serialized_end=2159
 # @@protoc_insertion_point(module_scope)

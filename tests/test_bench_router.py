@@ -20,6 +20,7 @@ from kvrelay.cluster.bench.router import (
     config_from_args,
 )
 from kvrelay.cluster.bench.synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
+from kvrelay.worker.model.tiny import tiny_model_dir
 from kvrelay.worker.protocol import TokenDelta, WorkRequest
 from kvrelay.worker.request import FinishReason
 from kvrelay.worker.sampling_params import SamplingParams
@@ -109,11 +110,14 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "router.json"
     argv = ["bench", "router", "--streams", "16,32", "--workers", "2", "--input-len", "16"]
     argv += ["--output-len", "6", "--step-ms", "10", "--ttft-ms", "10", "--json", str(out)]
+    # With a tokenizer and text asked for, the router's text path runs on every stream.
+    argv += ["--tokenizer", str(tiny_model_dir()), "--want-text"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "router cpu" in table and "+itl p50/p90/p99 ms" in table
     doc = json.loads(out.read_text())
     assert doc["settings"]["streams"] == [16, 32] and doc["settings"]["output_len"] == 6
+    assert (doc["settings"]["tokenizer"], doc["settings"]["want_text"]) == (str(tiny_model_dir()), True)
     assert [p["streams"] for p in doc["points"]] == [16, 32]
     for p in doc["points"]:
         assert p["completed"] == p["requests"] == 2 * p["streams"]
@@ -137,6 +141,16 @@ def test_bench_router_passes_its_client_processes_to_the_load_generator() -> Non
     harness = _harness_config(cfg, server)  # type: ignore[arg-type]
     assert (harness.client_processes, harness.server, harness.protocol) == (3, "127.0.0.1:1", "grpc")
     assert (harness.input_len.hi, harness.output_len.hi) == (cfg.input_len, cfg.output_len)
+    assert not harness.want_text  # id prompts: skip_text
+    cfg = config_from_args(build_parser().parse_args(["--streams", "8", "--want-text"]))
+    assert _harness_config(cfg, server).want_text  # type: ignore[arg-type]
+
+
+def test_synthetic_model_takes_a_tokenizer() -> None:
+    assert SyntheticPool(1, STEP_S, 0.0).model == SYNTHETIC_MODEL
+    with_text = SyntheticPool(1, STEP_S, 0.0, str(tiny_model_dir())).model
+    assert with_text.model_dir == str(tiny_model_dir())
+    assert with_text.vocab_size == SYNTHETIC_MODEL.vocab_size
 
 
 def test_bench_router_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,3 +162,5 @@ def test_bench_router_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -
     assert "--step-ms must be > 0, got 0.0" in capsys.readouterr().err
     assert main(["bench", "router", "--profile", "/nonexistent/dir/router.prof"]) == 2
     assert "--profile: directory /nonexistent/dir does not exist" in capsys.readouterr().err
+    assert main(["bench", "router", "--tokenizer", "/nonexistent/tok.gguf"]) == 2
+    assert "--tokenizer: /nonexistent/tok.gguf does not exist" in capsys.readouterr().err

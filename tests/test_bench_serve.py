@@ -9,7 +9,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from kvrelay.cluster.bench.serve import (
     send_one,
 )
 from kvrelay.cluster.bench.workloads import BenchRequest
+from kvrelay.proto import kvrelay_pb2 as pb
 
 MAX_MODEL_LEN = 128
 CONFIG = f"""\
@@ -240,3 +241,23 @@ def test_bad_input_is_one_line_and_exit_2(
 def test_slo_flags_reach_the_config(server: Server) -> None:
     cfg = config(server, "--slo-ttft-ms", "500", "--slo-tpot-ms", "off", "--slo-e2e-ms", "2500")
     assert cfg.slo == Slo(ttft_s=0.5, tpot_s=None, e2e_s=2.5)
+
+
+def test_id_prompts_ask_for_no_text_unless_want_text() -> None:
+    """Token-id prompts set skip_text (the router then does not detokenize them); --want-text and
+    text prompts keep the text. A capturing stand-in for the client: no server needed."""
+    seen: list[tuple[str, bool, float | None]] = []
+
+    class Capture:
+        async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[object]:
+            seen.append((request.WhichOneof("prompt") or "", request.sampling.skip_text, timeout))
+            return
+            yield
+
+    nowhere = Server("127.0.0.1:1", "")
+    ids, text = BenchRequest((5, 6, 7), 3, 2), BenchRequest("five six", 2, 2)
+    default, want = config(nowhere, "--request-timeout", "7"), config(nowhere, "--want-text")
+    for req, cfg in [(ids, default), (text, default), (ids, want)]:
+        rec = asyncio.run(send_one(Capture(), req, cfg))
+        assert rec.error is None
+    assert seen == [("token_ids", True, 7.0), ("text", False, 7.0), ("token_ids", False, 600.0)]

@@ -259,3 +259,59 @@ def test_held_back_text_released_when_it_cannot_match_and_flushed_at_end(tok: To
 def test_rejects_empty_stop_string(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(tok, [], stop=["ok", ""])
+
+
+# ---- step: the one call of the engine and the router ------------------------------------------
+def test_step_flushes_held_text_only_on_the_last_step(tok: Tokenizer) -> None:
+    detok = IncrementalDetokenizer(tok, [], stop=["xyz"])
+    ids = _byte_ids(tok, "abxy")
+    assert detok.step(ids[:3], last=False) == DetokenizedDelta("ab", False, 3)  # "x" held back
+    assert detok.step([], last=False) == DetokenizedDelta("", False, 0)
+    # Ending for another reason (EOS, length): the held "x" and the new "y" are released together.
+    assert detok.step(ids[3:], last=True) == DetokenizedDelta("xy", False, 1)
+    assert detok.finished and detok.text == "abxy" == tok.decode(ids)
+
+
+def test_step_with_no_tokens_on_the_last_step_flushes(tok: Tokenizer) -> None:
+    detok = IncrementalDetokenizer(tok, [], stop=["<end>"])
+    assert detok.step(_byte_ids(tok, "ok <en"), last=False).new_text == "ok "
+    assert detok.step([], last=True) == DetokenizedDelta("<en", False, 0)
+
+
+def test_step_stop_string_wins_over_the_last_step(tok: Tokenizer) -> None:
+    """A stop string completed within the last step's tokens ends the request with STOP; the tokens
+    after it are not consumed and the held text is not flushed past it."""
+    detok = IncrementalDetokenizer(tok, [], stop=["cd"])
+    ids = _byte_ids(tok, "abcde")
+    assert detok.step(ids, last=True) == DetokenizedDelta("ab", True, 4, "cd")
+    assert detok.text == "ab"
+
+
+def test_step_equals_add_tokens_then_flush_on_random_streams(tok: Tokenizer) -> None:
+    """Against the two-call form and against the tokenizer's own decode of the whole output."""
+    rng = random.Random(7)
+    num_stopped = 0
+    for trial in range(30):
+        text = "".join(rng.choice(CHAR_POOL) for _ in range(rng.randint(1, 40)))
+        ids = _mixed_ids(tok, text, rng)
+        cuts = sorted(rng.sample(range(1, len(ids)), min(len(ids) - 1, 5))) if len(ids) > 1 else []
+        chunks = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True)]
+        i = rng.randrange(len(text))
+        stop = [text[i : i + 2] if rng.random() < 0.6 else "qq"]  # mostly one that occurs
+        one, two = IncrementalDetokenizer(tok, [], stop=stop), IncrementalDetokenizer(tok, [], stop=stop)
+        got, want = [], []
+        for n, chunk in enumerate(chunks):
+            last = n == len(chunks) - 1
+            d = one.step(chunk, last=last)
+            got.append(d.new_text)
+            ref = two.add_tokens(chunk)
+            want.append(ref.new_text + (two.flush().new_text if last and not ref.stopped else ""))
+            assert (d.stopped, d.num_consumed) == (ref.stopped, ref.num_consumed), trial
+            if d.stopped:
+                num_stopped += 1
+                break
+        assert got == want, trial
+        full = tok.decode(ids)
+        cut = min((full.find(s) for s in stop if s in full), default=len(full))
+        assert "".join(got) == full[:cut], (trial, text)
+    assert 5 <= num_stopped <= 25, num_stopped  # both endings were exercised

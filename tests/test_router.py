@@ -206,6 +206,29 @@ def test_stop_string_cuts_text_and_aborts_on_the_worker(main: Server, ref: Engin
     assert [len(w.aborted) for w in main.pool.workers] != aborted_before  # the router told the worker
 
 
+def test_skip_text_streams_the_same_tokens_without_text(main: Server, ref: Engine) -> None:
+    """Text is sent by default, for token-id prompts too; skip_text opts out (token ids only)."""
+    prompt = [40, 50, 60, 70, 80]
+    expected = ref.generate([prompt], greedy(12))[0]
+    assert expected.text  # the tiny model's bytes decode to text: an empty text below means skipped
+    with grpc.insecure_channel(main.address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        def run(req: pb.GenerateRequest) -> tuple[list[int], list[str]]:
+            resps = list(stub.Generate(req, timeout=30))
+            assert resps[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            return [t for r in resps for t in r.token_ids], [r.text for r in resps]
+
+        tokens, texts = run(_request(prompt, max_tokens=12, ignore_eos=True))
+        assert (tokens, "".join(texts)) == (expected.token_ids, expected.text)
+        tokens, texts = run(_request(prompt, max_tokens=12, ignore_eos=True, skip_text=True))
+        assert (tokens, texts) == (expected.token_ids, [""] * 12)
+        by_text = ref.generate(["Hello world"], greedy(6))[0]
+        tokens, texts = run(_request("Hello world", max_tokens=6, ignore_eos=True, skip_text=True))
+        assert (tokens, texts) == (by_text.token_ids, [""] * 6)  # a text prompt may skip text too
+    main.wait_idle()
+
+
 def test_logprobs(main: Server) -> None:
     with main.client() as c:
         result = c.generate([1, 2, 3, 4], max_tokens=5, ignore_eos=True, logprobs=3)
@@ -309,6 +332,7 @@ INVALID = [
     (_request(presence_penalty=2.5), "presence_penalty: must be in [-2, 2] (0 = off), got 2.5"),
     (_request(frequency_penalty=-3.0), "frequency_penalty: must be in [-2, 2] (0 = off), got -3.0"),
     (_request(request_id="r" * 257), "request_id: at most 256 characters, got 257"),
+    (_request(stop=["x"], skip_text=True), "skip_text: stop strings are matched on the text, which skip_text turns off"),
 ]  # fmt: skip
 
 

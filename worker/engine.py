@@ -371,24 +371,20 @@ class Engine:
             handoff_error = export_prefill(self.kv_sender, self.allocator, req, token, lp)
         req.all_token_ids.append(token)
         logprobs = [lp] if lp is not None else []
-        text, reason, stopped_on_text = "", None, False
-        if req.detokenizer is not None:
-            delta = req.detokenizer.add_tokens([token])
-            text, stopped_on_text = delta.new_text, delta.stopped
-            if stopped_on_text:
+        reason: FinishReason | None = None
+        if token in req.params.stop_token_ids or (token in req.eos_token_ids and not req.params.ignore_eos):
+            reason = FinishReason.STOP
+        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text = ""
+        if req.detokenizer is not None:  # the router's ResponseBuilder makes the same step call
+            delta = req.detokenizer.step([token], last=reason is not None)
+            text = delta.new_text
+            if delta.stopped:
                 reason = FinishReason.STOP
-        if reason is None:
-            if token in req.params.stop_token_ids or (
-                token in req.eos_token_ids and not req.params.ignore_eos
-            ):
-                reason = FinishReason.STOP
-            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-                reason = FinishReason.LENGTH
         if reason is None:
             assert handoff_error is None, "a handed-off request must end at its first token"
             return self._output(req, [token], text, logprobs, None)
-        if req.detokenizer is not None and not stopped_on_text:
-            text += req.detokenizer.flush().new_text  # text held back as a possible stop-string start
         self.scheduler.remove(req)
         out = self._finish(req, reason, [token], text, logprobs)
         out.error = handoff_error

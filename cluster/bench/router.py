@@ -9,6 +9,10 @@ that costs nothing). The load-test harness (`cluster/bench/serve.py`) runs in th
 `--streams` value it sends one warm-up wave of that many requests (not measured), then
 `--requests-per-stream` x streams requests with at most `streams` open at once.
 
+The synthetic model has no tokenizer unless `--tokenizer` names one (a GGUF file or a directory with
+tokenizer.json); then the router has a text path, which the harness's token-id prompts skip
+(`skip_text`) unless `--want-text` asks for text: the pair measures what detokenizing costs per token.
+
 Figures per point, over the measured run only:
 - server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second; pool CPU is
   the synthetic workers' own share of it (making the deltas), router CPU the rest (gRPC, router,
@@ -77,7 +81,8 @@ def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> N
         # refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE at the client) -- an error, not a cost.
         max_concurrent_streams=2 * max(1024, most),
     )
-    pool = SyntheticPool(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3)
+    tokenizer = None if cfg.tokenizer is None else str(cfg.tokenizer)
+    pool = SyntheticPool(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3, tokenizer)
 
     async def publish_stats() -> None:
         while True:
@@ -154,6 +159,8 @@ class BenchRouterConfig:
     client_processes: int = 1  # load-generator processes (`bench serve --client-processes`)
     json_path: Path | None = None
     profile_path: Path | None = None  # cProfile of the server process (pstats format)
+    tokenizer: Path | None = None  # the router detokenizes the synthetic output with it; None: no text
+    want_text: bool = False  # the harness asks for text (skip_text false); only matters with a tokenizer
 
     def __post_init__(self) -> None:
         checks = [
@@ -182,6 +189,10 @@ class BenchRouterConfig:
             (
                 self.json_path is None or self.json_path.parent.is_dir(),
                 f"--json: directory {self.json_path and self.json_path.parent} does not exist",
+            ),
+            (
+                self.tokenizer is None or self.tokenizer.exists(),
+                f"--tokenizer: {self.tokenizer} does not exist",
             ),
             (
                 self.profile_path is None or self.profile_path.parent.is_dir(),
@@ -246,6 +257,17 @@ def add_bench_router_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
     p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a GGUF file or a directory with tokenizer.json: the router gets a text path (default: none)",
+    )
+    p.add_argument(
+        "--want-text",
+        action="store_true",
+        help="with --tokenizer: the harness asks for text, so the router detokenizes every stream",
+    )
+    p.add_argument(
         "--profile", type=Path, default=None, help="cProfile the server process into this file (pstats)"
     )
 
@@ -267,6 +289,8 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         client_processes=parse_client_processes(args.client_processes),
         json_path=args.json,
         profile_path=args.profile,
+        tokenizer=args.tokenizer,
+        want_text=args.want_text,
     )
 
 
@@ -276,6 +300,7 @@ def _harness_config(cfg: BenchRouterConfig, server: ServerChild) -> BenchServeCo
         "--server", server.address, "--no-progress", "--client-processes", str(cfg.client_processes),
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
         "--output-len", str(cfg.output_len), "--seed", str(cfg.seed),
+        *(["--want-text"] if cfg.want_text else []),
     ]  # fmt: skip
     p = argparse.ArgumentParser()
     add_bench_serve_args(p)
@@ -384,7 +409,8 @@ def run_bench_router(args: argparse.Namespace) -> int:
         if warning is not None:
             sys.stderr.write(f"kvrelay: warning: {p.streams} streams: {warning}\n")
     if cfg.json_path is not None:
-        settings = asdict(cfg) | {"json_path": str(cfg.json_path), "cpu_count": os.cpu_count()}
+        paths = {k: str(v) for k, v in asdict(cfg).items() if isinstance(v, Path)}  # JSON has no Path
+        settings = asdict(cfg) | paths | {"cpu_count": os.cpu_count()}
         doc = {
             "settings": settings,
             "points": [

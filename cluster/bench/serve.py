@@ -83,6 +83,11 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens of a system prompt")
     p.add_argument("--suffix-len", default="32", help="shared-prefix: unique tokens after it, N or LO:HI")
     p.add_argument("--prompt-kind", default="ids", help="ids (token ids, default) or text")
+    p.add_argument(
+        "--want-text",
+        action="store_true",
+        help="gRPC, --prompt-kind ids: ask for text too (default: skip_text, no detokenization)",
+    )
     p.add_argument("--request-rate", default="inf", help="req/s (inf: all at once); a list sweeps")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
     p.add_argument("--max-concurrency", default=None, help="streams open at once; a list sweeps")
@@ -150,6 +155,9 @@ class BenchServeConfig:
     request_timeout_s: float
     slo: Slo
     protocol: str = "grpc"  # or "http"
+    # Token-id prompts over gRPC ask for no text (skip_text: the router does not detokenize them, as
+    # a token-in/token-out client would); want_text asks for it. Text prompts and HTTP always get text.
+    want_text: bool = False
     client_processes: int = 1
     metrics_url: str | None = None
     json_path: Path | None = None
@@ -266,6 +274,7 @@ def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
         ignore_eos=not args.no_ignore_eos,
         request_timeout_s=args.request_timeout,
         protocol=args.protocol,
+        want_text=args.want_text,
         client_processes=parse_client_processes(args.client_processes),
         slo=Slo(
             _slo_ms(args.slo_ttft_ms, "--slo-ttft-ms"),
@@ -318,17 +327,17 @@ async def text_prompts(client: Any, requests: list[BenchRequest], max_model_len:
 
 async def send_one(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> RequestRecord:
     """Streams one request, timing every message; a failure is recorded, never raised."""
-    from ..client import KvrelayError
+    from ..client import KvrelayError, build_request
 
     rec = RequestRecord(sent=time.perf_counter(), prompt_tokens=req.prompt_len)
     try:
-        stream = client.stream(
-            req.prompt,
-            max_tokens=req.output_len,
-            temperature=cfg.temperature,
-            ignore_eos=cfg.ignore_eos,
-            timeout=cfg.request_timeout_s,
+        request = build_request(
+            req.prompt, max_tokens=req.output_len, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos
         )
+        request.sampling.skip_text = not isinstance(req.prompt, str) and not cfg.want_text
+        # The client's `stream` has no skip_text argument yet (cluster/client.py is another branch's
+        # this round), so the request goes through the method `stream` itself ends in.
+        stream = client._stream(request, cfg.request_timeout_s)
         async for chunk in stream:
             rec.messages.append((time.perf_counter(), len(chunk.token_ids)))
             if chunk.usage is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvrelay.worker.protocol import TokenDelta, TokenLogprobs, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
@@ -14,7 +14,8 @@ from kvrelay.worker.sampling_params import SamplingParams
 
 from ..interfaces import ModelDescription
 
-# The synthetic model: token-id prompts only (no tokenizer), room for any number of streams.
+# The synthetic model: token-id prompts only (no tokenizer unless `SyntheticPool` is given one), room
+# for any number of streams.
 SYNTHETIC_MODEL = ModelDescription(
     model="synthetic",
     vocab_size=32000,
@@ -154,9 +155,12 @@ class SyntheticWorker:
 class SyntheticPool:
     """A `WorkerPool` of `SyntheticWorker`s: no engine, no Ray; its workers never die."""
 
-    def __init__(self, num_workers: int, step_s: float, ttft_s: float) -> None:
+    def __init__(self, num_workers: int, step_s: float, ttft_s: float, tokenizer: str | None = None) -> None:
+        """tokenizer: a GGUF file or a directory with tokenizer.json for the router to load (its text
+        path then runs on the emitted ids, which stay below SYNTHETIC_MODEL.vocab_size); None: none."""
         self._workers = [SyntheticWorker(rank, step_s, ttft_s) for rank in range(num_workers)]
         self._tasks: list[asyncio.Task[None]] = []
+        self._model = replace(SYNTHETIC_MODEL, model_dir=tokenizer)
 
     @property
     def workers(self) -> Sequence[SyntheticWorker]:
@@ -164,7 +168,7 @@ class SyntheticPool:
 
     @property
     def model(self) -> ModelDescription:
-        return SYNTHETIC_MODEL
+        return self._model
 
     def stats(self) -> tuple[float, float, int]:
         """(CPU seconds making deltas, summed synthetic TTFTs in seconds, first tokens), all workers."""

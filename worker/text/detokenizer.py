@@ -8,9 +8,10 @@ window and emits the part past `_prefix_text`, unless that text ends in U+FFFD: 
 probably an incomplete UTF-8 sequence and nothing is emitted until a later token completes it. After an
 emission the unread tokens become the next prefix window, so the work per token is O(window).
 
-Stop strings are matched on the emitted text. Text whose end could still be the start of a stop string
-is held back (at most longest-stop - 1 characters) and released once it can no longer match, or by
-`flush()` when generation ends for another reason.
+Stop strings are matched on the emitted text by `stop.StopMatcher`, which holds back text that could
+still start one. `step` is what the engine and the router call per batch of new tokens: it adds them and,
+when generation ends there for another reason (EOS, a stop token, length, abort), flushes the held-back
+text in the same call, so that rule is written once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
 # Prompt tokens decoded as context for the first output token (vLLM's
@@ -48,18 +50,14 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
     ) -> None:
-        for s in stop:
-            if not s:
-                raise ValueError(f"stop: stop strings must be non-empty, got {list(stop)!r}")
+        self._stop = StopMatcher(stop)  # validates the stop strings first
         self._tokenizer = tokenizer
-        self._stop = tuple(stop)
         self._skip_special_tokens = skip_special_tokens
         self._window: list[int] = [
             int(i) for i in prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT_TOKENS) :]
         ]
         self._read = len(self._window)  # index in _window of the first token not yet turned into text
         self._prefix_text = self._decode(self._window)
-        self._held = ""  # decoded text not yet released because it may start a stop string
         self._chunks: list[str] = []  # released text, joined lazily by `text`
         self._finished = False
 
@@ -99,6 +97,17 @@ class IncrementalDetokenizer:
         text, stop = self._release(self._decode_step(force=True), final=True)
         return DetokenizedDelta(text, stop is not None, 0, stop)
 
+    def step(self, token_ids: Sequence[int], *, last: bool) -> DetokenizedDelta:
+        """One step's new tokens (possibly none). last: generation ends after them for a reason other
+        than a stop string; then the held-back text is flushed into this delta, unless a stop string
+        matched within these tokens (stopped: the caller ends the request with STOP and keeps
+        token_ids[:num_consumed])."""
+        delta = self.add_tokens(token_ids) if token_ids else DetokenizedDelta("", False, 0)
+        if not last or delta.stopped:
+            return delta
+        # A stop string found only by the flush cuts the text but does not change why it finished.
+        return DetokenizedDelta(delta.new_text + self.flush().new_text, False, delta.num_consumed)
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
@@ -118,46 +127,7 @@ class IncrementalDetokenizer:
         return new_text
 
     def _release(self, new_text: str, final: bool) -> tuple[str, str | None]:
-        """Appends new_text after the held-back text; returns (text to release, matched stop or None)."""
-        buf = self._held + new_text
-        self._held = ""
-        if not self._stop:
-            self._chunks.append(buf)
-            return buf, None
-        match = _find_stop(buf, self._stop, already_checked=len(buf) - len(new_text))
-        if match is not None:
-            pos, stop = match
-            self._chunks.append(buf[:pos])
-            return buf[:pos], stop
-        keep = 0 if final else _partial_stop_len(buf, self._stop)
-        cut = len(buf) - keep
-        self._held = buf[cut:]
-        self._chunks.append(buf[:cut])
-        return buf[:cut], None
-
-
-def _find_stop(buf: str, stops: Sequence[str], already_checked: int) -> tuple[int, str] | None:
-    """Earliest (position, stop) of a stop string in buf. buf[:already_checked] is known to hold no whole
-    stop string, so a match must end past it."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        pos = buf.find(s, max(0, already_checked - len(s) + 1))
-        if pos != -1 and (best is None or pos < best[0]):
-            best = (pos, s)
-    return best
-
-
-def _partial_stop_len(buf: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of buf that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        # Only a start within the last len(s) - 1 characters can be a proper prefix; the earliest such
-        # start that matches gives the longest suffix for this stop string.
-        start = max(0, len(buf) - len(s) + 1)
-        i = buf.find(s[0], start)
-        while i != -1 and len(buf) - i > best:
-            if s.startswith(buf[i:]):
-                best = len(buf) - i
-                break
-            i = buf.find(s[0], i + 1)
-    return best
+        """new_text through the stop matcher; returns (text to release, matched stop or None)."""
+        text, stop = self._stop.feed(new_text, final=final)
+        self._chunks.append(text)
+        return text, stop
