@@ -289,7 +289,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self.role.num_pending > 0
 
-    # ---- disaggregated serving (worker/disagg/receiver.py) -------------------------------------------
+    # ---- disaggregated serving: what the receiver calls (worker/disagg/receiver.py) ----------------
     def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
         """The prompt's KV arrived (blocks already held by req): decode from the producer's token."""
         req.num_computed_tokens = req.num_prompt_tokens
