@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from kvrelay.memory_model.transport import KVSender
 from kvrelay.worker.config import EngineConfig
+from kvrelay.worker.disagg.receiver import HandoffReceiver
+from kvrelay.worker.disagg.role import DecodeRole, PrefillRole
 from kvrelay.worker.engine import Engine
 
 
@@ -16,6 +19,18 @@ def make_engine(model: str | Path = "tiny", **overrides: Any) -> Engine:
     fields: dict[str, Any] = {"model": str(model), "device": "cpu", "dtype": "float32", "num_kv_blocks": 512}
     fields.update(overrides)
     return Engine(EngineConfig(**fields))
+
+
+def receiver_of(engine: Engine) -> HandoffReceiver:
+    """A decode engine's handoff receiver (fails the test on another role)."""
+    assert isinstance(engine.role, DecodeRole), engine.role
+    return engine.role.receiver
+
+
+def sender_of(engine: Engine) -> KVSender:
+    """A prefill engine's KV sender (fails the test on another role)."""
+    assert isinstance(engine.role, PrefillRole), engine.role
+    return engine.role.sender
 
 
 def random_prompts(n: int, lengths: list[int] | range, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -12,10 +12,11 @@ import dataclasses
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
-from engine_helpers import make_engine, random_prompts
+from engine_helpers import make_engine, random_prompts, receiver_of, sender_of
 
 from kvrelay.memory_model.mailbox import Payload, Status
 from kvrelay.worker.engine import Engine
@@ -28,8 +29,7 @@ PRODUCER = "prefill-0"
 def _pair(**overrides: object) -> tuple[Engine, Engine]:
     prefill = make_engine(kv_role="prefill", num_kv_blocks=128, **overrides)
     decode = make_engine(kv_role="decode", num_kv_blocks=128, **overrides)
-    assert decode.handoff is not None and prefill.kv_sender is not None
-    prefill.kv_sender.connect(decode.handoff.descriptor)
+    sender_of(prefill).connect(receiver_of(decode).descriptor)
     return prefill, decode
 
 
@@ -50,11 +50,10 @@ def _disaggregated(
     *,
     run_producer: bool = True,
 ) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
-    assert decode.handoff is not None
     acc: dict[str, list[int]] = {}
     done: dict[str, RequestOutput] = {}
     for i, p in enumerate(prompts):
-        target = decode.handoff.reserve(f"r{i}", p, params, None, PRODUCER)
+        target = receiver_of(decode).reserve(f"r{i}", p, params, None, PRODUCER)
         if run_producer:
             prefill.add_request(f"r{i}", p, dataclasses.replace(params, max_tokens=1), handoff=target)
     while prefill.has_unfinished_requests():
@@ -93,7 +92,7 @@ def test_disaggregated_equals_colocated(params: SamplingParams) -> None:
     acc, done = _disaggregated(prefill, decode, prompts, params)
     assert [acc[f"r{i}"] for i in range(len(prompts))] == _colocated(prompts, params)
     assert all(done[f"r{i}"].finish_reason is FinishReason.LENGTH for i in range(len(prompts)))
-    assert decode.handoff is not None and decode.handoff.num_completed == len(prompts)
+    assert receiver_of(decode).num_completed == len(prompts)
     stats = decode.stats()  # every arrival timed from its reservation, in the Prometheus buckets
     assert sum(stats.handoff_wait_counts) == len(prompts) and stats.handoff_wait_sum_s > 0
     _clean(prefill, decode)
@@ -103,8 +102,7 @@ def test_first_token_logprobs_travel_in_the_mailbox() -> None:
     prefill, decode = _pair()
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=5)
     [prompt] = random_prompts(1, [20], prefill.model_config.vocab_size, seed=11)
-    assert decode.handoff is not None
-    target = decode.handoff.reserve("a", prompt, params, None, PRODUCER)
+    target = receiver_of(decode).reserve("a", prompt, params, None, PRODUCER)
     prefill.add_request("a", prompt, dataclasses.replace(params, max_tokens=1), handoff=target)
     [pout] = prefill.step()
     first = None
@@ -121,8 +119,7 @@ def test_only_blocks_missing_on_the_decode_side_are_sent() -> None:
     [shared] = random_prompts(1, [48], prefill.model_config.vocab_size, seed=5)
     decode.generate([[*shared, 7]], dataclasses.replace(params, max_tokens=1))  # caches 3 blocks
     prompt = [*shared, 9, 10, 11, 12, 13]
-    assert decode.handoff is not None
-    target = decode.handoff.reserve("p", prompt, params, None, PRODUCER)
+    target = receiver_of(decode).reserve("p", prompt, params, None, PRODUCER)
     assert target.skip_blocks == 3 and len(target.dst_block_ids) == 1
     prefill.add_request("p", prompt, dataclasses.replace(params, max_tokens=1), handoff=target)
     while prefill.has_unfinished_requests():
@@ -137,18 +134,17 @@ def test_only_blocks_missing_on_the_decode_side_are_sent() -> None:
 
 def test_stale_and_wrong_values_are_never_accepted() -> None:
     prefill, decode = _pair()
-    assert decode.handoff is not None and prefill.kv_sender is not None
     params = SamplingParams(max_tokens=2, temperature=0.0)
     [prompt] = random_prompts(1, [10], prefill.model_config.vocab_size)
-    target = decode.handoff.reserve("s", prompt, params, None, PRODUCER)
-    mb = decode.handoff.mailbox
+    target = receiver_of(decode).reserve("s", prompt, params, None, PRODUCER)
+    mb = receiver_of(decode).mailbox
     epoch, seq = target.expected >> 32, target.expected & 0xFFFFFFFF
-    peer = prefill.kv_sender._peers[target.peer].mailbox
+    peer = sender_of(prefill)._peers[target.peer].mailbox
     for stale in (target.expected - 1, ((epoch + 1) << 32) | seq, 1):  # old seq, other epoch, "non-zero"
         peer.write_payload(target.slot, Payload(Status.OK, 5))
         peer.publish(target.slot, stale)
         assert not mb.arrived(target.slot, target.expected)
-        assert decode.step() == [] and decode.handoff.holds("s")
+        assert decode.step() == [] and receiver_of(decode).holds("s")
     decode.abort_request("s")
     peer.publish(target.slot, target.expected)  # the producer's acknowledgement ends the quarantine
     decode.step()
@@ -157,17 +153,16 @@ def test_stale_and_wrong_values_are_never_accepted() -> None:
 
 def test_timeout_recomputes_locally_and_a_late_completion_is_not_applied() -> None:
     prefill, decode = _pair(handoff_timeout_s=0.05)
-    assert decode.handoff is not None
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     [prompt] = random_prompts(1, [40], prefill.model_config.vocab_size, seed=2)
-    target = decode.handoff.reserve("t", prompt, params, None, PRODUCER)
+    target = receiver_of(decode).reserve("t", prompt, params, None, PRODUCER)
     time.sleep(0.06)
     acc: dict[str, list[int]] = {}
     done: dict[str, RequestOutput] = {}
     while "t" not in done:
         _collect(decode.step(), acc, done)
     assert acc["t"] == _colocated([prompt], params)[0]  # recomputed on the decode worker
-    assert decode.handoff.num_given_up == 1
+    assert receiver_of(decode).num_given_up == 1
     # The blocks were quarantined, not freed: a late copy could still land in them.
     assert decode.allocator.num_used_blocks == len(target.dst_block_ids) and decode.has_unfinished_requests()
     # The producer now runs late: it sees the abort word, copies nothing and acknowledges.
@@ -179,26 +174,24 @@ def test_timeout_recomputes_locally_and_a_late_completion_is_not_applied() -> No
 
 def test_fail_policy_and_producer_death() -> None:
     prefill, decode = _pair(handoff_policy="fail")
-    assert decode.handoff is not None
     params = SamplingParams(max_tokens=5, temperature=0.0)
     [prompt] = random_prompts(1, [20], prefill.model_config.vocab_size)
-    decode.handoff.reserve("d", prompt, params, None, PRODUCER)
-    [out] = decode.handoff.producer_down(PRODUCER)
+    receiver_of(decode).reserve("d", prompt, params, None, PRODUCER)
+    [out] = receiver_of(decode).producer_down(PRODUCER)
     assert out.finish_reason is FinishReason.ABORT and out.error is not None and "died" in out.error
     _clean(decode)
 
 
 def test_abort_during_handoff_quarantines_until_the_producer_dies() -> None:
     prefill, decode = _pair()
-    assert decode.handoff is not None
     params = SamplingParams(max_tokens=5, temperature=0.0)
     [prompt] = random_prompts(1, [33], prefill.model_config.vocab_size)
-    decode.handoff.reserve("c", prompt, params, None, PRODUCER)
+    receiver_of(decode).reserve("c", prompt, params, None, PRODUCER)
     out = decode.abort_request("c")
     assert out is not None and out.finish_reason is FinishReason.ABORT
     assert decode.allocator.num_used_blocks == 3
     decode.check_integrity()
-    assert decode.handoff.producer_down(PRODUCER) == []
+    assert receiver_of(decode).producer_down(PRODUCER) == []
     _clean(decode)
 
 
@@ -206,20 +199,21 @@ def test_busy_when_sequences_are_reserved() -> None:
     from kvrelay.worker.disagg.receiver import HandoffBusy
 
     decode = make_engine(kv_role="decode", num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=64)
-    assert decode.handoff is not None
     params = SamplingParams(max_tokens=2)
-    decode.handoff.reserve("a", [1, 2, 3], params, None, PRODUCER)
-    decode.handoff.reserve("b", [1, 2, 3], params, None, PRODUCER)
+    receiver_of(decode).reserve("a", [1, 2, 3], params, None, PRODUCER)
+    receiver_of(decode).reserve("b", [1, 2, 3], params, None, PRODUCER)
     with pytest.raises(HandoffBusy):
-        decode.handoff.reserve("c", [1, 2, 3], params, None, PRODUCER)
+        receiver_of(decode).reserve("c", [1, 2, 3], params, None, PRODUCER)
     with pytest.raises(ValueError, match="already in use"):
-        decode.handoff.reserve("a", [1, 2, 3], params, None, PRODUCER)
+        receiver_of(decode).reserve("a", [1, 2, 3], params, None, PRODUCER)
     with pytest.raises(ValueError, match="max_model_len"):
-        decode.handoff.reserve("z", [1] * 10, dataclasses.replace(params, max_tokens=10**6), None, PRODUCER)
+        receiver_of(decode).reserve(
+            "z", [1] * 10, dataclasses.replace(params, max_tokens=10**6), None, PRODUCER
+        )
     torch.manual_seed(0)
     for rid in ("a", "b"):
         decode.abort_request(rid)
-    decode.handoff.producer_down(PRODUCER)
+    receiver_of(decode).producer_down(PRODUCER)
     _clean(decode)
 
 
@@ -228,12 +222,11 @@ def test_relay_transport_equals_colocated_and_drops_late_deliveries() -> None:
     by the consumer in its own mailbox) on one machine, forced by kv_transport="relay"."""
     prefill = make_engine(kv_role="prefill", num_kv_blocks=128, kv_transport="relay")
     decode = make_engine(kv_role="decode", num_kv_blocks=128)
-    assert decode.handoff is not None and prefill.kv_sender is not None
     deliveries: list[tuple] = []
-    prefill.kv_sender.connect(decode.handoff.descriptor, lambda *a: deliveries.append(a))
+    sender_of(prefill).connect(receiver_of(decode).descriptor, lambda *a: deliveries.append(a))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = random_prompts(3, [17, 35], prefill.model_config.vocab_size, seed=9)
-    targets = [decode.handoff.reserve(f"x{i}", p, params, None, PRODUCER) for i, p in enumerate(prompts)]
+    targets = [receiver_of(decode).reserve(f"x{i}", p, params, None, PRODUCER) for i, p in enumerate(prompts)]
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         prefill.add_request(f"x{i}", p, dataclasses.replace(params, max_tokens=1), handoff=t)
     while prefill.has_unfinished_requests():
@@ -242,8 +235,8 @@ def test_relay_transport_equals_colocated_and_drops_late_deliveries() -> None:
     decode.abort_request("x2")  # given up before its delivery arrives: nothing may be written
     q_blocks = decode.allocator.num_used_blocks
     for d in deliveries:
-        decode.handoff.deliver(*d)
-    decode.handoff.deliver(*deliveries[0])  # a duplicate (already arrived): dropped
+        receiver_of(decode).deliver(*d)
+    receiver_of(decode).deliver(*deliveries[0])  # a duplicate (already arrived): dropped
     acc: dict[str, list[int]] = {}
     done: dict[str, RequestOutput] = {}
     while len(done) < 2:
@@ -286,14 +279,14 @@ def test_decode_loop_streams_the_first_token_before_its_next_step() -> None:
 
     prefill, decode = _pair()
     gate = threading.Event()
-    real_step = decode.step
+    real_execute = decode.runner.execute
 
-    def held_step(**kw: bool) -> list[RequestOutput]:
-        if decode.scheduler.running:  # admitted: hold the step that would make token 2
-            assert gate.wait(30), "the first token was never polled"
-        return real_step(**kw)
+    def held_execute(inp: Any) -> torch.Tensor:
+        # The step that admitted the request (its KV arrived) would make token 2 here: hold it.
+        assert gate.wait(30), "the first token was never polled"
+        return real_execute(inp)
 
-    decode.step = held_step  # type: ignore[method-assign]
+    decode.runner.execute = held_execute  # type: ignore[method-assign]
     loop = EngineLoop(decode)
     try:
         [prompt] = random_prompts(1, [40], decode.model_config.vocab_size, seed=3)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import random_prompts
+from engine_helpers import random_prompts, receiver_of, sender_of
 
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine
@@ -32,10 +32,11 @@ def _config(device: str, **kw: Any) -> EngineConfig:
 def _decode_process(device: str, conn: Any) -> None:
     torch.cuda.set_device(torch.device(device))
     engine = Engine(_config(device, kv_role="decode"))
-    assert engine.handoff is not None
-    conn.send(engine.handoff.descriptor)
+    conn.send(receiver_of(engine).descriptor)
     prompts: list[list[int]] = conn.recv()
-    conn.send([engine.handoff.reserve(f"r{i}", p, PARAMS, None, "parent") for i, p in enumerate(prompts)])
+    conn.send(
+        [receiver_of(engine).reserve(f"r{i}", p, PARAMS, None, "parent") for i, p in enumerate(prompts)]
+    )
     tokens: dict[str, list[int]] = {}
     done: set[str] = set()
     deadline = time.monotonic() + 120
@@ -59,8 +60,7 @@ def test_cuda_ipc_handoff_between_two_processes() -> None:
     try:
         descriptor = parent.recv()
         prefill = Engine(_config("cuda:0", kv_role="prefill"))
-        assert prefill.kv_sender is not None
-        prefill.kv_sender.connect(descriptor)
+        sender_of(prefill).connect(descriptor)
         prompts = random_prompts(6, [5, 16, 33, 47], prefill.model_config.vocab_size, seed=3)
         parent.send(prompts)
         targets = parent.recv()
@@ -73,7 +73,7 @@ def test_cuda_ipc_handoff_between_two_processes() -> None:
         expected = [c.token_ids for c in Engine(_config("cuda:0")).generate(prompts, PARAMS)]
         assert got == expected
         assert used == 0
-        prefill.kv_sender.close()
+        sender_of(prefill).close()
         parent.send("bye")
         proc.join(60)
         assert proc.exitcode == 0

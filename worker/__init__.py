@@ -1,5 +1,5 @@
 """One worker's engine: model, paged KV cache, scheduler, sampler, text; the Ray actor shell
-and the decode side of disaggregated serving (`disagg/`)."""
+and its part in disaggregated serving (`disagg/`)."""
 
 # One file, one module: imported as `worker` (the checkout's top-level folder on sys.path) this
 # package would load a second copy of every module beside `kvrelay.worker`, with its own classes and

@@ -13,17 +13,14 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
-
-from kvrelay.memory_model.mailbox import Payload
-from kvrelay.memory_model.transport import PeerDescriptor
 
 from .config import EngineConfig
+from .disagg.verbs import HandoffActorVerbs
 from .engine import Engine, EngineStats
 from .engine_loop import EngineLoop
 from .model.loader import resolve_model
 from .model.presets import is_random_model
-from .protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
+from .protocol import ModelDescription, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 
@@ -57,7 +54,11 @@ def pick_device(config: EngineConfig, rank: int) -> EngineConfig:
     return dataclasses.replace(config, device=f"cuda:{gpu}")
 
 
-class WorkerActor:
+class WorkerActor(HandoffActorVerbs):
+    """Its disaggregation verbs (reserve, connect, ...) are `HandoffActorVerbs`' (worker/disagg/)."""
+
+    _loop: EngineLoop
+
     def __init__(self, engine_config: EngineConfig, rank: int, pick_device_by_rank: bool = True) -> None:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,44 +122,6 @@ class WorkerActor:
 
     def check_integrity(self) -> None:
         self._loop.check_integrity()
-
-    # ---- disaggregated serving: see worker/disagg/receiver.py and memory_model/ ---------------------
-    def kv_descriptor(self) -> PeerDescriptor:
-        """Decode worker: how producers reach this incarnation's pool and mailbox."""
-        return self._loop.kv_descriptor()
-
-    def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
-        return self._loop.reserve(requests, producer)
-
-    def handoff_failed(self, request_ids: Sequence[str], certain: bool = True) -> None:
-        self._loop.handoff_failed(request_ids, certain=certain)
-
-    def forget_handoffs(self, request_ids: Sequence[str]) -> list[str]:
-        """Prefill worker: which of these it never received (and will now refuse)."""
-        return self._loop.forget_handoffs(request_ids)
-
-    def producer_down(self, producer: str) -> None:
-        self._loop.producer_down(producer)
-
-    def connect(self, peer: PeerDescriptor, consumer: Any = None) -> None:
-        """Prefill worker: open a decode worker's pool and mailbox; `consumer` (its actor handle)
-        is the relay used when that is impossible (another node) or configured."""
-        relay = None
-        if consumer is not None:
-
-            def relay(slot: int, expected: int, dst: list[int], blocks: list[Any], payload: Payload) -> None:
-                consumer.receive_kv.remote(slot, expected, dst, blocks, payload)  # fire and forget
-
-        self._loop.connect(peer, relay)
-
-    def receive_kv(
-        self, slot: int, expected: int, dst: list[int], blocks: list[Any], payload: Payload
-    ) -> None:
-        """Decode worker: relayed KV blocks (the relay transport)."""
-        self._loop.receive_kv(slot, expected, dst, blocks, payload)
-
-    def disconnect(self, key: str) -> None:
-        self._loop.disconnect(key)
 
     def incarnation(self) -> str:
         """Unique per actor process: the key decode workers file this producer's handoffs under."""

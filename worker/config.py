@@ -58,7 +58,7 @@ class EngineConfig:
     # router owns text, so tokens alone cross the wire.
     detokenize: bool = True
     # Disaggregated serving: "both" (colocated), "prefill" (computes prompts, hands their KV to
-    # decode workers) or "decode" (receives KV, streams the rest). See worker/disagg/receiver.py.
+    # decode workers) or "decode" (receives KV, streams the rest). See worker/disagg/role.py.
     kv_role: str = "both"
     handoff_timeout_s: float = 10.0  # a decode worker gives up waiting for a handoff after this
     handoff_policy: str = "recompute"  # then: "recompute" the prompt locally, or "fail" (UNAVAILABLE)

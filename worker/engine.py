@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from kvrelay.memory_model.shm import SharedRegion
-from kvrelay.memory_model.transport import KVSender, PoolLayout, allocate_shared_pool, dtype_name
+from kvrelay.memory_model.transport import PoolLayout, dtype_name
 
 from .attention.backend import AttentionBackend
 from .attention.torch_backend import TorchPagedAttention
 from .config import EngineConfig, resolve_device, resolve_dtype
 from .cuda_graph import default_buckets
-from .disagg.export import export_prefill
-from .disagg.receiver import HandoffReceiver
+from .disagg.role import KvPool, KvRole, role_class
 from .kv_cache.block_allocator import BlockAllocator
 from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
 from .model.config import ModelConfig
@@ -59,8 +57,10 @@ class Engine:
         self.max_model_len = self._max_model_len(self.model_config)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        kv_caches, layout = self._make_kv_pool()
-        num_blocks = layout.num_blocks
+        # Disaggregated serving: what this worker does with its KV besides decoding from it.
+        role = role_class(config.kv_role)
+        pool = self._make_kv_pool(role)
+        num_blocks = pool.layout.num_blocks
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -70,15 +70,14 @@ class Engine:
         )
         self.runner = ModelRunner(
             self.model,
-            kv_caches,
+            pool.caches,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        # A prefill worker never decodes: no graphs (and no memory) for it.
-        if self.device.type == "cuda" and not config.enforce_eager and config.kv_role != "prefill":
+        if self._captures_graphs(role):
             self.runner.capture_cuda_graphs(
                 default_buckets(min(config.max_graph_batch_size, config.max_num_seqs)),
                 hidden_size=self.model_config.hidden_size,
@@ -87,15 +86,20 @@ class Engine:
         self.sampler = Sampler()
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
         self.penalties = PenaltyState(self.model_config.vocab_size, self.device)
-        # Disaggregated serving: a decode worker receives KV (handoff), a prefill worker sends it.
-        self.handoff, self.kv_sender = self._kv_role(kv_caches, layout)
+        # A decode worker receives KV (handoff), a prefill worker sends it, a colocated one neither.
+        self.role: KvRole = role(self, config, pool)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
-    def _make_kv_pool(self) -> tuple[list[torch.Tensor], PoolLayout]:
+    def _captures_graphs(self, role: type[KvRole]) -> bool:
+        # A worker that never decodes (prefill) gets no graphs, and no memory for them.
+        return self.device.type == "cuda" and not self.config.enforce_eager and role.decodes
+
+    def _make_kv_pool(self, role: type[KvRole]) -> KvPool:
         """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
-        sized by the config or the memory budget; in shared memory on a CPU decode worker."""
+        sized by the config or the memory budget; where it lives is the role's (shared memory on a
+        CPU decode worker)."""
         config = self.config
         spec = KVCacheSpec(
             num_layers=self.model_config.num_hidden_layers,
@@ -104,7 +108,7 @@ class Engine:
             block_size=config.block_size,
             dtype=self.dtype,
         )
-        num_blocks = self._plan_kv_blocks(spec)
+        num_blocks = self._plan_kv_blocks(spec, self._captures_graphs(role))
         layout = PoolLayout(
             spec.num_layers,
             num_blocks,
@@ -113,31 +117,7 @@ class Engine:
             spec.head_dim,
             dtype_name(self.dtype),
         )
-        # A CPU decode worker's pool lives in shared memory, where prefill workers write it.
-        self.kv_region: SharedRegion | None = None
-        if config.kv_role == "decode" and self.device.type == "cpu":
-            kv_caches, self.kv_region = allocate_shared_pool(layout)
-        else:
-            kv_caches = spec.allocate(num_blocks, self.device)
-        return kv_caches, layout
-
-    def _kv_role(
-        self, kv_caches: list[torch.Tensor], layout: PoolLayout
-    ) -> tuple[HandoffReceiver | None, KVSender | None]:
-        config = self.config
-        if config.kv_role == "decode":
-            receiver = HandoffReceiver(
-                self,
-                kv_caches,
-                layout,
-                timeout_s=config.handoff_timeout_s,
-                policy=config.handoff_policy,
-                num_slots=2 * config.max_num_seqs,
-            )
-            return receiver, None
-        if config.kv_role == "prefill":
-            return None, KVSender(kv_caches, layout, force_relay=config.kv_transport == "relay")
-        return None, None
+        return role.allocate_pool(spec, layout, self.device)
 
     def _attention_backend(self) -> AttentionBackend:
         name = self.config.attention_backend
@@ -159,13 +139,13 @@ class Engine:
             )
         return self.config.max_model_len
 
-    def _plan_kv_blocks(self, spec: KVCacheSpec) -> int:
+    def _plan_kv_blocks(self, spec: KVCacheSpec, captures_graphs: bool) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         graph_reserve = 0
         if self.device.type == "cuda":
             self._profile_peak_memory(spec)
-            if not self.config.enforce_eager and self.config.kv_role != "prefill":
+            if captures_graphs:
                 graph_reserve = self._estimate_graph_memory(spec)
         budget = kv_budget_bytes(
             self.device,
@@ -252,17 +232,19 @@ class Engine:
         handoff: HandoffTarget | None = None,
     ) -> None:
         """Queue a request; raises ValueError naming the field and the limit when it cannot be served."""
+        self.role.check_new(request_id, params, handoff)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt: text must not be empty")
-        if self.handoff is not None and self.handoff.holds(request_id):
+        if self.role.holds(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
         req = self.new_request(request_id, ids, params, deadline)
         req.handoff = handoff
         self.scheduler.add(req)
+        self.role.added(req)
 
     def new_request(
         self, request_id: str, ids: list[int], params: SamplingParams, deadline: float | None
@@ -295,8 +277,9 @@ class Engine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
-        if self.handoff is not None and self.handoff.holds(request_id):
-            return self.handoff.cancel(request_id)
+        waiting_for_kv = self.role.cancel(request_id)
+        if waiting_for_kv is not None:
+            return waiting_for_kv
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return None
@@ -304,11 +287,9 @@ class Engine:
         return self._finish(req, FinishReason.ABORT, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or (
-            self.handoff is not None and self.handoff.num_pending > 0
-        )
+        return self.scheduler.num_unfinished > 0 or self.role.num_pending > 0
 
-    # ---- disaggregated serving (worker/disagg/receiver.py) -------------------------------------------
+    # ---- disaggregated serving: what the receiver calls (worker/disagg/receiver.py) ----------------
     def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
         """The prompt's KV arrived (blocks already held by req): decode from the producer's token."""
         req.num_computed_tokens = req.num_prompt_tokens
@@ -333,10 +314,19 @@ class Engine:
         return self._finish(req, reason, [], "", [])
 
     # ---- one step ---------------------------------------------------------------------
-    def step(self, *, poll_handoffs: bool = True) -> list[RequestOutput]:
+    def step(
+        self, *, on_kv_arrival: Callable[[list[RequestOutput]], None] | None = None
+    ) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns an output per request that advanced.
-        poll_handoffs=False: the caller has just polled the KV mailbox itself (the engine loop)."""
-        outputs = self.handoff.poll() if self.handoff is not None and poll_handoffs else []
+
+        The KV mailbox is polled here, once per step (its one call site): handed-off requests whose
+        KV arrived join this step's batch with the producer's first token. on_kv_arrival, when
+        given, takes those first tokens before the model runs (the engine loop streams them while
+        the step runs: TTFT); otherwise they lead the returned list."""
+        outputs = self.role.poll()
+        if outputs and on_kv_arrival is not None:
+            on_kv_arrival(outputs)
+            outputs = []
         sched = self.scheduler.schedule()
         outputs += [
             self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired
@@ -365,10 +355,8 @@ class Engine:
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        handoff_error = None
-        if req.handoff is not None:  # a prefill worker's request: its KV goes to the decode worker
-            assert self.kv_sender is not None
-            handoff_error = export_prefill(self.kv_sender, self.allocator, req, token, lp)
+        # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff).
+        handoff_error = self.role.export(self.allocator, req, token, lp)
         req.all_token_ids.append(token)
         logprobs = [lp] if lp is not None else []
         reason: FinishReason | None = None
@@ -472,17 +460,12 @@ class Engine:
             num_steps=self.num_steps,
             num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
             num_eager_steps=self.runner.num_eager_steps,
-            num_handoffs_received=self.handoff.num_completed if self.handoff else 0,
-            num_handoffs_given_up=self.handoff.num_given_up if self.handoff else 0,
-            num_quarantined_blocks=self.handoff.num_quarantined_blocks if self.handoff else 0,
-            handoff_wait_counts=tuple(self.handoff.wait_counts) if self.handoff else (),
-            handoff_wait_sum_s=self.handoff.wait_sum_s if self.handoff else 0.0,
+            **self.role.stats(),
         )
 
     def check_integrity(self) -> None:
         """Allocator invariants, plus: every block in use belongs to a live request."""
         self.allocator.check_integrity()
-        if self.handoff is not None:
-            self.handoff.check_integrity()
+        self.role.check_integrity()
         if not self.has_unfinished_requests() and self.allocator.num_used_blocks:
             raise RuntimeError(f"{self.allocator.num_used_blocks} KV blocks in use with no request live")

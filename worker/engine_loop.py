@@ -21,28 +21,21 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import torch
 
-from kvrelay.memory_model.mailbox import Payload
-from kvrelay.memory_model.transport import KVSender, PeerDescriptor, Relay
-
-from .disagg.receiver import HandoffBusy, HandoffReceiver
+from .disagg.verbs import HandoffLoopVerbs, LoopCall
 from .engine import Engine
-from .protocol import EngineStats, HandoffTarget, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
 T = TypeVar("T")
-# A call run on the loop thread between steps; it may append final outputs (aborts) to the list.
-_Call = Callable[[list[RequestOutput]], T]
 
 # Consecutive failed steps after which the engine is presumed broken even if it looks consistent
 # (a poisoned CUDA context fails every step the same way).
@@ -60,12 +53,16 @@ class EngineLoopBroken(RuntimeError):
     """The engine raised and is no longer consistent, or the loop was shut down."""
 
 
-class EngineLoop:
+class EngineLoop(HandoffLoopVerbs):
+    """The loop; its disaggregation verbs (reserve, connect, ...) are `HandoffLoopVerbs`'."""
+
+    _engine: Engine
+
     def __init__(self, engine: Engine, *, name: str = "kvrelay-engine-loop") -> None:
         self._engine = engine
         self._cond = threading.Condition()
         # Guarded by _cond:
-        self._inbox: list[tuple[_Call[Any], Future[Any]]] = []
+        self._inbox: list[tuple[LoopCall[Any], Future[Any]]] = []
         self._outbox: dict[str, TokenDelta] = {}
         self._load = engine_load(self._engine)
         self._stopping = False
@@ -74,10 +71,6 @@ class EngineLoop:
         # yet published, with their latest counts. A step that raises fails exactly these (the
         # engine may already have dropped some of them mid-step).
         self._live: dict[str, RequestOutput] = {}
-        # Prefill workers: ids of handoffs ever accepted, and ids the pool gave up on before they
-        # arrived (refused if they arrive late); both bounded, oldest dropped first.
-        self._handoffs_seen: OrderedDict[str, None] = OrderedDict()
-        self._handoffs_forgotten: OrderedDict[str, None] = OrderedDict()
         self._consecutive_failures = 0
         self.num_wakeups = 0  # loop iterations; tests read it to prove the idle loop sleeps
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -121,68 +114,6 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._call(lambda _: self._engine.stats())
 
-    # ---- disaggregated serving (worker/disagg/receiver.py) ----------------------------------------
-    def reserve(self, requests: Sequence[WorkRequest], producer: str) -> dict[str, HandoffTarget | str]:
-        """Decode worker: reserve blocks and a mailbox slot per request, to be filled by
-        `producer`. Per request: its HandoffTarget, "busy: ..." (run it here as a plain request
-        instead) or the refusal message (bad input)."""
-        arrival = time.monotonic()
-        batch = list(requests)
-        return self._call(lambda _: self._reserve_all(batch, producer, arrival))
-
-    def handoff_failed(self, request_ids: Sequence[str], *, certain: bool = True) -> None:
-        """Decode worker: the producer side never started for these (certain: nothing will be
-        written), or may or may not have (a call lost with its worker: quarantine them)."""
-        ids = list(request_ids)
-        if certain:
-            self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_failed(ids)))
-        else:
-            why = "KV handoff: the prefill worker was lost"
-            self._enqueue(lambda outputs: outputs.extend(self._receiver().give_up(ids, why)))
-
-    def producer_down(self, producer: str) -> None:
-        """Decode worker: `producer` is dead; its handoffs fall back, its quarantines end."""
-        self._enqueue(lambda outputs: outputs.extend(self._receiver().producer_down(producer)))
-
-    def forget_handoffs(self, request_ids: Sequence[str]) -> list[str]:
-        """Prefill worker: of these, the ids it never received; they are refused from now on, so
-        the pool may tell their decode workers that nothing will ever be written for them."""
-        ids = list(request_ids)
-        return self._call(lambda _: self._forget(ids))
-
-    def _forget(self, ids: list[str]) -> list[str]:
-        unseen = [rid for rid in ids if rid not in self._handoffs_seen]
-        for rid in unseen:
-            _remember(self._handoffs_forgotten, rid)
-        return unseen
-
-    def kv_descriptor(self) -> PeerDescriptor:
-        return self._receiver().descriptor
-
-    def connect(self, peer: PeerDescriptor, relay: Relay | None = None) -> None:
-        """Prefill worker: open a decode worker's pool and mailbox (once per incarnation), or
-        keep `relay` to reach it through the host (across nodes)."""
-        self._call(lambda _: self._sender().connect(peer, relay))
-
-    def receive_kv(
-        self, slot: int, expected: int, dst_block_ids: list[int], blocks: list[torch.Tensor], payload: Payload
-    ) -> None:
-        """Decode worker: blocks relayed by a producer (see memory_model/transport.py). Does not wait."""
-        self._enqueue(lambda _: self._receiver().deliver(slot, expected, dst_block_ids, blocks, payload))
-
-    def disconnect(self, key: str) -> None:
-        self._call(lambda _: self._sender().disconnect(key))
-
-    def _receiver(self) -> HandoffReceiver:
-        if self._engine.handoff is None:
-            raise RuntimeError("this worker is not a decode worker (kv_role != 'decode')")
-        return self._engine.handoff
-
-    def _sender(self) -> KVSender:
-        if self._engine.kv_sender is None:
-            raise RuntimeError("this worker is not a prefill worker (kv_role != 'prefill')")
-        return self._engine.kv_sender
-
     def stall(self, seconds: float) -> None:
         """Fault injection: the loop thread stops stepping for `seconds` (polls then see no
         progress). Does not wait."""
@@ -211,7 +142,7 @@ class EngineLoop:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _enqueue(self, fn: _Call[T]) -> Future[T]:
+    def _enqueue(self, fn: LoopCall[T]) -> Future[T]:
         fut: Future[T] = Future()
         with self._cond:
             if self._broken is not None:
@@ -222,7 +153,7 @@ class EngineLoop:
             self._cond.notify_all()
         return fut
 
-    def _call(self, fn: _Call[T]) -> T:
+    def _call(self, fn: LoopCall[T]) -> T:
         assert threading.current_thread() is not self._thread, "the loop thread would wait on itself"
         fut = self._enqueue(fn)
         while True:
@@ -261,19 +192,9 @@ class EngineLoop:
                     fut.set_result(fn(outputs))
                 except BaseException as e:
                     fut.set_exception(e)
-        if engine.handoff is not None and engine.handoff.num_pending > 0:
-            # The one mailbox poll of this iteration (the step below skips its own): handed-off
-            # requests whose KV has arrived stream their first token now, while the step runs,
-            # not merged with the second token after it (TTFT).
-            arrived = self._admit_handoffs()
-            if self._broken is not None:
-                return False
-            if arrived:
-                self._publish(outputs + arrived)
-                outputs = []
         if engine.has_unfinished_requests():
             steps = engine.num_steps
-            stepped = self._step()
+            stepped = self._step(outputs)
             if self._broken is not None:
                 # `outputs` is dropped: the failed step already published a final ABORT for every
                 # live request, those aborted just above included.
@@ -281,8 +202,7 @@ class EngineLoop:
             if not stepped and engine.num_steps == steps:
                 # Waiting for a KV handoff: poll the mailbox again soon; otherwise nothing can
                 # run until something changes.
-                waiting_for_kv = engine.handoff is not None and engine.handoff.num_active > 0
-                time.sleep(_HANDOFF_POLL_S if waiting_for_kv else _STALLED_STEP_WAIT_S)
+                time.sleep(_HANDOFF_POLL_S if engine.role.awaiting_kv else _STALLED_STEP_WAIT_S)
             outputs += stepped
         self._publish(outputs)
         return True
@@ -303,50 +223,11 @@ class EngineLoop:
             unpolled = self._outbox.get(r.request_id)
         if unpolled is not None:  # finished, but its final delta would merge with the new one
             raise ValueError(f"request_id {r.request_id!r} is already in use (its last output is unread)")
-        deadline = self._deadline(r, arrival)
-        if r.handoff is not None and self._engine.kv_sender is None:
-            raise ValueError("handoff: this worker is not a prefill worker")
-        if r.handoff is not None and r.params.max_tokens != 1:
-            raise ValueError(f"handoff: a prefill request has max_tokens 1, got {r.params.max_tokens}")
-        if r.handoff is not None and r.request_id in self._handoffs_forgotten:
-            raise ValueError(f"handoff: request_id {r.request_id!r} was already given up")
+        deadline = r.deadline_after(arrival)
         self._engine.add_request(
             r.request_id, r.prompt_token_ids, r.params, deadline=deadline, handoff=r.handoff
         )
-        if r.handoff is not None:
-            _remember(self._handoffs_seen, r.request_id)
-        self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
-
-    def _reserve_all(
-        self, requests: list[WorkRequest], producer: str, arrival: float
-    ) -> dict[str, HandoffTarget | str]:
-        receiver = self._receiver()
-        result: dict[str, HandoffTarget | str] = {}
-        for r in requests:
-            try:
-                deadline = self._deadline(r, arrival)
-                if r.request_id in self._live:
-                    raise ValueError(f"request_id {r.request_id!r} is already in use")
-                params = r.params
-                result[r.request_id] = receiver.reserve(
-                    r.request_id, r.prompt_token_ids, params, deadline, producer
-                )
-            except HandoffBusy as e:
-                result[r.request_id] = f"busy: {e}"
-                continue
-            except ValueError as e:
-                result[r.request_id] = str(e)
-                continue
-            self._live[r.request_id] = _empty_output(r.request_id, len(r.prompt_token_ids))
-        return result
-
-    @staticmethod
-    def _deadline(r: WorkRequest, arrival: float) -> float | None:
-        if r.timeout_s is None:
-            return None
-        if not math.isfinite(r.timeout_s):
-            raise ValueError(f"timeout_s must be a finite number of seconds, got {r.timeout_s}")
-        return arrival + r.timeout_s  # <= now: expires at the next schedule, never runs
+        self._live[r.request_id] = TokenDelta.empty(r.request_id, len(r.prompt_token_ids))
 
     def _abort_all(self, ids: list[str], outputs: list[RequestOutput]) -> None:
         outputs += [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
@@ -365,20 +246,22 @@ class EngineLoop:
         if unknown:
             raise RuntimeError(f"engine holds requests the loop does not know: {sorted(unknown)[:5]}")
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self, pending: list[RequestOutput]) -> list[RequestOutput]:
+        """One engine step. pending: this iteration's outputs so far (the inbox's aborts); they are
+        published with the first tokens of handoffs that arrived, if any, before the model runs."""
+
+        def stream_first_tokens(arrived: list[RequestOutput]) -> None:
+            # TTFT: a handed-off request's first token goes out now, while the step runs, not
+            # merged with the second token that the step makes.
+            self._publish(pending + arrived)
+            pending.clear()
+
         try:
-            outputs = self._engine.step(poll_handoffs=False)
+            outputs = self._engine.step(on_kv_arrival=stream_first_tokens)
         except Exception as e:
             return self._fail_step(e)
         self._consecutive_failures = 0
         return outputs
-
-    def _admit_handoffs(self) -> list[RequestOutput]:
-        assert self._engine.handoff is not None
-        try:
-            return self._engine.handoff.poll()
-        except Exception as e:
-            return self._fail_step(e)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """Fail every in-flight request; keep serving only if the engine is still consistent."""
@@ -446,10 +329,6 @@ class EngineLoop:
                 fut.set_exception(EngineLoopBroken("the engine loop is shut down"))
 
 
-def _empty_output(request_id: str, prompt_tokens: int) -> RequestOutput:
-    return TokenDelta.empty(request_id, prompt_tokens)
-
-
 def engine_load(engine: Engine) -> WorkerLoad:
     """What the router balances on, read off an engine between steps."""
     s = engine.stats()
@@ -471,15 +350,6 @@ def delta_of(out: RequestOutput) -> TokenDelta:
     """One engine step's output as it crosses to the router: its own lists (later steps merge into
     it) and no text (the router makes the text)."""
     return dataclasses.replace(out, token_ids=list(out.token_ids), logprobs=list(out.logprobs), text="")
-
-
-_REMEMBERED_IDS = 1 << 16
-
-
-def _remember(ids: OrderedDict[str, None], rid: str) -> None:
-    ids[rid] = None
-    if len(ids) > _REMEMBERED_IDS:
-        ids.popitem(last=False)
 
 
 def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:

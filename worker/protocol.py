@@ -16,6 +16,7 @@ included: when one matches, the router aborts the request on its worker).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,7 +61,7 @@ class ModelDescription:
 class HandoffTarget:
     """Where a prefill worker sends a request's KV blocks (disaggregated serving).
 
-    Made by the decode worker when it reserves the blocks (`Engine.reserve_handoff`); the
+    Made by the decode worker when it reserves the blocks (`HandoffReceiver.reserve`); the
     prefill worker copies its blocks [skip_blocks, skip_blocks + len(dst_block_ids)) of the
     prompt into dst_block_ids of `peer`'s pool and publishes `expected` in mailbox `slot`.
     """
@@ -83,6 +84,15 @@ class WorkRequest:
     # Disaggregated serving, on a prefill worker: compute the prompt and first token, hand the KV
     # blocks and the token to this target, and finish (the decode worker streams the rest).
     handoff: HandoffTarget | None = None
+
+    def deadline_after(self, arrival: float) -> float | None:
+        """This worker's monotonic deadline for a request that arrived at `arrival`; None = none.
+        Raises ValueError naming timeout_s when it is not a finite number of seconds."""
+        if self.timeout_s is None:
+            return None
+        if not math.isfinite(self.timeout_s):
+            raise ValueError(f"timeout_s must be a finite number of seconds, got {self.timeout_s}")
+        return arrival + self.timeout_s  # <= now: expires at the next schedule, never runs
 
 
 @dataclass(slots=True)

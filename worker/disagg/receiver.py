@@ -53,8 +53,6 @@ class HandoffHost(Protocol):
     allocator: BlockAllocator
     scheduler: Scheduler
     requests: dict[str, Request]
-    # A CPU decode worker's KV pool in shared memory (prefill workers write it); None on a GPU.
-    kv_region: SharedRegion | None
 
     def validate(self, ids: list[int], params: SamplingParams) -> None: ...
 
@@ -93,6 +91,7 @@ class HandoffReceiver:
         kv_caches: list[torch.Tensor],
         layout: PoolLayout,
         *,
+        region: SharedRegion | None,
         timeout_s: float,
         policy: str,
         num_slots: int,
@@ -101,6 +100,8 @@ class HandoffReceiver:
             raise ValueError(f"handoff_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self._engine = engine
         self._kv_caches = kv_caches  # [2, num_blocks, block_size, kv_heads, head_dim] per layer
+        # A CPU pool's shared memory (prefill workers write it; held here so it stays mapped).
+        self._region = region
         self.timeout_s = timeout_s
         self.policy = policy
         self.key = uuid.uuid4().hex
@@ -114,7 +115,7 @@ class HandoffReceiver:
         self.descriptor = self._describe(kv_caches, layout)
 
     def _describe(self, kv_caches: list[torch.Tensor], layout: PoolLayout) -> PeerDescriptor:
-        region = self._engine.kv_region
+        region = self._region
         common = {
             "key": self.key,
             "epoch": self.mailbox.epoch,
