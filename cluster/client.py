@@ -216,6 +216,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
         repetition_penalty: float = 1.0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        skip_text: bool = False,
         request_id: str = "",
         timeout: float | None = None,
     ) -> ResultT:
@@ -224,7 +225,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
             logprobs=logprobs, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, request_id=request_id,
+            frequency_penalty=frequency_penalty, skip_text=skip_text, request_id=request_id,
         )  # fmt: skip
         return self._generate(request, self._deadline(timeout))
 
@@ -245,6 +246,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
         repetition_penalty: float = 1.0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        skip_text: bool = False,
         request_id: str = "",
         timeout: float | None = None,
     ) -> StreamT:
@@ -254,7 +256,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
             logprobs=logprobs, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, request_id=request_id,
+            frequency_penalty=frequency_penalty, skip_text=skip_text, request_id=request_id,
         )  # fmt: skip
         return self._stream(request, self._deadline(timeout))
 

@@ -220,6 +220,7 @@ def build_request(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    skip_text: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments. Only what protobuf cannot carry is checked here
@@ -242,6 +243,7 @@ def build_request(
         repetition_penalty=float(repetition_penalty),
         presence_penalty=float(presence_penalty),
         frequency_penalty=float(frequency_penalty),
+        skip_text=bool(skip_text),  # token ids only: the server does not detokenize (no stop strings)
     )
     if isinstance(prompt, str):
         return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)

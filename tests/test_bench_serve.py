@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_serve import ServeProcess
@@ -28,7 +29,7 @@ from kvrelay.cluster.bench.serve import (
     send_one,
 )
 from kvrelay.cluster.bench.workloads import BenchRequest
-from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.cluster.client import build_request
 
 MAX_MODEL_LEN = 128
 CONFIG = f"""\
@@ -249,7 +250,8 @@ def test_id_prompts_ask_for_no_text_unless_want_text() -> None:
     seen: list[tuple[str, bool, float | None]] = []
 
     class Capture:
-        async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[object]:
+        async def stream(self, prompt: Any, *, timeout: float | None, **kw: Any) -> AsyncIterator[object]:
+            request = build_request(prompt, **kw)  # what the real client puts on the wire
             seen.append((request.WhichOneof("prompt") or "", request.sampling.skip_text, timeout))
             return
             yield

@@ -327,17 +327,18 @@ async def text_prompts(client: Any, requests: list[BenchRequest], max_model_len:
 
 async def send_one(client: Any, req: BenchRequest, cfg: BenchServeConfig) -> RequestRecord:
     """Streams one request, timing every message; a failure is recorded, never raised."""
-    from ..client import KvrelayError, build_request
+    from ..client import KvrelayError
 
     rec = RequestRecord(sent=time.perf_counter(), prompt_tokens=req.prompt_len)
     try:
-        request = build_request(
-            req.prompt, max_tokens=req.output_len, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos
+        stream = client.stream(
+            req.prompt,
+            max_tokens=req.output_len,
+            temperature=cfg.temperature,
+            ignore_eos=cfg.ignore_eos,
+            skip_text=not isinstance(req.prompt, str) and not cfg.want_text,
+            timeout=cfg.request_timeout_s,
         )
-        request.sampling.skip_text = not isinstance(req.prompt, str) and not cfg.want_text
-        # The client's `stream` has no skip_text argument yet (cluster/client.py is another branch's
-        # this round), so the request goes through the method `stream` itself ends in.
-        stream = client._stream(request, cfg.request_timeout_s)
         async for chunk in stream:
             rec.messages.append((time.perf_counter(), len(chunk.token_ids)))
             if chunk.usage is not None:
