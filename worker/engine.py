@@ -22,6 +22,7 @@ from .disagg.role import KvPool, KvRole, role_class
 from .kv_cache.block_allocator import BlockAllocator
 from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
 from .model.config import ModelConfig
+from .model.gguf_loader import is_gguf_path, open_gguf
 from .model.loader import load_model, resolve_model
 from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
@@ -50,10 +51,13 @@ class Engine:
             )
         else:
             model_dir = resolve_model(config.model)
+            # A GGUF file is opened once for its weights and its tokenizer (parsing its metadata
+            # takes seconds for a large vocabulary); the reader, and its memory map, end here.
+            reader = open_gguf(model_dir) if is_gguf_path(model_dir) else None
             self.model, self.model_config = load_model(
-                model_dir, self.dtype, self.device, self._attention_backend()
+                model_dir, self.dtype, self.device, self._attention_backend(), reader
             )
-            self.tokenizer = Tokenizer.load(model_dir)
+            self.tokenizer = Tokenizer.load(model_dir, reader)
         self.max_model_len = self._max_model_len(self.model_config)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 

@@ -176,11 +176,18 @@ def dequantize_tensor(tensor: Any, path: Path) -> np.ndarray:
 
 
 def load_gguf_model(
-    path: Path, dtype: torch.dtype, device: torch.device, attn_backend: AttentionBackend
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_backend: AttentionBackend,
+    reader: Any = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Builds the model of GGUF file ``path`` with weights in ``dtype`` on ``device``, in eval mode."""
+    """Builds the model of GGUF file ``path`` with weights in ``dtype`` on ``device``, in eval mode.
+    ``reader``: the file already opened by `open_gguf` (opening parses all metadata: seconds for a
+    large vocabulary), else it is opened here."""
     start = time.perf_counter()
-    reader = open_gguf(path)
+    if reader is None:
+        reader = open_gguf(path)
     config = gguf_model_config(reader, path)
     model = build_empty_model(config, dtype, device, attn_backend)
     targets = _targets(model, config)

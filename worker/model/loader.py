@@ -63,15 +63,20 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, attn_backend: AttentionBackend
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_backend: AttentionBackend,
+    gguf_reader: Any = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Builds the model of ``model_dir`` (a HF directory or a .gguf file) with its weights in
-    ``dtype`` on ``device``, in eval mode."""
+    ``dtype`` on ``device``, in eval mode. ``gguf_reader``: a .gguf file already opened with
+    `gguf_loader.open_gguf`, so that its metadata is parsed once for the weights and the tokenizer."""
     model_dir = Path(model_dir)
     if model_dir.suffix.lower() == ".gguf":
         from .gguf_loader import load_gguf_model  # it imports this module
 
-        return load_gguf_model(model_dir, dtype, device, attn_backend)
+        return load_gguf_model(model_dir, dtype, device, attn_backend, gguf_reader)
     config = ModelConfig.from_dir(model_dir)
     shards, weights_file = _find_shards(model_dir)
     model = build_empty_model(config, dtype, device, attn_backend)

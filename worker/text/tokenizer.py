@@ -86,27 +86,29 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer a GGUF file describes in its tokenizer.ggml.* metadata (and its chat template)."""
+        path = Path(path)
+        tokenizer = cls._of_gguf(path)
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer (metadata key 'tokenizer.ggml.model' is absent)")
+        return tokenizer
+
+    @classmethod
+    def load(cls, model_path: str | Path, gguf_reader: Any = None) -> Tokenizer | None:
+        """The tokenizer of a resolved model path (a .gguf file or a HF directory); None when the
+        model has none (it then serves token-id prompts only). ``gguf_reader``: the .gguf file
+        already opened with `open_gguf` (the engine shares the one it loads the weights from)."""
+        path = Path(model_path)
+        if path.suffix.lower() == ".gguf":
+            return cls._of_gguf(path, gguf_reader)
+        return cls.from_dir(path) if (path / "tokenizer.json").is_file() else None
+
+    @classmethod
+    def _of_gguf(cls, path: Path, reader: Any = None) -> Tokenizer | None:
         from ..model.gguf_loader import open_gguf
         from .gguf_tokenizer import gguf_tokenizer_parts
 
-        path = Path(path)
-        parts = gguf_tokenizer_parts(open_gguf(path), path)
-        if parts is None:
-            raise ValueError(f"{path}: no tokenizer (metadata key 'tokenizer.ggml.model' is absent)")
-        return cls(name=str(path), **parts)
-
-    @classmethod
-    def load(cls, model_path: str | Path) -> Tokenizer | None:
-        """The tokenizer of a resolved model path (a .gguf file or a HF directory); None when a
-        directory has no tokenizer.json (the model then serves token-id prompts only)."""
-        path = Path(model_path)
-        if path.suffix.lower() == ".gguf":
-            from ..model.gguf_loader import open_gguf
-            from .gguf_tokenizer import gguf_tokenizer_parts
-
-            parts = gguf_tokenizer_parts(open_gguf(path), path)
-            return None if parts is None else cls(name=str(path), **parts)
-        return cls.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        parts = gguf_tokenizer_parts(open_gguf(path) if reader is None else reader, path)
+        return None if parts is None else cls(name=str(path), **parts)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the prompt text the model was trained on. Raises ValueError("chat: ...")."""
