@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kvrelay.cluster.bench.disagg import ServeSubprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kvrelay.cluster.bench.disagg import ServeSubprocess, free_port
 
 
 def _bench(protocol: str, server: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -66,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    http_port = _free_port()
+    http_port = free_port()
     t0 = time.monotonic()
     server = ServeSubprocess(
         ["--model", args.model, "--http-port", str(http_port), *args.serve_arg], args.start_timeout

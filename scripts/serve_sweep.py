@@ -17,13 +17,12 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kvrelay.cluster.bench.disagg import ServeSubprocess
+from kvrelay.cluster.bench.disagg import ServeSubprocess, free_port
 
 WORKLOADS = {
     "sharegpt": ["--workload", "sharegpt"],
@@ -34,12 +33,6 @@ WORKLOADS = {
         "--suffix-len", "64", "--output-len", "128",
     ],
 }  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _slug(model: str) -> str:
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = importlib.util.find_spec("matplotlib") is not None
     summary = []
     for model in args.models:
-        metrics_port = _free_port()
+        metrics_port = free_port()
         t0 = time.monotonic()
         print(f"== {model}: starting kvrelay serve {' '.join(args.serve_arg)}", flush=True)
         server = ServeSubprocess(

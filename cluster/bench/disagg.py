@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +47,13 @@ def add_bench_disagg_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-arg", action="append", default=[], help="extra `kvrelay serve` flag (repeatable)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to become ready")
     p.add_argument("--json", type=Path, default=None, help="write both runs and the ratios here")
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, for a server flag that takes no 0 (a race the scripts accept)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ServeSubprocess:
