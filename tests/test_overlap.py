@@ -1,0 +1,120 @@
+"""Overlapped scheduling (worker/overlap.py) against today's synchronous step, and the packed one-copy
+step inputs (worker/step_inputs.py) against inputs rebuilt from the scheduler output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_helpers import make_engine, random_prompts
+from overlap_helpers import assert_same_outputs, check_every_prepare, mixed_workload
+
+from kvrelay.worker.engine import Engine
+from kvrelay.worker.request import FinishReason
+from kvrelay.worker.sampling_params import SamplingParams
+
+# A token budget of 32 chunks every prompt longer than that; 24 blocks of 16 tokens hold only a few
+# of the 10 requests (up to 8 blocks each) at once, so the scheduler preempts.
+PRESSURE: dict[str, Any] = {"max_num_batched_tokens": 32, "max_num_seqs": 8, "num_kv_blocks": 24}
+
+
+def both(**overrides: Any) -> tuple[Engine, Engine]:
+    """(synchronous, overlapped) engines of the same config."""
+    return make_engine(async_scheduling=False, **overrides), make_engine(async_scheduling=True, **overrides)
+
+
+def test_overlapped_equals_sync_under_pressure() -> None:
+    prompts, params = mixed_workload(lambda: make_engine(async_scheduling=False))
+    sync, overlapped = both(**PRESSURE)
+    # The 3rd token of request 0's free run becomes the model's EOS for requests that honour it.
+    eos = make_engine().generate(prompts[:1], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids[2]
+    for engine in (sync, overlapped):
+        engine.eos_token_ids = frozenset({eos})
+    checked = check_every_prepare(overlapped)
+    want = sync.generate(prompts, params)
+    got = overlapped.generate(prompts, params)
+    assert_same_outputs(got, want)
+    reasons = [o.finish_reason for o in got]
+    assert reasons.count(FinishReason.STOP) >= 3 and FinishReason.LENGTH in reasons, reasons
+    assert overlapped.scheduler.num_preemptions > 0
+    assert len(checked) == overlapped.num_steps
+    for engine in (sync, overlapped):
+        engine.check_integrity()
+        assert engine.allocator.num_used_blocks == 0
+        assert engine.penalties.num_slots == 0
+
+
+def test_tokens_arrive_one_step_late_and_stopped_slots_are_discarded() -> None:
+    prompt = random_prompts(1, [9], 256, seed=3)[0]
+    free = make_engine().generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    stop = SamplingParams(max_tokens=8, stop_token_ids=(free[3],), ignore_eos=True)
+    sync, overlapped = both()
+    overlapped.add_request("r", prompt, stop)
+    assert overlapped.step() == []  # the prefill is launched; its token is not known yet
+    req = overlapped.requests["r"]
+    assert req.all_token_ids[-1] == -1  # a placeholder: row 0 of the step in flight
+    first = overlapped.step()  # launches the first decode, then resolves the prefill's token
+    assert [o.token_ids for o in first] == [[free[0]]]
+    assert req.all_token_ids[len(prompt) :] == [free[0], -1]
+    while overlapped.has_unfinished_requests():
+        overlapped.step()
+    want = sync.generate([prompt], stop)[0]
+    assert want.token_ids == free[: free.index(free[3]) + 1]
+    # The stop token was known one step late: one more step had been launched, then discarded.
+    assert overlapped.num_steps == sync.num_steps + 1
+    # max_tokens is known on the host: no step is launched past it.
+    sync, overlapped = both()
+    capped = SamplingParams(max_tokens=5, ignore_eos=True)
+    assert overlapped.generate([prompt], capped)[0].token_ids == free[:5]
+    assert sync.generate([prompt], capped)[0].token_ids == free[:5]
+    assert overlapped.num_steps == sync.num_steps == 5
+    overlapped.check_integrity()
+
+
+def test_prefix_hits_equal_sync() -> None:
+    shared = random_prompts(1, [48], 256, seed=5)[0]
+    first = [shared + tail for tail in random_prompts(2, [7, 19], 256, seed=6)]
+    second = [shared + tail for tail in random_prompts(3, [4, 30, 11], 256, seed=7)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    sync, overlapped = both()
+    for batch in (first, second):
+        want = sync.generate(batch, params)
+        got = overlapped.generate(batch, params)
+        assert_same_outputs(got, want)
+    assert [o.cached_prompt_tokens for o in got] == [48, 48, 48]
+    overlapped.check_integrity()
+    assert overlapped.allocator.prefix_cache_hits == sync.allocator.prefix_cache_hits
+
+
+def test_abort_mid_flight_drops_the_token_and_frees_blocks() -> None:
+    prompts = random_prompts(3, [20, 35, 8], 256, seed=9)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    want = make_engine().generate(prompts, params)
+    engine = make_engine(async_scheduling=True)
+    for rid, p in zip("abc", prompts, strict=True):
+        engine.add_request(rid, p, params)
+    delivered: dict[str, list[int]] = {rid: [] for rid in "abc"}
+    for _ in range(4):
+        for out in engine.step():
+            delivered[out.request_id] += out.token_ids
+    assert engine._inflight is not None  # b's 4th token is being computed
+    final = engine.abort_request("b")
+    assert final is not None and final.finish_reason is FinishReason.ABORT
+    assert final.token_ids == [] and final.completion_tokens == len(delivered["b"]) == 3
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != "b"
+            delivered[out.request_id] += out.token_ids
+    assert delivered == {"a": want[0].token_ids, "b": want[1].token_ids[:3], "c": want[2].token_ids}
+    engine.check_integrity()
+    assert engine.allocator.num_used_blocks == 0
+
+
+def test_packed_inputs_equal_rebuilt_inputs_every_step() -> None:
+    """Sync path, chunked prefill and preemption: block-table rows are rewritten, grown and shrunk."""
+    prompts, params = mixed_workload(lambda: make_engine(async_scheduling=False))
+    engine = make_engine(async_scheduling=False, **PRESSURE)
+    checked = check_every_prepare(engine)
+    engine.generate(prompts, params)
+    assert len(checked) == engine.num_steps > 20
+    assert engine.scheduler.num_preemptions > 0
+    engine.check_integrity()
