@@ -3,9 +3,11 @@ step inputs (worker/step_inputs.py) against inputs rebuilt from the scheduler ou
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
-from engine_helpers import make_engine, random_prompts
+from engine_helpers import make_engine, random_prompts, receiver_of, sender_of
 from overlap_helpers import assert_same_outputs, check_every_prepare, mixed_workload
 
 from kvrelay.worker.engine import Engine
@@ -118,3 +120,35 @@ def test_packed_inputs_equal_rebuilt_inputs_every_step() -> None:
     assert len(checked) == engine.num_steps > 20
     assert engine.scheduler.num_preemptions > 0
     engine.check_integrity()
+
+
+def test_disaggregated_handoff_with_both_workers_overlapped() -> None:
+    """A prefill worker's request ends at its first token (known on the host: no extra step), the
+    decode worker continues from the producer's token; both overlapped, same tokens as colocated."""
+    params = SamplingParams(
+        max_tokens=10, temperature=0.8, seed=5, repetition_penalty=1.4, logprobs=2, ignore_eos=True
+    )
+    prompts = random_prompts(4, [5, 33, 18], 256, seed=12)
+    want = make_engine(async_scheduling=False).generate(prompts, params)
+    prefill = make_engine(kv_role="prefill", num_kv_blocks=128, async_scheduling=True)
+    decode = make_engine(kv_role="decode", num_kv_blocks=128, async_scheduling=True)
+    sender_of(prefill).connect(receiver_of(decode).descriptor)
+    for i, p in enumerate(prompts):
+        target = receiver_of(decode).reserve(f"r{i}", p, params, None, "prefill-0")
+        prefill.add_request(f"r{i}", p, dataclasses.replace(params, max_tokens=1), handoff=target)
+    while prefill.has_unfinished_requests():
+        for out in prefill.step():
+            assert out.error is None and out.finish_reason is FinishReason.LENGTH
+    assert prefill.num_steps == 1  # every prompt in one step, and no step past the first token
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    finished: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(finished) < len(prompts) and time.monotonic() < deadline:
+        for out in decode.step():
+            got[out.request_id] += out.token_ids
+            if out.finish_reason is not None:
+                finished.add(out.request_id)
+    assert [got[f"r{i}"] for i in range(len(prompts))] == [o.token_ids for o in want]
+    for engine in (prefill, decode):
+        engine.check_integrity()
+        assert engine.allocator.num_used_blocks == 0
