@@ -20,7 +20,7 @@ def cuda_engine(**overrides: Any) -> Engine:
 
 
 def test_overlapped_equals_sync_on_cuda_with_graphs() -> None:
-    prompts, params = mixed_workload(lambda: cuda_engine(async_scheduling=False))
+    prompts, params = mixed_workload(lambda: cuda_engine(async_scheduling=False, **PRESSURE))
     sync = cuda_engine(async_scheduling=False, **PRESSURE)
     overlapped = cuda_engine(async_scheduling=True, **PRESSURE)
     assert overlapped.runner.graphs is not None
@@ -37,7 +37,7 @@ def test_overlapped_equals_sync_on_cuda_with_graphs() -> None:
 
 
 def test_packed_upload_equals_rebuilt_inputs_on_cuda() -> None:
-    prompts, params = mixed_workload(lambda: cuda_engine(async_scheduling=False))
+    prompts, params = mixed_workload(lambda: cuda_engine(async_scheduling=False, **PRESSURE))
     engine = cuda_engine(async_scheduling=False, **PRESSURE)
     checked = check_every_prepare(engine)
     outs = engine.generate(prompts, params)

@@ -333,7 +333,10 @@ class Engine:
         The KV mailbox is polled here, once per step (its one call site): handed-off requests whose
         KV arrived join this step's batch with the producer's first token. on_kv_arrival, when
         given, takes those first tokens before the model runs (the engine loop streams them while
-        the step runs: TTFT); otherwise they lead the returned list."""
+        the step runs: TTFT); otherwise they lead the returned list.
+
+        With async_scheduling (worker/overlap.py) the step is launched and the outputs returned
+        are the previous step's: its tokens are read only once this one is queued."""
         outputs = self.role.poll()
         if outputs and on_kv_arrival is not None:
             on_kv_arrival(outputs)
