@@ -4,9 +4,11 @@ step inputs (worker/step_inputs.py) against inputs rebuilt from the scheduler ou
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from typing import Any
 
+import pytest
 from engine_helpers import make_engine, random_prompts, receiver_of, sender_of
 from overlap_helpers import assert_same_outputs, check_every_prepare, mixed_workload
 
@@ -152,3 +154,54 @@ def test_disaggregated_handoff_with_both_workers_overlapped() -> None:
     for engine in (prefill, decode):
         engine.check_integrity()
         assert engine.allocator.num_used_blocks == 0
+
+
+def _drive(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], abort_at: dict[str, int]
+) -> dict[str, tuple[list[int], FinishReason | None, int]]:
+    """Step until done, aborting request r once it has delivered abort_at[r] tokens.
+    -> {id: (tokens, finish reason, completion_tokens of the final output)}"""
+    got: dict[str, list[int]] = {}
+    final: dict[str, tuple[FinishReason | None, int]] = {}
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(f"q{i}", p, sp)
+        got[f"q{i}"] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+            if out.finish_reason is not None:
+                final[out.request_id] = (out.finish_reason, out.completion_tokens)
+        for rid, k in abort_at.items():
+            if rid not in final and len(got[rid]) >= k:
+                out = engine.abort_request(rid)
+                assert out is not None
+                final[rid] = (out.finish_reason, out.completion_tokens)
+    engine.check_integrity()
+    assert engine.allocator.num_used_blocks == 0
+    return {rid: (got[rid], *final[rid]) for rid in got}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_workloads_with_aborts_equal_sync(seed: int) -> None:
+    rng = random.Random(seed)
+    n = 7
+    prompts = random_prompts(n, [rng.randrange(1, 60) for _ in range(n)], 256, seed=seed)
+    aborted = rng.sample(range(n), 2)  # these run long and are aborted after 1..4 delivered tokens
+    params = [
+        SamplingParams(
+            max_tokens=12 if i in aborted else rng.randrange(1, 12),
+            temperature=rng.choice([0.0, 0.7]),
+            seed=rng.randrange(1000),
+            top_k=rng.choice([0, 30]),
+            presence_penalty=rng.choice([0.0, 0.0, 0.5]),
+            ignore_eos=i in aborted or rng.random() < 0.5,
+            logprobs=rng.choice([0, 0, 2]),
+        )
+        for i in range(n)
+    ]
+    abort_at = {f"q{i}": rng.randrange(1, 5) for i in aborted}
+    config = {"max_num_batched_tokens": 24, "max_num_seqs": 6, "num_kv_blocks": 14}
+    sync, overlapped = both(**config)
+    want = _drive(sync, prompts, params, abort_at)
+    assert _drive(overlapped, prompts, params, abort_at) == want
+    assert [want[rid][1:] for rid in abort_at] == [(FinishReason.ABORT, k) for k in abort_at.values()]
