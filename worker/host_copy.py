@@ -42,10 +42,6 @@ class PendingCopy:
         else:
             self._host = [t.to("cpu") for t in tensors]
 
-    def ready(self) -> bool:
-        """True when wait() would not block."""
-        return self._event is None or self._event.query()
-
     def wait(self) -> list[torch.Tensor]:
         if self._event is not None:
             self._event.synchronize()

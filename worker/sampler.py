@@ -59,9 +59,6 @@ class PendingSample:
     def __init__(self, n: int, logprobs: LogprobTensors | None, copy: PendingCopy) -> None:
         self._n, self._logprobs, self._copy = n, logprobs, copy
 
-    def ready(self) -> bool:
-        return self._copy.ready()
-
     def wait(self) -> SamplerOutput:
         """Block until the copy landed (only this batch's copy, not later work); the host result."""
         host = self._copy.wait()
