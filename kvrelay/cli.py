@@ -49,6 +49,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap the host's scheduling with the device's step (default: on for CUDA, off for CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +155,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -32,6 +32,9 @@ def main() -> None:
             max_num_seqs=max(8, args.batch),
             enable_prefix_caching=False,
             kv_cache_memory=8 << 30,
+            # The phases below are the synchronous step's, timed one by one; scripts/bench_overlap.py
+            # compares whole steps with overlapped scheduling on and off.
+            async_scheduling=False,
         )
     )
     params = SamplingParams(max_tokens=400, ignore_eos=True)

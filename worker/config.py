@@ -54,6 +54,10 @@ class EngineConfig:
     max_graph_batch_size: int = 256  # largest CUDA-graph bucket (1, 2, 4, 8, then steps of 8)
     attention_backend: str = "auto"  # auto (triton on a GPU, torch on the CPU), triton, torch
     seed: int = 0  # default generator of unseeded sampling
+    # Overlapped scheduling (worker/overlap.py): the host schedules and prepares step N+1 while
+    # the device runs step N, and learns step N's tokens one step late. None: on for CUDA, off
+    # for the CPU (where nothing runs concurrently, so it only adds a step of latency).
+    async_scheduling: bool | None = None
     # Detokenize outputs and match stop strings in the engine. Served workers turn it off: the
     # router owns text, so tokens alone cross the wire.
     detokenize: bool = True

@@ -26,6 +26,7 @@ from .model.gguf_loader import is_gguf_path, open_gguf
 from .model.loader import load_model, resolve_model
 from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
+from .overlap import InflightStep, drop_placeholders, launch, resolve
 from .penalties import PenaltyState
 from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
 from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
@@ -95,6 +96,11 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
+        # Overlapped scheduling: the step launched last, its tokens not yet read by the host.
+        self._inflight: InflightStep | None = None
 
     def _captures_graphs(self, role: type[KvRole]) -> bool:
         # A worker that never decodes (prefill) gets no graphs, and no memory for them.
@@ -291,7 +297,8 @@ class Engine:
         return self._finish(req, FinishReason.ABORT, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self.role.num_pending > 0
+        """True while a step() could still produce something (a launched step counts)."""
+        return self.scheduler.num_unfinished > 0 or self.role.num_pending > 0 or self._inflight is not None
 
     # ---- disaggregated serving: what the receiver calls (worker/disagg/receiver.py) ----------------
     def admit_handed_off(self, req: Request, first: tuple[int, TokenLogprobs | None]) -> RequestOutput:
@@ -326,7 +333,10 @@ class Engine:
         The KV mailbox is polled here, once per step (its one call site): handed-off requests whose
         KV arrived join this step's batch with the producer's first token. on_kv_arrival, when
         given, takes those first tokens before the model runs (the engine loop streams them while
-        the step runs: TTFT); otherwise they lead the returned list."""
+        the step runs: TTFT); otherwise they lead the returned list.
+
+        With async_scheduling (worker/overlap.py) the step is launched and the outputs returned
+        are the previous step's: its tokens are read only once this one is queued."""
         outputs = self.role.poll()
         if outputs and on_kv_arrival is not None:
             on_kv_arrival(outputs)
@@ -335,6 +345,8 @@ class Engine:
         outputs += [
             self._finish(r, FinishReason.ABORT, [], "", [], deadline_exceeded=True) for r in sched.expired
         ]
+        if self.async_scheduling:
+            return outputs + self._step_overlapped(sched)
         if sched.is_empty:
             return outputs
         self.num_steps += 1
@@ -355,6 +367,16 @@ class Engine:
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(s.request, tok, lp))
         return outputs
+
+    def _step_overlapped(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """Launch this step, then resolve the previous one (worker/overlap.py): the host work of
+        step N runs while the device computes step N+1. Outputs are step N's."""
+        launched = None
+        if not sched.is_empty:
+            self.num_steps += 1
+            launched = launch(self, sched, self._inflight)
+        done, self._inflight = self._inflight, launched
+        return resolve(self, done) if done is not None else []
 
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
@@ -394,6 +416,7 @@ class Engine:
     ) -> RequestOutput:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        drop_placeholders(req)  # tokens of steps still in flight are never delivered
         del self.requests[req.request_id]
         self.penalties.release(req.request_id)
         out = self._output(req, tokens, text, logprobs, reason)

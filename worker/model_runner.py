@@ -1,8 +1,9 @@
 """Turns a SchedulerOutput into model inputs, runs the forward pass, returns the logits to sample.
 
-Inputs are written into persistent buffers (host staging, pinned on a GPU, plus device
-tensors) sized once for the largest step, so a step allocates no new input tensors and the
-decode path can later be replayed by a CUDA graph that reads the same device buffers.
+Inputs are written into persistent buffers (worker/step_inputs.py: packed host staging, pinned
+and double-buffered on a GPU, uploaded with one copy per step) sized once for the largest step,
+so a step allocates no new input tensors and the decode path can be replayed by a CUDA graph
+that reads the same device buffers.
 """
 
 from __future__ import annotations
@@ -19,56 +20,7 @@ from .kv_cache.block_allocator import BlockAllocator
 from .model.llama import LlamaForCausalLM
 from .request import Request
 from .scheduler import ScheduledRequest, SchedulerOutput
-
-
-class InputBuffers:
-    """Static per-step inputs: host staging arrays and the device tensors they are copied to."""
-
-    def __init__(
-        self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device
-    ) -> None:
-        pin = device.type == "cuda"
-
-        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            dev = host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
-            return host, dev
-
-        self.device = device
-        self.input_ids_h, self.input_ids = pair((max_num_tokens,), torch.int64)  # [T]
-        self.positions_h, self.positions = pair((max_num_tokens,), torch.int64)  # [T]
-        self.slot_mapping_h, self.slot_mapping = pair((max_num_tokens,), torch.int64)  # [T]
-        self.query_start_loc_h, self.query_start_loc = pair((max_num_seqs + 1,), torch.int32)  # [B+1]
-        self.seq_lens_h, self.seq_lens = pair((max_num_seqs,), torch.int32)  # [B]
-        self.block_tables_h, self.block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
-        # numpy views of the host staging, written in place each step
-        self.np_input_ids = self.input_ids_h.numpy()
-        self.np_positions = self.positions_h.numpy()
-        self.np_slot_mapping = self.slot_mapping_h.numpy()
-        self.np_query_start_loc = self.query_start_loc_h.numpy()
-        self.np_seq_lens = self.seq_lens_h.numpy()
-        self.np_block_tables = self.block_tables_h.numpy()
-
-    def upload(self, num_tokens: int, num_seqs: int, block_cols: int) -> None:
-        """Copy the filled prefix of each staging buffer to the device (no-op on the CPU).
-
-        Only the first block_cols columns of the block table go: kernels read a row only up to
-        its sequence's last block, and a full row is max_model_len / block_size wide (8192 ints for
-        a 128k-token model), which would make the copy the largest part of a small step.
-        """
-        if self.device.type == "cpu":
-            return
-        for h, d, n in (
-            (self.input_ids_h, self.input_ids, num_tokens),
-            (self.positions_h, self.positions, num_tokens),
-            (self.slot_mapping_h, self.slot_mapping, num_tokens),
-            (self.query_start_loc_h, self.query_start_loc, num_seqs + 1),
-            (self.seq_lens_h, self.seq_lens, num_seqs),
-        ):
-            d[:n].copy_(h[:n], non_blocking=True)
-        self.block_tables[:num_seqs, :block_cols].copy_(
-            self.block_tables_h[:num_seqs, :block_cols], non_blocking=True
-        )
+from .step_inputs import InputBuffers
 
 
 @dataclass
@@ -129,13 +81,24 @@ class ModelRunner:
         self.graphs.capture()
         return self.graphs
 
-    def prepare(self, sched: SchedulerOutput, allocator: BlockAllocator) -> ModelInput:
+    def prepare(
+        self,
+        sched: SchedulerOutput,
+        allocator: BlockAllocator,
+        prev_sampled: torch.Tensor | None = None,
+    ) -> ModelInput:
+        """Fill this step's inputs and upload them (one copy).
+
+        prev_sampled: [S] int64 on the device, the previous step's sampled tokens, when some
+        scheduled token is still a placeholder -(1 + j) on the host (overlapped scheduling):
+        those input rows are filled from it on the device."""
         buf, bs = self.buffers, self.block_size
+        buf.begin_step()
         scheduled = sched.scheduled
         num_seqs = len(scheduled)
         for req in sched.preempted:  # its blocks were freed: rows it owned are stale
             self._row_owner = [o if o is None or o[0] is not req else None for o in self._row_owner]
-        block_cols = self._write_block_tables(sched, allocator)
+        self._write_block_tables(sched, allocator)
         query_lens = [s.num_new_tokens for s in scheduled]
         t = sum(query_lens)
         if t == num_seqs:  # decode only: vectorized over the batch
@@ -149,14 +112,21 @@ class ModelRunner:
             sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
         else:
             seq_lens, sample_rows = self._fill_tokens(scheduled)
+        has_placeholders = t > 0 and int(buf.np_input_ids[:t].min()) < 0
         bucket = None
         if self.graphs is not None and t == num_seqs:  # decode only: one token per sequence
             bucket = self.graphs.bucket_for(num_seqs)
         if bucket is not None:
             self._pad_rows(num_seqs, bucket)
-            buf.upload(bucket, bucket, block_cols)
         else:
-            buf.upload(t, num_seqs, block_cols)
+            buf.np_sample_rows[: len(sample_rows)] = sample_rows
+        buf.upload()
+        if has_placeholders:
+            if prev_sampled is None:
+                raise RuntimeError(
+                    "a scheduled token is a placeholder but no previous step's tokens were given"
+                )
+            buf.resolve_placeholders(t, prev_sampled)
         meta = AttentionMetadata(
             num_seqs=num_seqs,
             num_tokens=t,
@@ -171,30 +141,22 @@ class ModelRunner:
         )
         if bucket is not None:  # every decode row samples: no index tensor needed
             return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, self._graph_rows, bucket)
-        rows = torch.tensor(sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = buf.sample_rows[: len(sample_rows)]
         return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, rows)
 
-    def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> int:
-        """Row i of the host block table is rewritten only when its request or block count changed:
-        a decode step appends a block every block_size tokens, so most rows stay as they were.
-        Returns the widest row's block count."""
-        table = self.buffers.np_block_tables
-        widest = 1
+    def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> None:
+        """Row i of the block table is rewritten only when its request or block count changed:
+        a decode step appends a block every block_size tokens, so most rows stay as they were,
+        and of a rewritten row only the entries that changed travel (InputBuffers.set_block_row)."""
         for i, s in enumerate(sched.scheduled):
             req = s.request
             blocks = allocator.block_ids_view(req.request_id)
-            widest = max(widest, len(blocks))
             assert len(blocks) * self.block_size >= s.start + s.num_new_tokens, (req.request_id, len(blocks))
-            owner = self._row_owner[i]
             key = (req, req.num_preemptions, len(blocks))
-            if owner == key:
+            if self._row_owner[i] == key:
                 continue
-            prev = owner[2] if owner is not None else table.shape[1]
-            table[i, : len(blocks)] = blocks
-            if prev > len(blocks):
-                table[i, len(blocks) : prev] = 0
+            self.buffers.set_block_row(i, list(blocks))
             self._row_owner[i] = key
-        return widest
 
     def _fill_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
         """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows)."""
@@ -219,14 +181,14 @@ class ModelRunner:
         return seq_lens, sample_rows
 
     def _pad_rows(self, start: int, end: int) -> None:
-        """Host rows start..end-1 become padding a graph can run: no KV write, empty context."""
+        """Host rows start..end-1 become padding a graph can run: no KV write, empty context.
+
+        Their block-table rows keep whatever they held: a sequence of length 0 reads none of it."""
         buf = self.buffers
         buf.np_input_ids[start:end] = 0
         buf.np_positions[start:end] = 0
         buf.np_slot_mapping[start:end] = -1
         buf.np_seq_lens[start:end] = 0
-        buf.np_block_tables[start:end] = 0
-        self._row_owner[start:end] = [None] * (end - start)
         buf.np_query_start_loc[start + 1 : end + 1] = np.arange(start + 1, end + 1)
 
     @torch.inference_mode()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_copy import to_device
 from .request import Request
 
 
@@ -106,8 +107,12 @@ class PenaltyState:
     def capacity(self) -> int:
         return self._counts.shape[0]
 
-    def batch(self, requests: Sequence[Request]) -> PenaltyBatch | None:
-        """The penalized rows among `requests` (the sampler's rows, in order); None when there are none."""
+    def batch(self, requests: Sequence[Request], pending: torch.Tensor | None = None) -> PenaltyBatch | None:
+        """The penalized rows among `requests` (the sampler's rows, in order); None when there are none.
+
+        pending: [S] int64 on the device, the previous step's sampled tokens, when a request's last
+        output token is still a placeholder -(1 + j) on the host (overlapped scheduling,
+        worker/overlap.py): its count is added on the device from pending[j], with no sync."""
         rows = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if not rows:
             return None
@@ -116,6 +121,8 @@ class PenaltyState:
         opened: list[int] = []  # new slots, zeroed before use
         prompt_flat: list[int] = []  # slot * V + token: prompt bits to set
         output_flat: list[int] = []  # slot * V + token: output counts to add
+        pending_base: list[int] = []  # slot * V of a placeholder token's count ...
+        pending_src: list[int] = []  # ... and its row in `pending`
         for i in rows:
             req = requests[i]
             slot = self._slots.get(req.request_id)
@@ -129,30 +136,45 @@ class PenaltyState:
                     f"request {req.request_id}: {slot.num_counted} output tokens counted but only {done} exist"
                 )
             start = req.num_prompt_tokens + slot.num_counted
-            output_flat += [slot.index * vocab + t for t in req.all_token_ids[start:]]
+            for t in req.all_token_ids[start:]:
+                if t >= 0:
+                    output_flat.append(slot.index * vocab + t)
+                else:  # a placeholder: the token is pending[-1 - t], on the device
+                    pending_base.append(slot.index * vocab)
+                    pending_src.append(-1 - t)
             slot.num_counted = done
             slots.append(slot.index)
         # One host-to-device copy for every index of this step (and one for the penalty values).
         sizes = [len(rows), len(slots), len(opened), len(prompt_flat), len(output_flat)]
-        packed = torch.tensor(rows + slots + opened + prompt_flat + output_flat, dtype=torch.int64)
-        row_t, slot_t, opened_t, prompt_t, output_t = packed.to(self.device).split(sizes)
+        sizes += [len(pending_base), len(pending_src)]
+        packed = to_device(
+            rows + slots + opened + prompt_flat + output_flat + pending_base + pending_src,
+            torch.int64,
+            self.device,
+        )
+        row_t, slot_t, opened_t, prompt_t, output_t, base_t, src_t = packed.split(sizes)
+        if pending_src:
+            if pending is None:
+                raise RuntimeError(
+                    "a penalized request's token is a placeholder but no pending tokens were given"
+                )
+            output_t = torch.cat([output_t, base_t + pending.index_select(0, src_t)])
         if opened:
             self._counts[opened_t] = 0
             self._prompt[opened_t] = False
         if prompt_flat:
             self._prompt.view(-1)[prompt_t] = True
-        if output_flat:
+        if output_t.numel():
             # int32 atomics are exact, so the result does not depend on the order of the adds.
             self._counts.view(-1).index_add_(0, output_t, torch.ones_like(output_t, dtype=torch.int32))
-        values = torch.tensor(
-            [
-                [requests[i].params.repetition_penalty for i in rows],
-                [requests[i].params.presence_penalty for i in rows],
-                [requests[i].params.frequency_penalty for i in rows],
-            ],
-            dtype=torch.float32,
-        ).to(self.device)  # [3, P]
-        values = values.unsqueeze(2)  # [3, P, 1]
+        penalized = [requests[i].params for i in rows]
+        values = to_device(
+            [p.repetition_penalty for p in penalized]
+            + [p.presence_penalty for p in penalized]
+            + [p.frequency_penalty for p in penalized],
+            torch.float32,
+            self.device,
+        ).view(3, -1, 1)  # [3, P, 1]
         return PenaltyBatch(
             rows=row_t,
             prompt_mask=self._prompt[slot_t],

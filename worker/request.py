@@ -47,6 +47,10 @@ class Request:
     first_token_time: float | None = None
     # Disaggregated serving, on a prefill worker: where its KV goes once the first token is sampled.
     handoff: HandoffTarget | None = None
+    # Overlapped scheduling (worker/overlap.py): the last token of all_token_ids is a placeholder
+    # whose value cannot matter, it ends the request (max_tokens, max_model_len); so the request
+    # gets no slot in the next step. Never set on the synchronous path.
+    final_token_pending: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_copy import PendingCopy, to_device
 from .penalties import PenaltyBatch, apply_penalties
 from .protocol import TokenLogprobs
 from .sampling_params import SamplingParams
@@ -24,6 +25,54 @@ from .sampling_params import SamplingParams
 class SamplerOutput:
     token_ids: torch.Tensor  # [N] int64, on CPU
     logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs == 0
+
+
+@dataclass(frozen=True)
+class LogprobTensors:
+    """Logprobs of the R rows that ask for them, still on the device."""
+
+    rows: list[int]  # R indices into the batch's N rows
+    counts: list[int]  # per row: how many top logprobs it asked for (<= the width of top_*)
+    chosen_ids: torch.Tensor  # [R] int64: the sampled token
+    chosen: torch.Tensor  # [R] float32: its logprob
+    top_ids: torch.Tensor  # [R, max_n] int64, highest first
+    top_values: torch.Tensor  # [R, max_n] float32
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """One batch's sampled tokens on the logits' device, before the host has them."""
+
+    token_ids: torch.Tensor  # [N] int64, on the device: the next step may read it directly
+    logprobs: LogprobTensors | None  # None when no row asks
+
+    def to_host(self) -> PendingSample:
+        """Start the device-to-host copy (non-blocking on a GPU); PendingSample.wait() has the result."""
+        lp = self.logprobs
+        extra = [] if lp is None else [lp.chosen_ids, lp.chosen, lp.top_ids, lp.top_values]
+        return PendingSample(self.token_ids.shape[0], lp, PendingCopy([self.token_ids, *extra]))
+
+
+class PendingSample:
+    """A DeviceSample on its way to the host."""
+
+    def __init__(self, n: int, logprobs: LogprobTensors | None, copy: PendingCopy) -> None:
+        self._n, self._logprobs, self._copy = n, logprobs, copy
+
+    def wait(self) -> SamplerOutput:
+        """Block until the copy landed (only this batch's copy, not later work); the host result."""
+        host = self._copy.wait()
+        out: list[TokenLogprobs | None] = [None] * self._n
+        lp = self._logprobs
+        if lp is not None:
+            chosen_ids, chosen, top_ids, top_values = (t.tolist() for t in host[1:])
+            for r, (i, k) in enumerate(zip(lp.rows, lp.counts, strict=True)):
+                out[i] = TokenLogprobs(
+                    token_id=chosen_ids[r],
+                    logprob=chosen[r],
+                    top=tuple(zip(top_ids[r][:k], top_values[r][:k], strict=True)),
+                )
+        return SamplerOutput(token_ids=host[0], logprobs=out)
 
 
 class Sampler:
@@ -42,7 +91,19 @@ class Sampler:
         penalties: PenaltyBatch | None = None,
     ) -> SamplerOutput:
         """logits: [N, V] raw next-token logits (left unmodified); penalties: the rows that have any
-        (PenaltyState.batch), applied before greedy argmax and before temperature and the filters."""
+        (PenaltyState.batch), applied before greedy argmax and before temperature and the filters.
+        Waits for the tokens: `sample` is the same without waiting."""
+        return self.sample(logits, params, generators, penalties).to_host().wait()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        penalties: PenaltyBatch | None = None,
+    ) -> DeviceSample:
+        """As `__call__`, but the tokens (and logprobs) stay on the logits' device: nothing here
+        waits for the GPU, so the host can queue the next step before they are known."""
         n, _ = _check_inputs(logits, params, generators)
         x = logits if penalties is None else _penalized(logits, penalties)
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -51,12 +112,11 @@ class Sampler:
         else:
             token_ids = x.argmax(dim=-1)  # [N]; the common all-greedy batch stops here
             if sampled_rows:
-                rows = torch.tensor(sampled_rows, device=logits.device)
+                rows = to_device(sampled_rows, torch.int64, logits.device)
                 token_ids[rows] = self._sample(
                     x[rows], [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows]
                 )
-        logprobs = _gather_logprobs(logits, params, token_ids)
-        return SamplerOutput(token_ids=token_ids.to("cpu", torch.int64), logprobs=logprobs)
+        return DeviceSample(token_ids.to(torch.int64), _logprob_tensors(logits, params, token_ids))
 
     def _sample(
         self,
@@ -65,7 +125,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:
         """logits: [M, V] rows that all sample (temperature > 0). Returns [M] token ids on logits.device."""
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+        temps = to_device([p.temperature for p in params], torch.float32, logits.device)
         x = logits.float() / temps.unsqueeze(1)  # [M, V], a fresh tensor the filters may overwrite
         x = _apply_filters(x, params)
         probs = x.softmax(dim=-1)  # [M, V]; filtered tokens are exp(-inf) = exactly 0
@@ -83,7 +143,7 @@ class Sampler:
             q.exponential_(generator=default)
         else:
             if unseeded:
-                rows = torch.tensor(unseeded, device=probs.device)
+                rows = to_device(unseeded, torch.int64, probs.device)
                 noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
                 q[rows] = noise.exponential_(generator=default)
             for i, g in enumerate(generators):
@@ -147,12 +207,12 @@ def _apply_filters(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     device = x.device
     sorted_x, order = torch.sort(x, dim=-1)  # [M, V] ascending: the most likely token is last
     if need_k:
-        k = torch.tensor(top_k, device=device)
+        k = to_device(top_k, torch.int64, device)
         kth_largest = sorted_x.gather(1, (vocab - k).unsqueeze(1))  # [M, 1]
         # Compare by value, so tokens tied with the k-th largest all stay (as vLLM does).
         sorted_x.masked_fill_(sorted_x < kth_largest, float("-inf"))
     if need_p:
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        top_p = to_device([p.top_p for p in params], torch.float32, device)
         # Ascending cumsum: drop the least likely tokens while their total mass is <= 1 - top_p, i.e. keep
         # the smallest most-likely set whose mass reaches top_p. Summing from the small end keeps the tail
         # accurate, so top_p = 1 drops nothing with nonzero probability.
@@ -161,34 +221,25 @@ def _apply_filters(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
         drop[:, -1] = False  # the top token always survives
         sorted_x.masked_fill_(drop, float("-inf"))
     if need_min_p:
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         probs = sorted_x.softmax(dim=-1)  # [M, V]
         sorted_x.masked_fill_(probs < probs[:, -1:] * min_p.unsqueeze(1), float("-inf"))
     return x.scatter_(1, order, sorted_x)
 
 
-def _gather_logprobs(
+def _logprob_tensors(
     logits: torch.Tensor, params: Sequence[SamplingParams], token_ids: torch.Tensor
-) -> list[TokenLogprobs | None]:
+) -> LogprobTensors | None:
     """Logprobs of the raw logits (before penalties, temperature and filters: vLLM v1's default),
-    only for rows that ask. One device-to-host copy for the whole batch."""
-    out: list[TokenLogprobs | None] = [None] * len(params)
+    only for rows that ask; computed on the device, copied to the host with the tokens."""
     rows = [i for i, p in enumerate(params) if p.logprobs > 0]
     if not rows:
-        return out
-    index = torch.tensor(rows, device=logits.device)
+        return None
+    index = to_device(rows, torch.int64, logits.device)
     logprobs = logits[index].float().log_softmax(dim=-1)  # [R, V]
     max_n = min(max(params[i].logprobs for i in rows), logprobs.shape[1])
     top_values, top_ids = logprobs.topk(max_n, dim=-1)  # [R, max_n], sorted highest first
-    chosen_ids = token_ids[index]  # [R]
+    chosen_ids = token_ids[index].to(torch.int64)  # [R]
     chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)  # [R]
-    top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
-    chosen_l, chosen_ids_l = chosen.tolist(), chosen_ids.tolist()
-    for r, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = TokenLogprobs(
-            token_id=chosen_ids_l[r],
-            logprob=chosen_l[r],
-            top=tuple(zip(top_ids_l[r][:n], top_values_l[r][:n], strict=True)),
-        )
-    return out
+    counts = [min(params[i].logprobs, max_n) for i in rows]
+    return LogprobTensors(rows, counts, chosen_ids, chosen, top_ids, top_values)

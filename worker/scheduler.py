@@ -113,6 +113,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.final_token_pending:  # finishes when its in-flight step resolves
+                i += 1
+                continue
             num_new = min(req.num_tokens_to_compute, budget)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             while not self.allocator.allocate_slots(req.request_id, req.num_computed_tokens + num_new):

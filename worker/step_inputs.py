@@ -1,0 +1,150 @@
+"""The model runner's per-step inputs, packed so one host-to-device copy carries a whole step.
+
+Layout of one packed buffer (bytes; every region starts on a 256-byte boundary so each typed
+view is aligned for any kernel, and a CUDA graph captured over the views keeps reading the
+same addresses forever):
+
+    input_ids        int64 [T]       token ids (a negative id is a placeholder, see below)
+    positions        int64 [T]
+    slot_mapping     int64 [T]       -1: padding row, no KV write
+    sample_rows      int64 [B]       rows of T whose logits are sampled (eager steps)
+    query_start_loc  int32 [B + 1]
+    seq_lens         int32 [B]
+    table_updates    int32 [U, 2]    (flat index into block_tables, block id) pairs
+
+T = max_num_batched_tokens, B = max_num_seqs, U = B * max_blocks_per_seq (every entry at once,
+the worst case). The host writes a step into one of two pinned copies of this layout (double
+buffering: while step N's copy may still be reading one copy, the host fills the other for
+step N+1; an event recorded after each copy is waited on before its copy is written again).
+`upload` copies bytes [0, end of the used table updates) in one `copy_` into the device
+buffer, whose typed regions are the static tensors the model and the graphs read. The
+fixed regions (~50 KB at T = 2048) always travel whole: one copy of them costs a couple of
+microseconds, far less than six separate copies' launch latency.
+
+The block table ([B, max_blocks_per_seq] int32) is not in the copy: a full row is
+max_model_len / block_size wide, so it stays on the device and only the entries that changed
+since the last step travel, as table_updates, applied by one scatter after the copy. The host
+keeps a mirror of what the device holds (`np_block_tables`) to compute slot mappings and diffs.
+
+Placeholders (overlapped scheduling, worker/overlap.py): a token id -(1 + j) in input_ids means
+"row j of the previous step's sampled tokens", still on the device and unknown to the host.
+`resolve_placeholders` replaces those rows on the device after the copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_ALIGN = 256
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class InputBuffers:
+    """Packed static per-step inputs: two host staging copies and the device buffer they go to."""
+
+    def __init__(
+        self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device
+    ) -> None:
+        t, b = max_num_tokens, max_num_seqs
+        self.device = device
+        self.max_updates = b * max_blocks_per_seq
+        fields = (
+            ("input_ids", t, torch.int64),
+            ("positions", t, torch.int64),
+            ("slot_mapping", t, torch.int64),
+            ("sample_rows", b, torch.int64),
+            ("query_start_loc", b + 1, torch.int32),
+            ("seq_lens", b, torch.int32),
+            ("table_updates", 2 * self.max_updates, torch.int32),
+        )
+        self._regions: dict[str, tuple[int, int, torch.dtype]] = {}  # name -> (offset, count, dtype)
+        offset = 0
+        for name, count, dtype in fields:
+            self._regions[name] = (offset, count, dtype)
+            offset = _align(offset + count * dtype.itemsize)
+        self.nbytes = offset
+        pin = device.type == "cuda"
+        # The device buffer is a separate tensor on the CPU too, so the CPU runs the same pack,
+        # copy and scatter as the GPU (the copy is then a memcpy).
+        self._dev = torch.zeros(offset, dtype=torch.uint8, device=device)
+        self._host = [torch.zeros(offset, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # per half: its last copy's end
+        self._half = 1
+        # Static device tensors (views of _dev): what the model and the CUDA graphs read.
+        self.input_ids = self._view(self._dev, "input_ids")  # [T] int64
+        self.positions = self._view(self._dev, "positions")  # [T] int64
+        self.slot_mapping = self._view(self._dev, "slot_mapping")  # [T] int64
+        self.sample_rows = self._view(self._dev, "sample_rows")  # [B] int64
+        self.query_start_loc = self._view(self._dev, "query_start_loc")  # [B+1] int32
+        self.seq_lens = self._view(self._dev, "seq_lens")  # [B] int32
+        self._dev_updates = self._view(self._dev, "table_updates").view(-1, 2)  # [U, 2] int32
+        self.block_tables = torch.zeros((b, max_blocks_per_seq), dtype=torch.int32, device=device)
+        # Host mirror of the device block table, and per row how many leading columns may be nonzero.
+        self.np_block_tables = np.zeros((b, max_blocks_per_seq), dtype=np.int32)
+        self._row_width = np.zeros(b, dtype=np.int64)
+        self.num_updates = 0
+        self.begin_step()
+
+    def _view(self, buf: torch.Tensor, name: str) -> torch.Tensor:
+        offset, count, dtype = self._regions[name]
+        return buf[offset : offset + count * dtype.itemsize].view(dtype)
+
+    def begin_step(self) -> None:
+        """Switch to the other host half (waiting for its previous copy to finish reading it) and
+        point the numpy views (np_input_ids, ...) at it; the step's table updates start empty."""
+        self._half ^= 1
+        event = self._copied[self._half]
+        if event is not None:
+            event.synchronize()  # two steps old: normally long done, so this does not wait
+        host = self._host[self._half]
+        self.np_input_ids = self._view(host, "input_ids").numpy()
+        self.np_positions = self._view(host, "positions").numpy()
+        self.np_slot_mapping = self._view(host, "slot_mapping").numpy()
+        self.np_sample_rows = self._view(host, "sample_rows").numpy()
+        self.np_query_start_loc = self._view(host, "query_start_loc").numpy()
+        self.np_seq_lens = self._view(host, "seq_lens").numpy()
+        self._np_updates = self._view(host, "table_updates").numpy().reshape(-1, 2)
+        self.num_updates = 0
+
+    def set_block_row(self, row: int, blocks: list[int]) -> None:
+        """Row `row` of the block table becomes `blocks` (entries after them 0); only the entries
+        that differ from what the device holds are queued for this step's upload."""
+        n = len(blocks)
+        width = max(n, int(self._row_width[row]))
+        new = np.zeros(width, dtype=np.int32)
+        new[:n] = blocks
+        mirror = self.np_block_tables[row, :width]
+        changed = np.flatnonzero(mirror != new)
+        k = changed.shape[0]
+        if k:
+            upd = self._np_updates[self.num_updates : self.num_updates + k]
+            upd[:, 0] = row * self.np_block_tables.shape[1] + changed
+            upd[:, 1] = new[changed]
+            self.num_updates += k
+            mirror[:] = new
+        self._row_width[row] = n
+
+    def upload(self) -> None:
+        """One copy of this step's packed inputs to the device, then the block-table scatter."""
+        offset = self._regions["table_updates"][0]
+        span = offset + 8 * self.num_updates  # 8 bytes per (index, id) pair
+        self._dev[:span].copy_(self._host[self._half][:span], non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._half] = event
+        if self.num_updates:
+            upd = self._dev_updates[: self.num_updates]  # [K, 2] int32
+            self.block_tables.view(-1).index_put_((upd[:, 0].long(),), upd[:, 1])
+
+    def resolve_placeholders(self, num_tokens: int, prev_sampled: torch.Tensor) -> None:
+        """Rows of input_ids[:num_tokens] holding -(1 + j) take prev_sampled[j] (device-side, no sync).
+
+        prev_sampled: [S] int64 on the device, the previous step's sampled token ids."""
+        ids = self.input_ids[:num_tokens]  # [T] int64
+        src = (-1 - ids).clamp_min_(0)  # [T]: j on placeholder rows, 0 elsewhere
+        ids.copy_(torch.where(ids < 0, prev_sampled.index_select(0, src), ids))
