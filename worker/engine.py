@@ -27,6 +27,7 @@ from .model.loader import load_model, resolve_model
 from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
 from .penalties import PenaltyState
+from .prefill_graph import default_token_buckets
 from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
 from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from .sampler import Sampler
@@ -86,6 +87,7 @@ class Engine:
                 default_buckets(min(config.max_graph_batch_size, config.max_num_seqs)),
                 hidden_size=self.model_config.hidden_size,
                 dtype=self.dtype,
+                token_buckets=self._token_buckets(),
             )
         self.sampler = Sampler()
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
@@ -99,6 +101,18 @@ class Engine:
     def _captures_graphs(self, role: type[KvRole]) -> bool:
         # A worker that never decodes (prefill) gets no graphs, and no memory for them.
         return self.device.type == "cuda" and not self.config.enforce_eager and role.decodes
+
+    def _token_buckets(self) -> list[int]:
+        """Token buckets of the prefill graphs; [] where they are off or the attention backend
+        cannot be captured with a prefill (worker/prefill_graph.py)."""
+        if not self.config.prefill_graphs:
+            return []
+        backend = self.model.attn_backend
+        if not backend.prefill_graph_safe:
+            log.info("prefill CUDA graphs off: %s reads host lengths", type(backend).__name__)
+            return []
+        tokens = self.config.prefill_graph_tokens
+        return sorted(set(tokens)) if tokens else default_token_buckets(self.config.max_num_batched_tokens)
 
     def _make_kv_pool(self, role: type[KvRole]) -> KvPool:
         """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
@@ -186,28 +200,34 @@ class Engine:
         torch.cuda.empty_cache()
 
     def _estimate_graph_memory(self, spec: KVCacheSpec) -> int:
-        """Capture the largest bucket against a scratch pool; what it takes, plus margin, is reserved.
+        """Capture the largest buckets against a scratch pool; what they take, plus margin, is reserved.
 
-        Buckets share one pool and the largest needs the most, so the smaller ones add little; the
-        margin covers that and the per-graph bookkeeping. The real capture logs what it took.
+        Buckets share one pool (decode and prefill graphs alike) and the largest needs the most, so
+        the smaller ones add little; the margin covers that and the per-graph bookkeeping. The real
+        capture logs what it took.
         """
         largest = min(self.config.max_graph_batch_size, self.config.max_num_seqs)
+        token_buckets = self._token_buckets()
         blocks = 4
         scratch = spec.allocate(blocks, self.device)
         runner = ModelRunner(
             self.model,
             scratch,
             block_size=spec.block_size,
-            max_num_batched_tokens=largest,
-            max_num_seqs=largest,
+            max_num_batched_tokens=max([largest, *token_buckets]),
+            max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        graphs = runner.capture_cuda_graphs(
-            [largest], hidden_size=self.model_config.hidden_size, dtype=self.dtype
+        runner.capture_cuda_graphs(
+            [largest],
+            hidden_size=self.model_config.hidden_size,
+            dtype=self.dtype,
+            token_buckets=token_buckets[-1:],
+            progress=False,
         )
-        measured = graphs.graph_memory_bytes
-        del graphs, runner, scratch
+        measured = runner.graph_memory_bytes
+        del runner, scratch
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         reserve = int(measured * 1.25) + (64 << 20)
@@ -463,7 +483,10 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
             num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
+            num_prefill_graph_replays=pg.num_replays if (pg := self.runner.prefill_graphs) else 0,
             num_eager_steps=self.runner.num_eager_steps,
+            graph_memory_bytes=self.runner.graph_memory_bytes,
+            graph_capture_s=self.runner.graph_capture_seconds,
             **self.role.stats(),
         )
 
