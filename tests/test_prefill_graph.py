@@ -21,9 +21,11 @@ pytest.importorskip("triton")
 
 from engine_helpers import make_engine, random_prompts
 
+from kvrelay.worker.attention.torch_backend import TorchPagedAttention
+from kvrelay.worker.attention.triton_backend import TritonPagedAttention
 from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.engine import Engine
-from kvrelay.worker.prefill_graph import default_token_buckets
+from kvrelay.worker.prefill_graph import default_token_buckets, prefill_token_buckets
 from kvrelay.worker.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=3, ignore_eos=True)
@@ -62,6 +64,16 @@ def test_default_token_buckets() -> None:
     assert default_token_buckets(600) == [16, 32, 64, 128, 256, 512, 600]
     assert default_token_buckets(16) == [16]
     assert default_token_buckets(8) == [8]
+
+
+def test_which_engines_get_prefill_graphs() -> None:
+    triton, config = TritonPagedAttention(), EngineConfig(max_num_batched_tokens=512)
+    assert prefill_token_buckets(config, triton) == [16, 32, 64, 128, 256, 512]
+    assert prefill_token_buckets(EngineConfig(prefill_graph_tokens=(64, 16, 64)), triton) == [16, 64]
+    assert prefill_token_buckets(EngineConfig(prefill_graphs=False), triton) == []
+    # Backends that read the metadata's host lists cannot be captured with a prefill.
+    assert prefill_token_buckets(config, TorchPagedAttention()) == []
+    assert prefill_token_buckets(config, TritonPagedAttention(prefill_impl="sdpa")) == []
 
 
 @pytest.mark.parametrize(

@@ -118,14 +118,17 @@ class ModelRunner:
         dtype: torch.dtype,
         token_buckets: Sequence[int] = (),
         progress: bool = True,
-    ) -> CudaGraphRunner:
-        """Capture decode graphs over this runner's static buffers (buckets past max_num_seqs dropped)
-        and, given token_buckets, prefill graphs first (the largest graphs) into the same pool."""
+    ) -> CudaGraphRunner | None:
+        """Capture decode graphs over this runner's static buffers (buckets past max_num_seqs dropped;
+        none given: none captured) and, given token_buckets, prefill graphs first (the largest
+        graphs) into the same pool."""
         pool = None
         if token_buckets:
             pool = self.attach_prefill_graphs(
                 token_buckets, hidden_size=hidden_size, dtype=dtype, capture=True, progress=progress
             ).pool
+        if not buckets:
+            return None
         buf = self.buffers
         usable = [b for b in buckets if b <= self.max_num_seqs]
         assert usable, f"no CUDA graph bucket fits max_num_seqs={self.max_num_seqs}"

@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from .attention.backend import AttentionBackend
 from .attention.metadata import AttentionMetadata
+from .config import EngineConfig
 from .model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:  # torch's pool-handle type; not importable at runtime in every torch version
@@ -73,6 +75,19 @@ def default_token_buckets(max_num_batched_tokens: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return [*buckets, max_num_batched_tokens]
+
+
+def prefill_token_buckets(config: EngineConfig, backend: AttentionBackend) -> list[int]:
+    """The token buckets an engine captures: [] where prefill graphs are off, or where the
+    attention backend cannot be captured with a prefill (it reads host lengths)."""
+    if not config.prefill_graphs:
+        return []
+    if not backend.prefill_graph_safe:
+        log.info("prefill CUDA graphs off: %s reads host lengths", type(backend).__name__)
+        return []
+    if config.prefill_graph_tokens:
+        return sorted(set(config.prefill_graph_tokens))
+    return default_token_buckets(config.max_num_batched_tokens)
 
 
 class PrefillGraphRunner:
