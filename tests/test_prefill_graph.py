@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from engine_helpers import make_engine, random_prompts
 
+from kvrelay.worker.attention import triton_kernels as tk
 from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.attention.triton_backend import TritonPagedAttention
 from kvrelay.worker.config import EngineConfig
@@ -130,3 +131,21 @@ def test_steps_past_the_largest_bucket_run_eagerly_and_are_counted() -> None:
     engine.generate(random_prompts(1, [9], 256, seed=5), SamplingParams(max_tokens=1))
     assert (engine.runner.num_eager_steps, engine.stats().num_prefill_graph_replays) == (3, 1)
     engine.check_integrity()
+
+
+def test_padding_sequence_reads_nothing_writes_zeros_and_real_rows_are_unchanged() -> None:
+    """The varlen kernel on a graph's padded layout: two real sequences (12 tokens), the padding
+    sequence owning rows 12..159 with context 0, then two sequences with no rows. Every block but
+    the real context's is NaN (block 0 too), so a padding row that read any KV would not be 0."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block = 4, 2, 32, 16
+    cache = torch.full((2, 8, block, kv_heads, dim), float("nan"))
+    cache[:, [3, 5, 6]] = torch.randn(2, 3, block, kv_heads, dim, generator=gen)
+    q = torch.randn(160, heads, dim, generator=gen)
+    tables = torch.tensor([[3, 5], [6, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([20, 7, 0, 0, 0], dtype=torch.int32)
+    starts = torch.tensor([0, 5, 12, 160, 160, 160], dtype=torch.int32)
+    padded = tk.prefill_attention(q, cache, tables, seq_lens, starts, 0.3)  # [160, H, D]
+    exact = tk.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
+    assert torch.equal(padded[:12], exact)
+    assert torch.equal(padded[12:], torch.zeros(148, heads, dim))
