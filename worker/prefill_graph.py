@@ -205,6 +205,7 @@ class PrefillGraphRunner:
             disable=not progress,
         ):
             self._fill_padding(bucket)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the fills run on the current stream
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: Triton compile and cuBLAS workspaces, outside the graph
                     self._forward(bucket)
