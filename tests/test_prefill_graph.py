@@ -10,6 +10,7 @@ The GPU tests (tests/test_gpu_prefill_graph.py) check that replays equal this.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the import
 pytest.importorskip("triton")
 
+from checkpoints import make_checkpoint
 from engine_helpers import make_engine, random_prompts
 
 from kvrelay.worker.attention import triton_kernels as tk
@@ -149,3 +151,22 @@ def test_padding_sequence_reads_nothing_writes_zeros_and_real_rows_are_unchanged
     exact = tk.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
     assert torch.equal(padded[:12], exact)
     assert torch.equal(padded[12:], torch.zeros(148, heads, dim))
+
+
+def test_preemption_and_recompute_through_buckets_match_the_reference(tmp_path: Path) -> None:
+    """A pool too small for every sequence: requests are preempted and recomputed, and those
+    recomputes (prompt + generated tokens) run through the buckets too. A 2-layer Qwen3
+    checkpoint (q/k norms in the RoPE launch) keeps the interpreted kernels quick."""
+    model = make_checkpoint(tmp_path, "qwen3")
+    small = {**SMALL, "num_kv_blocks": 6, "model": str(model)}  # 96 tokens for 4 sequences of up to 32
+    padded = make_engine(attention_backend="triton", **small)
+    padded.runner.attach_prefill_graphs(
+        [16, 32, 64], hidden_size=padded.model_config.hidden_size, dtype=padded.dtype, capture=False
+    )
+    ref = make_engine(**small)
+    prompts = random_prompts(4, [20, 9, 17, 12], 256, seed=6)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    got, want = padded.generate(prompts, params), ref.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert padded.stats().num_preemptions == ref.stats().num_preemptions > 0
+    padded.check_integrity()
