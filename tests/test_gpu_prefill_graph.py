@@ -46,7 +46,7 @@ def test_every_token_bucket_replay_equals_eager_on_mixed_steps_and_pads_write_no
                 engine.add_request(f"d{bucket}-{target}-{i}", p, DECODING)
             while any(r.num_output_tokens == 0 for r in engine.requests.values()):
                 engine.step()
-            # One prompt (two chunks past the budget are fine: the first step is checked) fills the
+            # One prompt (a fresh seed: no prefix-cache hit) fills the
             # step to `target` tokens beside the decodes.
             engine.add_request(
                 f"p{bucket}-{target}", random_prompts(1, [target - decodes], vocab, seed=-target)[0], GREEDY
