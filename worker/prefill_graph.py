@@ -26,7 +26,7 @@ Real sequences fill rows 0..S-1 and token rows 0..T-1 exactly as eagerly. Then:
 - token rows T..Tb-1: token 0 at position 0 (RoPE reads row 0 of its table), slot -1 (the KV
   write skips them);
 - sequence row S owns those Tb - T rows with context length 0: the kernel attends over no
-  key and writes zeros for them;
+  key (its key range is clamped at 0), reads no KV and writes zeros for them;
 - sequence rows S+1..Sg-1 own no rows (query_start_loc = Tb) and their programs return at once.
 Every op besides attention is row-wise, so real rows compute exactly what they compute
 eagerly; the attention kernel tiles each sequence from its own first row, so its output
@@ -37,6 +37,10 @@ with another kernel (last-bit differences, as with the padded decode graphs).
 buffer [max bucket, hidden] outside the pool (lm_head runs eagerly on the sampled rows, as
 in ``cuda_graph.py``). All buckets share one pool, with the decode graphs, captured
 largest first: the smaller graphs reuse its activations.
+
+The padding is five small device fills before the replay (``_pad``): the step's upload wrote
+only its real rows. Steps with more tokens than the largest bucket run eagerly and count in
+``ModelRunner.num_eager_steps``; decode-only steps keep the decode graphs (``cuda_graph.py``).
 
 On the CPU (``use_graphs=False``) the runner runs the same padded forward eagerly: that is
 what a graph would record, so the tests check the padding and bucketing there.
