@@ -32,7 +32,7 @@ from kvrelay.worker.prefill_graph import default_token_buckets, prefill_token_bu
 from kvrelay.worker.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=3, ignore_eos=True)
-# Small steps keep the interpreted kernels fast: buckets 16, 32, 64.
+# Small steps keep the interpreted kernels fast: buckets 16, 32, 48, 64.
 SMALL: dict[str, Any] = {"max_num_batched_tokens": 64, "max_num_seqs": 8, "num_kv_blocks": 48}
 
 
@@ -63,15 +63,19 @@ def record_steps(engine: Engine) -> list[tuple[int, int, torch.Tensor]]:
 
 
 def test_default_token_buckets() -> None:
-    assert default_token_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
-    assert default_token_buckets(600) == [16, 32, 64, 128, 256, 512, 600]
+    assert default_token_buckets(2048) == [
+        16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+        640, 768, 896, 1024, 1280, 1536, 1792, 2048,
+    ]  # fmt: skip
+    assert default_token_buckets(600) == [*default_token_buckets(512)[:-1], 512, 600]
+    assert default_token_buckets(100) == [16, 32, 48, 64, 80, 96, 100]
     assert default_token_buckets(16) == [16]
     assert default_token_buckets(8) == [8]
 
 
 def test_which_engines_get_prefill_graphs() -> None:
     triton, config = TritonPagedAttention(), EngineConfig(max_num_batched_tokens=512)
-    assert prefill_token_buckets(config, triton) == [16, 32, 64, 128, 256, 512]
+    assert prefill_token_buckets(config, triton) == default_token_buckets(512)
     assert prefill_token_buckets(EngineConfig(prefill_graph_tokens=(64, 16, 64)), triton) == [16, 64]
     assert prefill_token_buckets(EngineConfig(prefill_graphs=False), triton) == []
     # Backends that read the metadata's host lists cannot be captured with a prefill.

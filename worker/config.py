@@ -55,7 +55,7 @@ class EngineConfig:
     # Steps with prefill chunks (prompts, or prompts mixed with decodes) replay a CUDA graph of the
     # smallest token bucket >= their token count (worker/prefill_graph.py); False: they run eagerly.
     prefill_graphs: bool = True
-    # Their token-count buckets; None: 16, 32, 64, ... doubling, then max_num_batched_tokens.
+    # Their token-count buckets; None: 16..128 by 16, four per doubling after, max_num_batched_tokens.
     prefill_graph_tokens: tuple[int, ...] | None = None
     attention_backend: str = "auto"  # auto (triton on a GPU, torch on the CPU), triton, torch
     seed: int = 0  # default generator of unseeded sampling
