@@ -263,8 +263,15 @@ def _typed_fields(
     return out
 
 
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """value if it fits the annotation (str, int, float, bool, or X | None); ints pass as floats."""
+    """value if it fits the annotation (str, int, float, bool, tuple[int, ...], or X | None); ints
+    pass as floats."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for t in allowed:
         if t is type(None) and value is None:
@@ -277,5 +284,10 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if t is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        if typing.get_origin(t) is tuple and _is_int_list(value):  # tuple[int, ...]: a YAML list
+            return tuple(value)
+    names = " or ".join(
+        "null" if t is type(None) else "a list of int" if typing.get_origin(t) is tuple else t.__name__
+        for t in allowed
+    )
     raise ValueError(f"{key} must be {names}, got {type(value).__name__} {value!r}")

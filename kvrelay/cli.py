@@ -55,6 +55,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="overlap the host's scheduling with the device's step (default: on for CUDA, off for CPU)",
     )
+    p.add_argument(
+        "--no-prefill-graphs",
+        action="store_true",
+        help="run steps with prefill chunks eagerly (decode steps keep their CUDA graphs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-hf", action="store_true", help="GPU: skip the transformers static-cache baseline")
     be.add_argument("--hf-batches", default="1,32,128", help="GPU: batch sizes of the transformers baseline")
     be.add_argument("--hf-contexts", default="512", help="GPU: contexts of the transformers baseline")
+    be.add_argument(
+        "--ttft-lens", default="16,256,1024,2048", help="GPU: prompt lengths of the time-to-first-token table"
+    )
+    be.add_argument(
+        "--mixed-step",
+        default="256,64",
+        help="GPU: CHUNK,DECODES of the mixed-step row (a prompt beside decodes)",
+    )
     be.add_argument("--json", type=Path, default=None, help="write results here")
     from kvrelay.cluster.bench.serve import add_bench_serve_args
 
@@ -156,7 +169,15 @@ def _engine_config(args: argparse.Namespace) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        prefill_graphs=not args.no_prefill_graphs,
     )
+
+
+def _mixed_step(text: str) -> tuple[int, int]:
+    vals = _parse_ids(text, "--mixed-step")
+    if len(vals) != 2 or min(vals) < 1:
+        raise CliError(f"--mixed-step: expected CHUNK,DECODES, two positive integers, got {text!r}")
+    return vals[0], vals[1]
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -347,6 +368,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         hf=not args.no_hf,
         hf_batches=_parse_ids(args.hf_batches, "--hf-batches"),
         hf_contexts=_parse_ids(args.hf_contexts, "--hf-contexts"),
+        ttft_lens=_parse_ids(args.ttft_lens, "--ttft-lens"),
+        mixed_step=_mixed_step(args.mixed_step),
         json_path=args.json,
     )
     return 0

@@ -50,6 +50,7 @@ model: /models/llama
 engine:
   num_kv_blocks: 64
   dtype: float32
+  prefill_graph_tokens: [16, 64]
 routing:
   affinity_blocks: 2
   balance_rel_threshold: 2
@@ -62,6 +63,7 @@ routing:
         "/models/llama", 64, "float32", False,
     )  # fmt: skip
     assert (c.routing.affinity_blocks, c.routing.balance_rel_threshold) == (2, 2.0)
+    assert c.engine.prefill_graph_tokens == (16, 64)
 
 
 def test_overrides_win_over_the_file(tmp_path: Path) -> None:
@@ -81,6 +83,11 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         ("workers: true\n", "workers must be int or null, got bool True"),
         ("drain_grace_s: soon\n", "drain_grace_s must be float, got str 'soon'"),
         ("engine:\n  enforce_eager: 1\n", "engine.enforce_eager must be bool, got int 1"),
+        (
+            "engine:\n  prefill_graph_tokens: [16, x]\n",
+            "engine.prefill_graph_tokens must be a list of int or null, got list [16, 'x']",
+        ),
+        ("engine:\n  prefill_graph_tokens: [16, 9999]\n", "engine.prefill_graph_tokens: each bucket"),
         ("engine:\n  max_model_len: 1.5\n", "engine.max_model_len must be int or null, got float 1.5"),
         ("engine:\n  device: cpu\n", "engine.device cannot be set: set the top-level 'device' key"),
         ("engine:\n  detokenize: true\n", "engine.detokenize cannot be set"),

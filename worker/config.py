@@ -52,6 +52,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs (they are only ever used on a GPU)
     max_graph_batch_size: int = 256  # largest CUDA-graph bucket (1, 2, 4, 8, then steps of 8)
+    # Steps with prefill chunks (prompts, or prompts mixed with decodes) replay a CUDA graph of the
+    # smallest token bucket >= their token count (worker/prefill_graph.py); False: they run eagerly.
+    prefill_graphs: bool = True
+    # Their token-count buckets; None: 16..128 by 16, four per doubling after, max_num_batched_tokens.
+    prefill_graph_tokens: tuple[int, ...] | None = None
     attention_backend: str = "auto"  # auto (triton on a GPU, torch on the CPU), triton, torch
     seed: int = 0  # default generator of unseeded sampling
     # Overlapped scheduling (worker/overlap.py): the host schedules and prepares step N+1 while
@@ -88,6 +93,8 @@ class EngineConfig:
             )
         if not 1 <= self.max_graph_batch_size <= 512:
             raise ValueError(f"max_graph_batch_size must be in [1, 512], got {self.max_graph_batch_size}")
+        if self.prefill_graph_tokens is not None:
+            _check_token_buckets(self.prefill_graph_tokens, self.max_num_batched_tokens)
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(
                 f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}"
@@ -114,4 +121,15 @@ class EngineConfig:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len})"
+            )
+
+
+def _check_token_buckets(buckets: tuple[int, ...], max_num_batched_tokens: int) -> None:
+    if not buckets:
+        raise ValueError("prefill_graph_tokens must name at least one token bucket, got ()")
+    for b in buckets:
+        if not isinstance(b, int) or not 1 <= b <= max_num_batched_tokens:
+            raise ValueError(
+                f"prefill_graph_tokens: each bucket must be an int in [1, max_num_batched_tokens="
+                f"{max_num_batched_tokens}], got {b!r}"
             )

@@ -23,12 +23,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from .attention.metadata import AttentionMetadata
 from .model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:  # torch's pool-handle type; not importable at runtime in every torch version
+    from torch.cuda import _POOL_HANDLE as GraphPool
 
 log = logging.getLogger("kvrelay")
 
@@ -66,7 +70,7 @@ class CudaGraphRunner:
         self.query_start_loc, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
         self.hidden = torch.zeros(self.max_bucket, hidden_size, dtype=dtype, device=input_ids.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: tuple[int, int] | None = None
+        self.pool: GraphPool | None = None
         self.num_replays = 0
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
@@ -109,13 +113,14 @@ class CudaGraphRunner:
         )
 
     @torch.inference_mode()
-    def capture(self, progress: bool = True) -> None:
+    def capture(self, progress: bool = True, pool: GraphPool | None = None) -> None:
+        """Capture every bucket, largest first, into ``pool`` (a new one if None)."""
         device = self.input_ids.device
         self._fill_padding()
         torch.cuda.synchronize(device)
         free_before = torch.cuda.mem_get_info(device)[0]
         t0 = time.perf_counter()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         for bs in tqdm(
             sorted(self.buckets, reverse=True),

@@ -28,6 +28,7 @@ from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
 from .overlap import InflightStep, drop_placeholders, launch, resolve
 from .penalties import PenaltyState
+from .prefill_graph import prefill_token_buckets
 from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
 from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from .sampler import Sampler
@@ -82,11 +83,14 @@ class Engine:
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        if self._captures_graphs(role):
+        decode_buckets = self._decode_buckets(role)
+        token_buckets = self._token_buckets()
+        if decode_buckets or token_buckets:
             self.runner.capture_cuda_graphs(
-                default_buckets(min(config.max_graph_batch_size, config.max_num_seqs)),
+                decode_buckets,
                 hidden_size=self.model_config.hidden_size,
                 dtype=self.dtype,
+                token_buckets=token_buckets,
             )
         self.sampler = Sampler()
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
@@ -102,9 +106,18 @@ class Engine:
         # Overlapped scheduling: the step launched last, its tokens not yet read by the host.
         self._inflight: InflightStep | None = None
 
-    def _captures_graphs(self, role: type[KvRole]) -> bool:
-        # A worker that never decodes (prefill) gets no graphs, and no memory for them.
-        return self.device.type == "cuda" and not self.config.enforce_eager and role.decodes
+    def _decode_buckets(self, role: type[KvRole]) -> list[int]:
+        """Batch buckets of the decode graphs. A worker that never decodes (prefill) gets none,
+        and no memory for them."""
+        if self.device.type != "cuda" or self.config.enforce_eager or not role.decodes:
+            return []
+        return default_buckets(min(self.config.max_graph_batch_size, self.config.max_num_seqs))
+
+    def _token_buckets(self) -> list[int]:
+        """Token buckets of the prefill graphs ([] where there are none)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return []
+        return prefill_token_buckets(self.config, self.model.attn_backend)
 
     def _make_kv_pool(self, role: type[KvRole]) -> KvPool:
         """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
@@ -118,7 +131,7 @@ class Engine:
             block_size=config.block_size,
             dtype=self.dtype,
         )
-        num_blocks = self._plan_kv_blocks(spec, self._captures_graphs(role))
+        num_blocks = self._plan_kv_blocks(spec, self._decode_buckets(role), self._token_buckets())
         layout = PoolLayout(
             spec.num_layers,
             num_blocks,
@@ -149,14 +162,14 @@ class Engine:
             )
         return self.config.max_model_len
 
-    def _plan_kv_blocks(self, spec: KVCacheSpec, captures_graphs: bool) -> int:
+    def _plan_kv_blocks(self, spec: KVCacheSpec, decode_buckets: list[int], token_buckets: list[int]) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         graph_reserve = 0
         if self.device.type == "cuda":
             self._profile_peak_memory(spec)
-            if captures_graphs:
-                graph_reserve = self._estimate_graph_memory(spec)
+            if decode_buckets or token_buckets:
+                graph_reserve = self._estimate_graph_memory(spec, decode_buckets[-1:], token_buckets[-1:])
         budget = kv_budget_bytes(
             self.device,
             kv_cache_memory=self.config.kv_cache_memory,
@@ -191,34 +204,39 @@ class Engine:
         del scratch, runner
         torch.cuda.empty_cache()
 
-    def _estimate_graph_memory(self, spec: KVCacheSpec) -> int:
-        """Capture the largest bucket against a scratch pool; what it takes, plus margin, is reserved.
+    def _estimate_graph_memory(
+        self, spec: KVCacheSpec, decode_buckets: list[int], token_buckets: list[int]
+    ) -> int:
+        """Capture the largest buckets against a scratch pool; what they take, plus margin, is reserved.
 
-        Buckets share one pool and the largest needs the most, so the smaller ones add little; the
-        margin covers that and the per-graph bookkeeping. The real capture logs what it took.
+        Buckets share one pool (decode and prefill graphs alike) and the largest needs the most, so
+        the smaller ones add little; the margin covers that and the per-graph bookkeeping. The real
+        capture logs what it took.
         """
-        largest = min(self.config.max_graph_batch_size, self.config.max_num_seqs)
-        blocks = 4
-        scratch = spec.allocate(blocks, self.device)
+        scratch = spec.allocate(4, self.device)  # all-padding steps read and write no KV
         runner = ModelRunner(
             self.model,
             scratch,
             block_size=spec.block_size,
-            max_num_batched_tokens=largest,
-            max_num_seqs=largest,
+            max_num_batched_tokens=max([*decode_buckets, *token_buckets]),
+            max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        graphs = runner.capture_cuda_graphs(
-            [largest], hidden_size=self.model_config.hidden_size, dtype=self.dtype
+        runner.capture_cuda_graphs(
+            decode_buckets,
+            hidden_size=self.model_config.hidden_size,
+            dtype=self.dtype,
+            token_buckets=token_buckets,
+            progress=False,
         )
-        measured = graphs.graph_memory_bytes
-        del graphs, runner, scratch
+        measured = runner.graph_memory_bytes
+        del runner, scratch
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         reserve = int(measured * 1.25) + (64 << 20)
         log.info(
-            "CUDA graphs: reserving %.0f MiB (largest bucket took %.0f MiB)",
+            "CUDA graphs: reserving %.0f MiB (largest buckets took %.0f MiB)",
             reserve / 2**20,
             measured / 2**20,
         )
@@ -486,7 +504,10 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
             num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
+            num_prefill_graph_replays=pg.num_replays if (pg := self.runner.prefill_graphs) else 0,
             num_eager_steps=self.runner.num_eager_steps,
+            graph_memory_bytes=self.runner.graph_memory_bytes,
+            graph_capture_s=self.runner.graph_capture_seconds,
             **self.role.stats(),
         )
 

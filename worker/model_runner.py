@@ -18,6 +18,7 @@ from .attention.metadata import AttentionMetadata
 from .cuda_graph import CudaGraphRunner
 from .kv_cache.block_allocator import BlockAllocator
 from .model.llama import LlamaForCausalLM
+from .prefill_graph import PrefillGraphRunner
 from .request import Request
 from .scheduler import ScheduledRequest, SchedulerOutput
 from .step_inputs import InputBuffers
@@ -51,20 +52,38 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
-        self.graphs: CudaGraphRunner | None = None
+        self.max_num_seqs = max_num_seqs
+        # One sequence row more than a step uses: the padding sequence of the prefill graphs.
+        self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs + 1, self.max_blocks_per_seq, device)
+        self.graphs: CudaGraphRunner | None = None  # decode-only steps
+        self.prefill_graphs: PrefillGraphRunner | None = None  # steps with prefill chunks
         # (request, its preemption count, blocks written) per host block-table row; None = unknown.
         self._row_owner: list[tuple[Request, int, int] | None] = [None] * max_num_seqs
         self._graph_rows = torch.empty(0, dtype=torch.int64, device=device)  # unused: graphs sample every row
         self.num_eager_steps = 0
 
     def capture_cuda_graphs(
-        self, buckets: list[int], *, hidden_size: int, dtype: torch.dtype
-    ) -> CudaGraphRunner:
-        """Capture decode graphs over this runner's static buffers (buckets past max_num_seqs dropped)."""
+        self,
+        buckets: list[int],
+        *,
+        hidden_size: int,
+        dtype: torch.dtype,
+        token_buckets: Sequence[int] = (),
+        progress: bool = True,
+    ) -> CudaGraphRunner | None:
+        """Capture decode graphs over this runner's static buffers (buckets past max_num_seqs dropped;
+        none given: none captured) and, given token_buckets, prefill graphs first (the largest
+        graphs) into the same pool."""
+        pool = None
+        if token_buckets:
+            pool = self.attach_prefill_graphs(
+                token_buckets, hidden_size=hidden_size, dtype=dtype, capture=True, progress=progress
+            ).pool
+        if not buckets:
+            return None
         buf = self.buffers
-        usable = [b for b in buckets if b <= buf.seq_lens.shape[0]]
-        assert usable, f"no CUDA graph bucket fits max_num_seqs={buf.seq_lens.shape[0]}"
+        usable = [b for b in buckets if b <= self.max_num_seqs]
+        assert usable, f"no CUDA graph bucket fits max_num_seqs={self.max_num_seqs}"
         self.graphs = CudaGraphRunner(
             self.model,
             self.kv_caches,
@@ -78,8 +97,52 @@ class ModelRunner:
             hidden_size=hidden_size,
             dtype=dtype,
         )
-        self.graphs.capture()
+        self.graphs.capture(progress=progress, pool=pool)
         return self.graphs
+
+    def attach_prefill_graphs(
+        self,
+        token_buckets: Sequence[int],
+        *,
+        hidden_size: int,
+        dtype: torch.dtype,
+        capture: bool,
+        progress: bool = True,
+    ) -> PrefillGraphRunner:
+        """Route steps with prefill chunks of <= max(token_buckets) tokens through padded token
+        buckets: captured graphs (capture=True, CUDA), or the same padded forward run eagerly
+        (capture=False: what the CPU tests check). Buckets past max_num_batched_tokens are dropped."""
+        buf = self.buffers
+        usable = [b for b in token_buckets if b <= buf.input_ids.shape[0]]
+        assert usable, f"no token bucket fits max_num_batched_tokens={buf.input_ids.shape[0]}"
+        runner = PrefillGraphRunner(
+            self.model,
+            self.kv_caches,
+            input_ids=buf.input_ids,
+            positions=buf.positions,
+            slot_mapping=buf.slot_mapping,
+            query_start_loc=buf.query_start_loc,
+            seq_lens=buf.seq_lens,
+            block_tables=buf.block_tables,
+            buckets=usable,
+            max_num_seqs=self.max_num_seqs,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            use_graphs=capture,
+        )
+        if capture:
+            runner.capture(progress=progress)
+        self.prefill_graphs = runner
+        return runner
+
+    @property
+    def graph_memory_bytes(self) -> int:
+        """Device memory the captured graphs took (decode and prefill, one shared pool)."""
+        return sum(g.graph_memory_bytes for g in (self.graphs, self.prefill_graphs) if g is not None)
+
+    @property
+    def graph_capture_seconds(self) -> float:
+        return sum(g.capture_seconds for g in (self.graphs, self.prefill_graphs) if g is not None)
 
     def prepare(
         self,
@@ -193,11 +256,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:
-        """Run the model; returns [S, vocab] float32 logits of the sampling rows."""
+        """Run the model; returns [S, vocab] float32 logits of the sampling rows.
+
+        A decode-only step replays its batch bucket's graph (prepared in ``prepare``); a step with
+        prefill chunks replays its token bucket's graph; a step that fits no graph runs eagerly."""
+        meta = inp.meta
         if inp.graph_bucket is not None:
             assert self.graphs is not None
-            hidden = self.graphs.replay(inp.meta.num_seqs, inp.graph_bucket)  # [B, hidden]
+            hidden = self.graphs.replay(meta.num_seqs, inp.graph_bucket)  # [B, hidden]
             return self.model.compute_logits(hidden)
+        pg = self.prefill_graphs
+        bucket = None if pg is None or meta.is_decode_only else pg.bucket_for(meta.num_tokens)
+        if bucket is not None:
+            assert pg is not None
+            hidden = pg.run(meta.num_tokens, meta.num_seqs, bucket)  # [bucket, hidden]
+            return self.model.compute_logits(hidden[inp.sample_rows])
         self.num_eager_steps += 1
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, meta)  # [T, hidden]
         return self.model.compute_logits(hidden[inp.sample_rows])

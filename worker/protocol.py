@@ -201,10 +201,26 @@ class EngineStats:
             "counter", "kvrelay_worker_graph_replays", "Engine steps run as a CUDA graph replay."
         ),
     )
+    num_prefill_graph_replays: int = field(
+        default=0,
+        metadata=_metric(
+            "counter",
+            "kvrelay_worker_prefill_graph_replays",
+            "Engine steps with prefill chunks run as a CUDA graph replay of a token bucket.",
+        ),
+    )
     num_eager_steps: int = field(
         default=0,
         metadata=_metric("counter", "kvrelay_worker_eager_steps", "Engine steps run eagerly (no graph fit)."),
     )
+    # Device memory and seconds the CUDA-graph capture took at start (decode and prefill graphs).
+    graph_memory_bytes: int = field(
+        default=0,
+        metadata=_metric(
+            "gauge", "kvrelay_worker_graph_memory_bytes", "Device memory held by the captured CUDA graphs."
+        ),
+    )
+    graph_capture_s: float = 0.0
     # Disaggregated serving, decode workers (worker/disagg/receiver.py); 0 elsewhere.
     num_handoffs_received: int = field(  # prompts whose KV arrived and went on to decode
         default=0, metadata=_metric("counter", _HANDOFFS, _HANDOFFS_DOC, result="received")

@@ -18,6 +18,13 @@ class AttentionBackend(Protocol):
     query head h reads KV head h // (num_heads // num_kv_heads).
     """
 
+    @property
+    def prefill_graph_safe(self) -> bool:
+        """True when a step with prefill chunks can be captured in a CUDA graph: every size the
+        backend uses comes from tensor shapes and every length is read on the device, never from
+        the metadata's host lists (worker/prefill_graph.py)."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,

@@ -18,6 +18,10 @@ _HALF = (torch.float16, torch.bfloat16)
 class TorchPagedAttention:
     """Implements ``AttentionBackend`` on any device. Holds no state between calls."""
 
+    @property
+    def prefill_graph_safe(self) -> bool:
+        return False  # loops over the host lists query_lens_cpu / seq_lens_cpu
+
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]

@@ -37,6 +37,12 @@ class TritonPagedAttention:
         self._retired: list[torch.Tensor] = []
         self._num_sms: dict[torch.device, int] = {}
 
+    @property
+    def prefill_graph_safe(self) -> bool:
+        # The varlen kernel's grid is (num_tokens // BLOCK_Q + num_seqs, Hkv) and it reads every
+        # length on the device; the SDPA cross-check loops over host lists.
+        return self.prefill_impl == "triton"
+
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]

@@ -496,7 +496,9 @@ def _prefill_kernel(
     # Keys before the tile's first query position are visible to every row: no causal mask
     # there. The masked part starts at or before that position, which every row sees, so no
     # row's running max is still -inf after its first tile.
-    full_end = (prefix + t0 + 1) // BLOCK_N * BLOCK_N
+    # Clamped at 0 for the prefill graphs' padding sequence (context 0, so prefix < 0): its rows
+    # then attend over no key and store zeros, reading no block-table entry or KV.
+    full_end = tl.maximum((prefix + t0 + 1) // BLOCK_N * BLOCK_N, 0)
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, q_pos, 0, full_end, k_base, v_base, table, qk_scale, stride_cb,
         stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, INTERPRET,

@@ -10,7 +10,9 @@ GPU (``random:llama-3.2-1b`` and ``random:llama-3.1-8b`` by default), in one run
   with its graphs switched off: same weights, same KV pool, same requests);
 - Hugging Face transformers ``generate`` with ``cache_implementation="static"`` at the same
   shape, batch and context (skipped with a note where transformers is absent);
-- graph capture time and memory.
+- graph capture time and memory;
+- time to first token by prompt length and a mixed step (a prompt chunk beside decodes), with
+  the prefill graphs and without (``bench/prefill.py``).
 
 Decode is timed at a given context without computing the prompt: requests are admitted with
 their blocks allocated and all but the last prompt token marked computed (the KV bytes are
@@ -26,7 +28,7 @@ import platform
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,13 @@ from ..sampling_params import SamplingParams
 log = logging.getLogger("kvrelay")
 
 GPU_MODELS = ("random:llama-3.2-1b", "random:llama-3.1-8b")
+
+
+@dataclass(frozen=True)
+class PrefillBenchArgs:
+    ttft_lens: Sequence[int]  # prompt lengths of the TTFT table
+    mixed_step: tuple[int, int]  # (chunk tokens, decoding sequences) of the mixed-step row
+    flop_rate: float  # measured bf16 matmul FLOP/s: the compute floor's roof
 
 
 def _sync(device: torch.device) -> None:
@@ -229,15 +238,19 @@ def _bench_gpu_model(
     hf: bool,
     hf_batches: Sequence[int],
     hf_contexts: Sequence[int],
+    prefill: PrefillBenchArgs,
 ) -> dict[str, Any]:
+    from .prefill import bench_prefill  # imports this module's helpers
+
     engine = Engine(config)
     graphs = engine.runner.graphs
+    captured = graphs is not None or engine.runner.prefill_graphs is not None
     res: dict[str, Any] = {
         "model": config.model,
         "weight_bytes": _weight_bytes(engine),
         "kv_blocks": engine.allocator.num_blocks,
-        "capture_s": graphs.capture_seconds if graphs else None,
-        "graph_memory_bytes": graphs.graph_memory_bytes if graphs else None,
+        "capture_s": engine.runner.graph_capture_seconds if captured else None,
+        "graph_memory_bytes": engine.runner.graph_memory_bytes if captured else None,
         "rows": [],
     }
     kv_tok = _kv_bytes_per_token(engine)
@@ -275,6 +288,7 @@ def _bench_gpu_model(
                 "mbu": step_bytes / t_graph / copy_bw,
             }
         )
+    res.update(bench_prefill(engine, prefill.ttft_lens, prefill.mixed_step, contexts[0], prefill.flop_rate))
     engine.check_integrity()
     model_config, dtype, device = engine.model_config, engine.dtype, engine.device
     del engine, graphs
@@ -303,8 +317,11 @@ def _bench_gpu_model(
 
 
 def _print_gpu(report: dict[str, Any]) -> None:
+    from .prefill import print_prefill
+
     print(
-        f"kvrelay bench engine on {report['device']}: copy bandwidth {report['copy_bw_gbs']:.0f} GB/s (read + write)"
+        f"kvrelay bench engine on {report['device']}: copy bandwidth {report['copy_bw_gbs']:.0f} GB/s "
+        f"(read + write), bf16 matmul {report['bf16_matmul_tflops']:.0f} TFLOP/s"
     )
     for m in report["models"]:
         cap = (
@@ -328,6 +345,7 @@ def _print_gpu(report: dict[str, Any]) -> None:
                 f"{r['batch']:>6} {r['context']:>5} {r['graph_ms']:>9.3f} {r['graph_tok_s']:>9.0f} "
                 f"{r['mbu']:>6.1%} {r['eager_ms']:>9.3f} {r['graphs_vs_eager']:>5.1f}x {hf_ms} {vs_hf}"
             )
+        print_prefill(m)
 
 
 def run_engine_bench(
@@ -341,25 +359,33 @@ def run_engine_bench(
     hf: bool = True,
     hf_batches: Sequence[int] = (1, 32, 128),
     hf_contexts: Sequence[int] = (512,),
+    ttft_lens: Sequence[int] = (16, 256, 1024, 2048),
+    mixed_step: tuple[int, int] = (256, 64),
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+    if ttft_lens and min(ttft_lens) < 1:
+        raise ValueError(f"--ttft-lens must be positive integers, got {list(ttft_lens)}")
     if prompt_len < 1 or decode_steps < 1:
         raise ValueError(f"--prompt-len and --decode-steps must be >= 1, got {prompt_len} and {decode_steps}")
     device = resolve_device(config.device)
     if device.type == "cpu":
         report = _bench_cpu(config, batch_sizes, prompt_len, decode_steps)
     else:
+        from .prefill import matmul_rate
+
         copy_bw = copy_bandwidth(device)
+        prefill = PrefillBenchArgs(ttft_lens, mixed_step, matmul_rate(device))
         report = {
             "device": torch.cuda.get_device_name(device),
             "copy_bw_gbs": copy_bw / 1e9,
+            "bf16_matmul_tflops": prefill.flop_rate / 1e12,
             "torch": torch.__version__,
             "models": [],
         }
         for name in models or GPU_MODELS:
-            max_ctx = max(contexts) + decode_steps + 8
+            max_ctx = max(*contexts, *ttft_lens) + decode_steps + 8
             mcfg = replace(
                 config,
                 model=name,
@@ -369,7 +395,7 @@ def run_engine_bench(
             )
             report["models"].append(
                 _bench_gpu_model(
-                    mcfg, batch_sizes, contexts, decode_steps, copy_bw, hf, hf_batches, hf_contexts
+                    mcfg, batch_sizes, contexts, decode_steps, copy_bw, hf, hf_batches, hf_contexts, prefill
                 )
             )
             torch.cuda.empty_cache()

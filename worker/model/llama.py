@@ -15,8 +15,9 @@ RoPE on q and k in place in the qkv output, and SiLU-and-mul. The residual strea
 beside the hidden states as in vLLM: a layer takes and returns ``(hidden, residual)``, where
 the true stream is ``hidden + residual``, and the next norm adds them as it normalises.
 
-Forward has no host syncs and no data-dependent shapes, so a decode step can be captured
-in a CUDA graph (whatever the attention backend's eager path does aside).
+Forward has no host syncs and no data-dependent shapes, so a step can be captured in a CUDA
+graph: decode steps always (worker/cuda_graph.py), steps with prefill chunks where the
+attention backend is ``prefill_graph_safe`` (worker/prefill_graph.py).
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class LlamaForCausalLM(nn.Module):
         if fused_impl not in FUSED_IMPLS:
             raise ValueError(f"fused_impl must be one of {FUSED_IMPLS}, got {fused_impl!r}")
         self.config = config
+        self.attn_backend = attn_backend  # every layer's; the graph runners ask it what they may capture
         self.model = LlamaModel(config, attn_backend, fused_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
