@@ -30,6 +30,7 @@ from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 
 from .interfaces import ModelDescription, WorkerClient, WorkerPool
+from .pool_timeouts import PoolTimeouts
 from .ray_util import ProgressWatchdog, error_summary, ray_future
 
 log = logging.getLogger("kvrelay")
@@ -47,29 +48,6 @@ _GPU_ENV = {
 # call can never delay it into looking like a stall; everything else shares the default group.
 _POLL_GROUP = "poll"
 _ACTOR_CONCURRENCY = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolTimeouts:
-    poll_s: float = 0.1  # how long one poll waits on an idle worker
-    stall_s: float = 3.0  # a poll unanswered this long marks the worker down
-    # A worker holding unfinished work that makes no progress this long is marked down. Larger
-    # than the longest single engine step (a step publishes nothing until it ends).
-    no_progress_s: float = 30.0
-    probe_interval_s: float = 0.5  # how often a down worker is asked whether it is back
-    start_s: float = 600.0  # placement group + every worker's first ready() (model load, graphs)
-    call_s: float = 30.0  # stats / check_integrity / shutdown of one worker
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not value > 0:
-                raise ValueError(f"timeouts.{f.name} must be > 0 seconds, got {value}")
-        for name in ("stall_s", "no_progress_s"):
-            if self.poll_s >= getattr(self, name):
-                raise ValueError(
-                    f"timeouts.poll_s ({self.poll_s}) must be < timeouts.{name} ({getattr(self, name)})"
-                )
 
 
 class RayWorkerClient:

@@ -32,6 +32,7 @@ from .request import CompletionOutput, FinishReason, Request, RequestOutput, Req
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from .step_timer import StepTimer
 from .text.detokenizer import IncrementalDetokenizer
 from .text.tokenizer import Tokenizer
 
@@ -59,6 +60,7 @@ class Engine:
             )
             self.tokenizer = Tokenizer.load(model_dir, reader)
         self.max_model_len = self._max_model_len(self.model_config)
+        self.step_timer = StepTimer()
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
         # Disaggregated serving: what this worker does with its KV besides decoding from it.
@@ -338,6 +340,7 @@ class Engine:
         if sched.is_empty:
             return outputs
         self.num_steps += 1
+        started = time.perf_counter()
         inp = self.runner.prepare(sched, self.allocator)
         logits = self.runner.execute(inp)  # [S, vocab] float32
         sampling = [s for s in sched.scheduled if s.samples]
@@ -354,6 +357,8 @@ class Engine:
             self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(s.request, tok, lp))
+        # Prepare to the last token appended (the tolist() above waits for the device).
+        self.step_timer.record(time.perf_counter() - started)
         return outputs
 
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
@@ -464,6 +469,8 @@ class Engine:
             num_steps=self.num_steps,
             num_graph_replays=self.runner.graphs.num_replays if self.runner.graphs else 0,
             num_eager_steps=self.runner.num_eager_steps,
+            step_time_counts=tuple(self.step_timer.counts),
+            step_time_sum_s=self.step_timer.sum_s,
             **self.role.stats(),
         )
 

@@ -224,6 +224,15 @@ class EngineStats:
     # (not cumulative); and the waits' sum in seconds. Exported as one histogram.
     handoff_wait_counts: tuple[int, ...] = ()
     handoff_wait_sum_s: float = 0.0
+    # Engine step time (worker/step_timer.py): per STEP_TIME_BUCKETS_S bound, then +Inf, steps that
+    # ran the model and took that long (not cumulative), and their sum in seconds.
+    step_time_counts: tuple[int, ...] = ()
+    step_time_sum_s: float = 0.0
+    # CPU seconds of the worker (0 where not measured): the engine loop thread, the data plane's
+    # I/O thread, and the whole worker process (Ray's threads included).
+    loop_cpu_s: float = 0.0
+    io_cpu_s: float = 0.0
+    process_cpu_s: float = 0.0
 
 
 @dataclass(slots=True)
