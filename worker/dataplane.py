@@ -22,20 +22,21 @@ malformed frame is logged and dropped. The loop thread's only extra work per ste
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
 from . import wire
-from .engine_loop import EngineLoop, EngineLoopBroken
-from .protocol import TokenDelta, WorkerLoad, WorkRequest
+from .engine_loop import EngineLoopBroken
+from .protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .wire import Kind, WireError
 
 log = logging.getLogger("kvrelay")
@@ -43,10 +44,29 @@ log = logging.getLogger("kvrelay")
 _ids = itertools.count()
 
 
+class ServedLoop(Protocol):
+    """What the server needs of a loop: `EngineLoop`, or a synthetic one (`kvrelay bench router`)."""
+
+    @property
+    def load(self) -> WorkerLoad: ...
+
+    def set_output_hook(self, hook: Callable[[], None] | None) -> None: ...
+
+    def submit_future(self, requests: Sequence[WorkRequest]) -> Future[dict[str, str]]: ...
+
+    def abort(self, request_ids: Sequence[str]) -> None: ...
+
+    def take(self) -> StepBatch:
+        """Everything published since the last take; EngineLoopBroken once the loop stopped."""
+        ...
+
+    def thread_cpu_s(self) -> float: ...
+
+
 class DataPlaneServer:
     def __init__(
         self,
-        loop: EngineLoop,
+        loop: ServedLoop,
         host: str = "127.0.0.1",
         *,
         incarnation: str = "",
@@ -292,7 +312,17 @@ class DataPlaneServer:
             self._send(ident, frame)
 
     def _beat_frame(self, load: WorkerLoad) -> bytes:
+        load = dataclasses.replace(load, stats=self.with_cpu(load.stats))
         return wire.pack(Kind.LOAD, wire.encode_load(load), self.incarnation)
+
+    def with_cpu(self, stats: EngineStats) -> EngineStats:
+        """stats with this worker's CPU seconds: the loop thread's, the I/O thread's, the process's."""
+        return dataclasses.replace(
+            stats,
+            loop_cpu_s=self._loop.thread_cpu_s(),
+            io_cpu_s=self.io_cpu_s,
+            process_cpu_s=time.process_time(),
+        )
 
     def _forget(self, ident: bytes, why: str) -> None:
         self._routers.pop(ident, None)
