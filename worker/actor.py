@@ -155,6 +155,7 @@ class WorkerActor(HandoffActorVerbs):
 
     def reset(self) -> None:
         self._loop.reset()
+        self._dataplane.release_all()
 
     def stats(self) -> EngineStats:
         return self._dataplane.with_cpu(self._loop.stats())

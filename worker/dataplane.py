@@ -123,6 +123,11 @@ class DataPlaneServer:
             for rid in request_ids:
                 self._owners[rid] = ident
 
+    def release_all(self) -> None:
+        """Forget every request's owner (the loop was reset: it holds none of them any more)."""
+        with self._owner_lock:
+            self._owners.clear()
+
     def release(self, request_ids: Sequence[str]) -> None:
         with self._owner_lock:
             for rid in request_ids:
