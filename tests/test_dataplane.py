@@ -307,7 +307,7 @@ def test_step_time_summary_reads_mean_exactly_and_percentiles_off_the_buckets() 
 def test_heartbeats_carry_step_times_and_cpu(
     engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
 ) -> None:
-    loop, server = served
+    _, server = served
     endpoint = WorkerEndpoint(0, server.address, "inc-1")
 
     async def scenario() -> None:
