@@ -301,6 +301,12 @@ class DataPlaneServer:
                 by_router.setdefault(ident, []).extend(orphans)
         for ident, ds in by_router.items():
             self._send(ident, wire.deltas(ds, batch.load))
+        if batch.load.num_running + batch.load.num_waiting == 0:
+            # Gone idle: the counters (which ride on heartbeats only) go out now, so a scrape right
+            # after the last stream ended sees its final figures.
+            frame = self._beat_frame(batch.load)
+            for ident in self._routers:
+                self._send(ident, frame)
 
     def _heartbeat(self, now: float) -> None:
         for ident, seen in list(self._routers.items()):
