@@ -323,3 +323,29 @@ def test_heartbeats_carry_step_times_and_cpu(
         await a.pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
+    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+) -> None:
+    """A decode worker's handoffs arrive by a Ray call (reserve), not SUBMIT: `claim` names their
+    router. Output of a request nobody claimed goes to every router (each ignores ids not its own)."""
+    loop, server = served
+    endpoint = WorkerEndpoint(0, server.address, "inc-1")
+
+    async def scenario() -> None:
+        a, b = Router(model_of(engine), endpoint, "router-a"), Router(model_of(engine), endpoint, "router-b")
+        await a.start()
+        await b.start()
+        server.claim(["c"], "router-b")
+        assert loop.submit([WorkRequest("c", [7, 8], GREEDY), WorkRequest("u", [9], GREEDY)]) == {}
+        await b.until(lambda: b.finished(["c", "u"]))
+        await a.until(lambda: a.finished(["u"]))
+        assert "c" not in a.deltas
+        assert a.deltas["u"].token_ids == b.deltas["u"].token_ids
+        assert len(b.deltas["c"].token_ids) == GREEDY.max_tokens
+        await a.pool.stop()
+        await b.pool.stop()
+
+    asyncio.run(scenario())
+    loop.check_integrity()
