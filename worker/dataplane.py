@@ -22,6 +22,7 @@ malformed frame is logged and dropped. The loop thread's only extra work per ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -99,6 +100,7 @@ class DataPlaneServer:
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
         self._woken = False
+        self._wake_closed = False  # set (under the lock) when the I/O thread closed the sockets
         # Guarded by _owner_lock: request id -> the identity of the router that submitted it.
         self._owner_lock = threading.Lock()
         self._owners: dict[str, bytes] = {}
@@ -141,10 +143,11 @@ class DataPlaneServer:
 
     def _wake(self) -> None:
         with self._wake_lock:
-            if self._woken or (self._stopping and not self._thread.is_alive()):
+            if self._woken or self._wake_closed:
                 return
             self._woken = True
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):  # never raise into the engine loop's thread
+                self._wake_tx.send(b"", zmq.NOBLOCK)
 
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -173,6 +176,7 @@ class DataPlaneServer:
             self._sock.close(0)
             self._wake_rx.close(0)
             with self._wake_lock:
+                self._wake_closed = True
                 self._wake_tx.close(0)
 
     def _drain_wakes(self) -> None:
