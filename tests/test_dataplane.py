@@ -120,8 +120,10 @@ def model_of(engine: Engine) -> ModelDescription:
 class Router:
     """One router process's view: a DataPlanePool and what its callbacks saw."""
 
-    def __init__(self, model: ModelDescription, endpoint: WorkerEndpoint, router_id: str) -> None:
-        self.pool = DataPlanePool(model, [endpoint], router_id=router_id, timeouts=FAST)
+    def __init__(
+        self, model: ModelDescription, endpoint: WorkerEndpoint, router_id: str, timeouts: PoolTimeouts = FAST
+    ) -> None:
+        self.pool = DataPlanePool(model, [endpoint], router_id=router_id, timeouts=timeouts)
         self.deltas: dict[str, TokenDelta] = {}
         self.events: list[tuple[str, int]] = []
 
@@ -360,10 +362,7 @@ def test_a_stalled_engine_is_down_although_its_heartbeats_continue(
     timeouts = PoolTimeouts(poll_s=0.05, stall_s=5.0, probe_interval_s=0.1, no_progress_s=1.0)
 
     async def scenario() -> None:
-        a = Router(model_of(engine), WorkerEndpoint(0, server.address, "inc-1"), "router-a")
-        a.pool = DataPlanePool(
-            model_of(engine), [WorkerEndpoint(0, server.address, "inc-1")], router_id="a", timeouts=timeouts
-        )
+        a = Router(model_of(engine), WorkerEndpoint(0, server.address, "inc-1"), "router-a", timeouts)
         await a.start()
         loop.stall(3.0)
         started = time.monotonic()
