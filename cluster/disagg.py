@@ -188,7 +188,7 @@ class DisaggregatedPool:
         producer = self._incarnations[prefill.rank]
         try:
             answers: dict[str, HandoffTarget | str] = await ray_future(
-                decode.actor.reserve.remote(requests, producer)
+                decode.actor.reserve.remote(requests, producer, decode.router_id)
             )
         except ray.exceptions.RayError:
             raise ConnectionError(f"worker {decode.rank} is unavailable") from None

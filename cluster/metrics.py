@@ -16,12 +16,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, EngineStats, Metric, WorkerLoad
+from kvrelay.worker.step_timer import STEP_TIME_BUCKETS_S
 
 # (rank, healthy, latest load) of every worker
 WorkerSnapshot = Callable[[], Sequence[tuple[int, bool, WorkerLoad]]]
@@ -35,6 +43,9 @@ class ServerMetrics:
     def __init__(self, workers: WorkerSnapshot | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # This router process's CPU (kvrelay_router_process_cpu_seconds_total, ...): the router's
+        # CPU per token in `bench serve`.
+        ProcessCollector(namespace="kvrelay_router", registry=r)
         self.ttft = Histogram(
             "kvrelay_time_to_first_token_seconds",
             "Time from a request's arrival to its first streamed token.",
@@ -167,6 +178,11 @@ class _WorkerCollector(Collector):
             "(reserve answer, prefill queue and compute, copy, signal).",
             labels=["worker"],
         )
+        step_time = HistogramMetricFamily(
+            "kvrelay_worker_step_seconds",
+            "Engine steps that ran the model, by duration (prepare to the last sampled token).",
+            labels=["worker"],
+        )
         for rank, healthy, load in snapshot:
             w, s = [str(rank)], load.stats
             gauges["healthy"].add_metric(w, 1.0 if healthy else 0.0)
@@ -180,6 +196,11 @@ class _WorkerCollector(Collector):
                 cumulative = list(itertools.accumulate(s.handoff_wait_counts))
                 bounds = [*(str(b) for b in HANDOFF_WAIT_BUCKETS_S), "+Inf"]
                 handoff_wait.add_metric(w, list(zip(bounds, cumulative, strict=True)), s.handoff_wait_sum_s)
+            if s.step_time_counts:
+                cumulative = list(itertools.accumulate(s.step_time_counts))
+                bounds = [*(repr(b) for b in STEP_TIME_BUCKETS_S), "+Inf"]
+                step_time.add_metric(w, list(zip(bounds, cumulative, strict=True)), s.step_time_sum_s)
         yield from gauges.values()
         yield from engine.values()
         yield handoff_wait
+        yield step_time

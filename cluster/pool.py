@@ -1,18 +1,21 @@
 """`WorkerPool` over Ray: one `WorkerActor` per placement-group bundle (one per GPU, or N CPUs).
 
-Each worker has one asyncio task on the router's event loop that keeps exactly one `poll` in
-flight (a threaded actor runs concurrent calls in any order, so two polls could reorder
-deltas). A poll returns as soon as the worker has progress, so a busy worker answers about
-once per engine step and an idle one every `poll_s`.
+Ray is the control plane: placement, actor lifecycle and restarts, `ready`, `reset`, `stats`,
+`check_integrity`, and liveness (one `watch` call kept in flight per actor fails the moment the
+actor dies). Submits, aborts, deltas and load go over the data plane (`cluster/dataplane.py`):
+each worker pushes its deltas as soon as a step's outputs exist and heartbeats its load every
+`poll_s`; this pool's `RayWorkerClient`s are `DataPlaneClient`s that also hold the actor.
 
-Health: a poll that fails because the actor died (RayActorError), that raises inside the actor
-(the engine loop broke), or that does not answer within `stall_s` marks the worker down and calls
-`on_worker_down` once. So does a worker whose polls answer but whose engine stopped stepping: it
-holds unfinished work (requests running or waiting, or a submit not yet answered) and has made no
-progress (no delta, no change in its load) for `no_progress_s`. A broken or stalled actor is
-killed so Ray restarts it empty (bounded by `max_restarts`); the task then probes `ready()` until
-the new incarnation answers and calls `on_worker_up`. Ray restarts an actor with its creation
-arguments, so the restarted worker serves the same model.
+Health: a worker whose actor dies (the watch fails), that sends ERROR (its engine loop broke),
+that is silent for `stall_s`, or that holds unfinished work (requests running or waiting, or a
+submit not yet answered) and makes no progress for `no_progress_s` is marked down and
+`on_worker_down` is called once. A broken, silent or stalled actor is killed so Ray restarts it
+empty (bounded by `max_restarts`); the pool then probes `ready()` until the new incarnation
+answers, resets it, connects to its new data-plane endpoint and calls `on_worker_up` once it
+heartbeats. Ray restarts an actor with its creation arguments, so it serves the same model.
+
+Other router processes (issue 14 item 3) reach the same workers through `endpoints()` and are
+told of restarts through `on_endpoint_change` (a `DataPlanePool.set_endpoint`).
 """
 
 from __future__ import annotations
@@ -21,16 +24,23 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import zmq.asyncio
+
 from kvrelay.worker.actor import WorkerActor
 from kvrelay.worker.config import EngineConfig
-from kvrelay.worker.protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, TokenDelta, WorkerLoad
 
+from .dataplane import DataPlaneClient, PoolCallbacks, WorkerEndpoint, empty_load, watch_worker
 from .interfaces import ModelDescription, WorkerClient, WorkerPool
-from .ray_util import ProgressWatchdog, error_summary, ray_future
+from .pool_timeouts import PoolTimeouts
+from .ray_util import error_summary, ray_future
+
+# Re-exported: PoolTimeouts was defined here before the data plane shared it.
+__all__ = ["PoolTimeouts", "RayWorkerClient", "RayWorkerPool"]
 
 log = logging.getLogger("kvrelay")
 
@@ -43,85 +53,25 @@ _GPU_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# `poll` runs in a thread of its own (concurrency group), so a burst of submits or a slow stats
-# call can never delay it into looking like a stall; everything else shares the default group.
-_POLL_GROUP = "poll"
+# `watch` (liveness) blocks a thread of its own (concurrency group), so it never holds up stats or
+# the handoff verbs; everything else shares the default group.
+_WATCH_GROUP = "watch"
 _ACTOR_CONCURRENCY = 8
+# One `watch` call lasts this long before the pool issues the next (its death fails it at once).
+_WATCH_S = 30.0
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolTimeouts:
-    poll_s: float = 0.1  # how long one poll waits on an idle worker
-    stall_s: float = 3.0  # a poll unanswered this long marks the worker down
-    # A worker holding unfinished work that makes no progress this long is marked down. Larger
-    # than the longest single engine step (a step publishes nothing until it ends).
-    no_progress_s: float = 30.0
-    probe_interval_s: float = 0.5  # how often a down worker is asked whether it is back
-    start_s: float = 600.0  # placement group + every worker's first ready() (model load, graphs)
-    call_s: float = 30.0  # stats / check_integrity / shutdown of one worker
+class RayWorkerClient(DataPlaneClient):
+    """One worker as the router sees it (`cluster.interfaces.WorkerClient`): its data plane, plus
+    the Ray actor (the control plane; tests kill it through `actor`)."""
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not value > 0:
-                raise ValueError(f"timeouts.{f.name} must be > 0 seconds, got {value}")
-        for name in ("stall_s", "no_progress_s"):
-            if self.poll_s >= getattr(self, name):
-                raise ValueError(
-                    f"timeouts.poll_s ({self.poll_s}) must be < timeouts.{name} ({getattr(self, name)})"
-                )
-
-
-class RayWorkerClient:
-    """One worker as the router sees it (`cluster.interfaces.WorkerClient`)."""
-
-    def __init__(self, rank: int, actor: Any, load: WorkerLoad) -> None:
-        self.rank = rank
-        self.actor = actor  # the Ray ActorHandle; tests kill it through this
-        self.poll_method = actor.poll.options(concurrency_group=_POLL_GROUP)
-        self._healthy = True
-        self._load = load
-        self._submits_in_flight = 0  # their requests are the worker's before its load shows them
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy
-
-    @property
-    def load(self) -> WorkerLoad:
-        return self._load
-
-    @property
-    def holds_work(self) -> bool:
-        """Requests running or waiting at the last poll, or a submit not yet answered."""
-        return self._load.num_running + self._load.num_waiting > 0 or self._submits_in_flight > 0
-
-    async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
-        """Raises ConnectionError when the worker is down or dies during the call (UNAVAILABLE)."""
-        import ray.exceptions
-
-        if not self._healthy:
-            raise ConnectionError(f"worker {self.rank} is unavailable")
-        self._submits_in_flight += 1
-        try:
-            rejected: dict[str, str] = await self.actor.submit.remote(list(requests))
-        except ray.exceptions.RayError as e:
-            log.warning("submit to worker %d failed: %s", self.rank, e)
-            raise ConnectionError(f"worker {self.rank} is unavailable") from None
-        finally:
-            self._submits_in_flight -= 1
-        return rejected
-
-    async def abort(self, request_ids: Sequence[str]) -> None:
-        """Best effort: a down worker's requests are already gone."""
-        import ray.exceptions
-
-        if not self._healthy or not request_ids:
-            return
-        try:
-            await self.actor.abort.remote(list(request_ids))
-        except ray.exceptions.RayError as e:
-            log.info("abort on worker %d failed (it is going down): %s", self.rank, e)
+    def __init__(
+        self, rank: int, actor: Any, load: WorkerLoad, router_id: str, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        super().__init__(rank, router_id, load, ctx)
+        self.actor = actor
+        self.watch_method = actor.watch.options(concurrency_group=_WATCH_GROUP)
+        self.died = False  # the control plane saw the actor die (Ray restarts it: no kill needed)
 
 
 class RayWorkerPool:
@@ -162,6 +112,10 @@ class RayWorkerPool:
         self._model: ModelDescription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # This router process's identity on every worker's data plane.
+        self.router_id = f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._ctx: zmq.asyncio.Context | None = None
+        self._endpoint_listeners: list[Callable[[WorkerEndpoint | None, int], None]] = []
 
     @property
     def workers(self) -> Sequence[RayWorkerClient]:
@@ -195,13 +149,54 @@ class RayWorkerPool:
             await self._teardown()
             raise
         self._model = descs[0]
-        self._workers = [RayWorkerClient(rank, a, self._empty_load()) for rank, a in enumerate(self._actors)]
-        callbacks = _Callbacks(on_deltas, on_worker_down, on_worker_up)
+        self._ctx = zmq.asyncio.Context()
+        self._workers = [
+            RayWorkerClient(rank, a, self._empty_load(), self.router_id, self._ctx)
+            for rank, a in enumerate(self._actors)
+        ]
+        try:
+            for w in self._workers:
+                await self._connect(w)
+        except BaseException:
+            await self._teardown()
+            raise
+        callbacks = PoolCallbacks(on_deltas, on_worker_down, on_worker_up)
         self._tasks = [
-            asyncio.create_task(self._watch(w, callbacks), name=f"kvrelay-poll-{w.rank}")
+            asyncio.create_task(self._watch(w, callbacks), name=f"kvrelay-watch-{w.rank}")
             for w in self._workers
         ]
         log.info("pool of %d %s workers ready (ray %s)", self._num_workers, self._device, ray.__version__)
+
+    async def _connect(self, w: RayWorkerClient) -> None:
+        """Connect w's data plane to its actor's current incarnation; healthy once it heartbeats."""
+        address, incarnation = await asyncio.wait_for(
+            ray_future(w.actor.data_plane.remote()), self._timeouts.call_s
+        )
+        endpoint = WorkerEndpoint(w.rank, address, incarnation)
+        w.connect(endpoint)
+        if not await w.wait_heartbeat(self._timeouts.call_s):
+            raise RuntimeError(
+                f"worker {w.rank}'s data plane at {address} does not answer within {self._timeouts.call_s:g} s "
+                "(is that address reachable from this host? KVRELAY_DATAPLANE_HOST sets the one workers bind)"
+            )
+        w.mark_up()
+        for listener in self._endpoint_listeners:
+            _notify(listener, endpoint, w.rank)
+
+    def endpoints(self) -> list[WorkerEndpoint]:
+        """Every worker's current data-plane endpoint, by rank (for router processes that do not own
+        the workers: `DataPlanePool`)."""
+        out = []
+        for w in self._workers:
+            if w.endpoint is None:
+                raise RuntimeError(f"worker {w.rank} has no data-plane endpoint yet")
+            out.append(w.endpoint)
+        return out
+
+    def on_endpoint_change(self, listener: Callable[[WorkerEndpoint | None, int], None]) -> None:
+        """listener(endpoint, rank) on this pool's event loop: None when worker `rank` goes down, its
+        new endpoint once it serves again (a `DataPlanePool.set_endpoint` fits)."""
+        self._endpoint_listeners.append(listener)
 
     def _init_ray(self) -> None:
         import ray
@@ -236,7 +231,7 @@ class RayWorkerPool:
         env.update(self._env)
         # Concurrency groups can only be declared here, not in .options(); Ray's stubs omit both keys.
         actor_options: dict[str, Any] = {
-            "concurrency_groups": {_POLL_GROUP: 1},
+            "concurrency_groups": {_WATCH_GROUP: 1},
             "max_concurrency": _ACTOR_CONCURRENCY,
         }
         remote_cls = ray.remote(**actor_options)(WorkerActor)
@@ -250,12 +245,12 @@ class RayWorkerPool:
                     placement_group=self._pg, placement_group_bundle_index=rank
                 ),
                 runtime_env={"env_vars": env} if env else None,
-            ).remote(self._config, rank, gpu)
+            ).remote(self._config, rank, gpu, self._timeouts.poll_s)
             for rank in range(self._num_workers)
         ]
 
     async def stop(self) -> None:
-        """Cancel the poll tasks, shut every actor down, free the placement group (and Ray, if ours)."""
+        """Cancel the watch tasks, shut every actor down, free the placement group (and Ray, if ours)."""
         self._stopping = True
         for t in self._tasks:
             t.cancel()
@@ -278,7 +273,13 @@ class RayWorkerPool:
                 f.cancel()
             for a in actors:
                 ray.kill(a, no_restart=True)
+        for w in self._workers:
+            w.close()
+            w.mark_down()
         self._workers = []
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
         if self._pg is not None:
             remove_placement_group(self._pg)  # also kills actors of a failed start
             self._pg = None
@@ -288,71 +289,55 @@ class RayWorkerPool:
             self._owns_ray = False
 
     # ---- health -------------------------------------------------------------------------
-    async def _watch(self, w: RayWorkerClient, cb: _Callbacks) -> None:
-        """Poll one worker for as long as the pool runs; take it down and back up as it fails."""
+    async def _watch(self, w: RayWorkerClient, cb: PoolCallbacks) -> None:
+        """Serve one worker for as long as the pool runs; take it down and back up as it fails."""
         try:
-            await self._watch_forever(w, cb)
-        except Exception:  # a bug here must not leave a worker marked healthy that nobody polls
-            log.exception("the poll task of worker %d crashed; the worker stays down", w.rank)
+            await watch_worker(w, cb, self._timeouts, self._recover, self._died)  # type: ignore[arg-type]
+        except Exception:  # a bug here must not leave a worker marked healthy that nobody watches
+            log.exception("the watch task of worker %d crashed; the worker stays down", w.rank)
             if w.healthy:
-                w._healthy = False
-                cb.call(cb.on_worker_down, w.rank, f"worker {w.rank} is not monitored")
+                w.mark_down()
+                cb.on_worker_down(w.rank, f"worker {w.rank} is not monitored")
 
-    async def _watch_forever(self, w: RayWorkerClient, cb: _Callbacks) -> None:
-        watchdog = ProgressWatchdog(self._timeouts.no_progress_s)
-        while not self._stopping:
-            batch, why = await self._poll_once(w)
-            if batch is not None:
-                progressed = bool(batch.deltas) or (batch.load is not None and batch.load != w._load)
-                if batch.load is not None:
-                    w._load = batch.load
-                if batch.deltas:
-                    cb.call(cb.on_deltas, w.rank, batch.deltas)
-                why = self._check_progress(w, watchdog, progressed)
-                if why is None:
-                    continue
-            assert why is not None
-            w._healthy = False
-            cb.call(cb.on_worker_down, w.rank, why)
-            await self._wait_until_back(w)
-            w._load = self._empty_load()
-            w._healthy = True
-            watchdog.reset(time.monotonic())
-            log.info("worker %d is serving again", w.rank)
-            cb.call(cb.on_worker_up, w.rank)
-
-    def _check_progress(self, w: RayWorkerClient, watchdog: ProgressWatchdog, progressed: bool) -> str | None:
-        """None while the worker progresses or is idle; else kill it and say why it is down."""
-        import ray
-
-        stalled_s = watchdog.observe(time.monotonic(), holds_work=w.holds_work, progressed=progressed)
-        if stalled_s is None:
-            return None
-        why = f"worker {w.rank} stalled: no progress for {stalled_s:.1f} s"
-        log.warning("%s; restarting it", why)
-        ray.kill(w.actor, no_restart=False)  # as for an unanswered poll: Ray restarts it empty
-        return why
-
-    async def _poll_once(self, w: RayWorkerClient) -> tuple[StepBatch | None, str | None]:
-        """One poll: (batch, None), or (None, why) when the worker must be taken down."""
-        import ray
+    async def _died(self, w: RayWorkerClient) -> str:
+        """Returns when Ray sees the actor die (one `watch` call in flight at a time)."""
         import ray.exceptions
 
-        t = self._timeouts
-        try:
-            batch: StepBatch = await asyncio.wait_for(ray_future(w.poll_method.remote(t.poll_s)), t.stall_s)
-            return batch, None
-        except ray.exceptions.RayActorError as e:
-            log.warning("worker %d died: %s", w.rank, e)
-            return None, f"worker {w.rank} died"
-        except asyncio.TimeoutError:
-            why = f"worker {w.rank} did not answer a poll within {t.stall_s:g} s"
-        except ray.exceptions.RayError as e:  # the poll raised inside the actor: its engine broke
-            log.error("worker %d failed: %s", w.rank, e)
-            why = f"worker {w.rank} failed"
-        log.warning("%s; restarting it", why)
-        ray.kill(w.actor, no_restart=False)  # a restart brings it back with an empty engine
-        return None, why
+        while True:
+            try:
+                await ray_future(w.watch_method.remote(_WATCH_S))
+            except ray.exceptions.RayActorError as e:
+                log.warning("worker %d died: %s", w.rank, e)
+                w.died = True
+                return f"worker {w.rank} died"
+            except ray.exceptions.RayError as e:
+                log.error("worker %d failed: %s", w.rank, e)
+                return f"worker {w.rank} failed"
+
+    async def _recover(self, w: RayWorkerClient, why: str) -> None:
+        """Down: restart it unless it died (Ray restarts that), wait until it is back, reconnect."""
+        import ray
+
+        for listener in self._endpoint_listeners:
+            _notify(listener, None, w.rank)
+        if not w.died:
+            log.warning("%s; restarting it", why)
+            ray.kill(w.actor, no_restart=False)  # a restart brings it back with an empty engine
+        w.died = False
+        while True:
+            await self._wait_until_back(w)
+            try:
+                address, incarnation = await asyncio.wait_for(
+                    ray_future(w.actor.data_plane.remote()), self._timeouts.call_s
+                )
+            except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+                log.info("worker %d's data plane address: %s", w.rank, e)
+                continue
+            endpoint = WorkerEndpoint(w.rank, address, incarnation)
+            w.connect(endpoint)
+            for listener in self._endpoint_listeners:
+                _notify(listener, endpoint, w.rank)
+            return
 
     async def _wait_until_back(self, w: RayWorkerClient) -> None:
         """Keep one ready() in flight (it queues while Ray restarts the actor) until one answers."""
@@ -445,27 +430,20 @@ class RayWorkerPool:
             raise RuntimeError(f"workers were not ready within {self._timeouts.start_s:.0f} s") from None
 
     def _empty_load(self) -> WorkerLoad:
-        blocks = self.model.kv_capacity_tokens // self.model.block_size
-        return WorkerLoad(0, 0, 0.0, blocks, 0, num_kv_blocks=blocks)
+        return empty_load(self.model)
 
     def actor_handle(self, rank: int) -> Any:
         """The Ray actor of a rank (operational tools and tests kill or inspect it)."""
         return self._workers[rank].actor
 
 
-@dataclasses.dataclass(frozen=True)
-class _Callbacks:
-    on_deltas: Callable[[int, list[TokenDelta]], None]
-    on_worker_down: Callable[[int, str], None]
-    on_worker_up: Callable[[int], None]
-
-    @staticmethod
-    def call(fn: Callable[..., None], *args: Any) -> None:
-        """The router's bug must not stop the poll task: log it and keep polling."""
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("pool callback %s%r raised", getattr(fn, "__name__", fn), args[:1])
+def _notify(
+    listener: Callable[[WorkerEndpoint | None, int], None], endpoint: WorkerEndpoint | None, rank: int
+) -> None:
+    try:
+        listener(endpoint, rank)
+    except Exception:
+        log.exception("endpoint listener %r raised", listener)
 
 
 def _same_model(a: ModelDescription, b: ModelDescription) -> bool:

@@ -1,7 +1,10 @@
 """The worker actor: a thin Ray shell over one `EngineLoop` (build the engine, delegate).
 
 A plain class, so importing it needs no Ray; `cluster/pool.py` wraps it with `ray.remote` as a
-threaded actor, so a `poll` blocked waiting for progress never holds up `submit` or `abort`.
+threaded actor. Ray is the control plane (ready, reset, stats, integrity, the KV handoff verbs,
+liveness through `watch`); submits, aborts, deltas and load go over the actor's data plane
+(`worker/dataplane.py`: a zmq socket whose address `data_plane()` gives). `submit`, `abort` and
+`poll` stay as Ray methods for tools and tests.
 
 Only our own dataclasses (`worker/protocol.py`) cross its methods: the router converts what a
 client sent into them, so nothing a client sent is ever unpickled here.
@@ -11,16 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 
 from .config import EngineConfig
+from .dataplane import DataPlaneServer
 from .disagg.verbs import HandoffActorVerbs
 from .engine import Engine, EngineStats
 from .engine_loop import EngineLoop
 from .model.loader import resolve_model
 from .model.presets import is_random_model
-from .protocol import ModelDescription, StepBatch, WorkRequest
+from .protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
 
 log = logging.getLogger("kvrelay")
 
@@ -59,7 +66,13 @@ class WorkerActor(HandoffActorVerbs):
 
     _loop: EngineLoop
 
-    def __init__(self, engine_config: EngineConfig, rank: int, pick_device_by_rank: bool = True) -> None:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        rank: int,
+        pick_device_by_rank: bool = True,
+        heartbeat_s: float = 0.1,
+    ) -> None:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config = pick_device(engine_config, rank) if pick_device_by_rank else engine_config
@@ -67,6 +80,7 @@ class WorkerActor(HandoffActorVerbs):
         self._device = config.device
         self._incarnation = f"{config.kv_role}-{rank}-{uuid.uuid4().hex[:12]}"
         self._start_error: Exception | None = None
+        self._closed = threading.Event()
         try:
             engine = Engine(config)
         except (ValueError, RuntimeError, OSError) as e:
@@ -86,18 +100,43 @@ class WorkerActor(HandoffActorVerbs):
             model_dir=None if is_random_model(config.model) else str(resolve_model(config.model)),
         )
         self._loop = EngineLoop(engine, name=f"kvrelay-engine-{rank}")
+        self._dataplane = DataPlaneServer(
+            self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
+        )
         log.info(
-            "worker %d ready on %s: %d KV blocks of %d tokens",
+            "worker %d ready on %s: %d KV blocks of %d tokens; data plane at %s",
             rank,
             engine.device,
             engine.allocator.num_blocks,
             config.block_size,
+            self._dataplane.address,
         )
 
     def ready(self) -> ModelDescription:
         if self._start_error is not None:
             raise self._start_error
         return self._model
+
+    def data_plane(self) -> tuple[str, str]:
+        """(address of this incarnation's data plane, the incarnation): a router's WorkerEndpoint."""
+        return self._dataplane.address, self._incarnation
+
+    def watch(self, timeout_s: float) -> bool:
+        """Liveness for the control plane: returns after timeout_s (True), or at shutdown (False).
+        The pool keeps one in flight; the actor's death fails it at once."""
+        return not self._closed.wait(timeout_s)
+
+    def reserve(
+        self, requests: Sequence[WorkRequest], producer: str, router_id: str | None = None
+    ) -> dict[str, HandoffTarget | str]:
+        """Decode worker (see HandoffActorVerbs.reserve); the deltas of the reserved requests go
+        over the data plane to `router_id` (they were not SUBMITted there)."""
+        ids = [r.request_id for r in requests]
+        if router_id is not None:
+            self._dataplane.claim(ids, router_id)
+        answers = super().reserve(requests, producer)
+        self._dataplane.release([rid for rid, a in answers.items() if not isinstance(a, HandoffTarget)])
+        return answers
 
     def device_info(self) -> tuple[str, int]:
         """(this worker's device, GPUs it can see): every GPU of the node, for CUDA IPC."""
@@ -116,9 +155,10 @@ class WorkerActor(HandoffActorVerbs):
 
     def reset(self) -> None:
         self._loop.reset()
+        self._dataplane.release_all()
 
     def stats(self) -> EngineStats:
-        return self._loop.stats()
+        return self._dataplane.with_cpu(self._loop.stats())
 
     def check_integrity(self) -> None:
         self._loop.check_integrity()
@@ -132,4 +172,23 @@ class WorkerActor(HandoffActorVerbs):
         self._loop.stall(seconds)
 
     def shutdown(self) -> None:
-        self._loop.shutdown()
+        self._closed.set()
+        self._loop.shutdown()  # its final ABORT deltas, then ERROR, go out before the socket closes
+        time.sleep(0.05)
+        self._dataplane.close()
+
+
+def data_plane_host() -> str:
+    """The address the data plane binds: KVRELAY_DATAPLANE_HOST, else the node IP Ray gives this
+    actor (reachable from routers on other nodes), else loopback outside Ray."""
+    host = os.environ.get("KVRELAY_DATAPLANE_HOST")
+    if host:
+        return host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    return "127.0.0.1"

@@ -34,6 +34,7 @@ from .request import CompletionOutput, FinishReason, Request, RequestOutput, Req
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from .step_timer import StepTimer
 from .text.detokenizer import IncrementalDetokenizer
 from .text.tokenizer import Tokenizer
 
@@ -61,6 +62,7 @@ class Engine:
             )
             self.tokenizer = Tokenizer.load(model_dir, reader)
         self.max_model_len = self._max_model_len(self.model_config)
+        self.step_timer = StepTimer()
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
         # Disaggregated serving: what this worker does with its KV besides decoding from it.
@@ -368,6 +370,7 @@ class Engine:
         if sched.is_empty:
             return outputs
         self.num_steps += 1
+        started = time.perf_counter()
         inp = self.runner.prepare(sched, self.allocator)
         logits = self.runner.execute(inp)  # [S, vocab] float32
         sampling = [s for s in sched.scheduled if s.samples]
@@ -384,17 +387,23 @@ class Engine:
             self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(s.request, tok, lp))
+        # Prepare to the last token appended (the tolist() above waits for the device).
+        self.step_timer.record(time.perf_counter() - started)
         return outputs
 
     def _step_overlapped(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Launch this step, then resolve the previous one (worker/overlap.py): the host work of
         step N runs while the device computes step N+1. Outputs are step N's."""
         launched = None
+        started = time.perf_counter()
         if not sched.is_empty:
             self.num_steps += 1
             launched = launch(self, sched, self._inflight)
         done, self._inflight = self._inflight, launched
-        return resolve(self, done) if done is not None else []
+        outputs = resolve(self, done) if done is not None else []
+        if launched is not None:  # launch to the previous step's tokens: the step's period when busy
+            self.step_timer.record(time.perf_counter() - started)
+        return outputs
 
     def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         if req.first_token_time is None:
@@ -508,6 +517,8 @@ class Engine:
             num_eager_steps=self.runner.num_eager_steps,
             graph_memory_bytes=self.runner.graph_memory_bytes,
             graph_capture_s=self.runner.graph_capture_seconds,
+            step_time_counts=tuple(self.step_timer.counts),
+            step_time_sum_s=self.step_timer.sum_s,
             **self.role.stats(),
         )
 

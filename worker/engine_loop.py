@@ -7,7 +7,9 @@ talks to the loop through two places guarded by one condition variable:
   integrity check), each with a `Future` the caller may wait on; FIFO, so a `check_integrity`
   queued after an `abort` sees the abort applied;
 - the outbox: per-request `TokenDelta`s published after each step, merged until a poller takes
-  them (so a slow poller gets one message per request, never one per token).
+  them (so a slow poller gets one message per request, never one per token). A consumer that
+  pushes (the data plane, `worker/dataplane.py`) sets an output hook, called on the loop thread
+  once per step that published something, and then `take`s the outbox from its own thread.
 
 The loop sleeps on the condition variable when it has no live request and an empty inbox, and
 `submit`/`abort`/`shutdown` wake it. A step that raises fails every in-flight request with an
@@ -23,7 +25,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -73,6 +75,9 @@ class EngineLoop(HandoffLoopVerbs):
         self._live: dict[str, RequestOutput] = {}
         self._consecutive_failures = 0
         self.num_wakeups = 0  # loop iterations; tests read it to prove the idle loop sleeps
+        # Called on the loop thread after a step published output or the loop broke; must not block
+        # (the data plane's wakes its I/O thread). Set before the first submit.
+        self._on_output: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -82,6 +87,26 @@ class EngineLoop(HandoffLoopVerbs):
         arrival = time.monotonic()
         batch = list(requests)
         return self._call(lambda _: self._add_all(batch, arrival))
+
+    def submit_future(self, requests: Sequence[WorkRequest]) -> Future[dict[str, str]]:
+        """`submit` without waiting: the future holds the refused ones once the loop applied them
+        (it is set on the loop thread, before the step that runs them publishes anything)."""
+        arrival = time.monotonic()
+        batch = list(requests)
+        return self._enqueue(lambda _: self._add_all(batch, arrival))
+
+    def set_output_hook(self, hook: Callable[[], None] | None) -> None:
+        self._on_output = hook
+
+    def take(self) -> StepBatch:
+        """`poll` without waiting (for a consumer woken by the output hook); once the outbox is
+        empty, raises EngineLoopBroken for a shut-down loop too (its consumer has nothing to wait for)."""
+        with self._cond:
+            if not self._outbox and (self._broken is not None or self._stopping):
+                raise EngineLoopBroken(self._broken or "the engine loop is shut down")
+            deltas = list(self._outbox.values())
+            self._outbox.clear()
+            return StepBatch(deltas=deltas, load=self._load)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         """Stop requests within one step; each live one gets a final ABORT delta. Does not wait."""
@@ -112,7 +137,8 @@ class EngineLoop(HandoffLoopVerbs):
             return StepBatch(deltas=deltas, load=self._load)
 
     def stats(self) -> EngineStats:
-        return self._call(lambda _: self._engine.stats())
+        """The engine's counters, with the loop thread's CPU seconds (read on that thread)."""
+        return self._call(lambda _: dataclasses.replace(self._engine.stats(), loop_cpu_s=time.thread_time()))
 
     def stall(self, seconds: float) -> None:
         """Fault injection: the loop thread stops stepping for `seconds` (polls then see no
@@ -122,6 +148,22 @@ class EngineLoop(HandoffLoopVerbs):
     def check_integrity(self) -> None:
         """The engine's invariants, plus: every live request of the engine is known to the loop."""
         self._call(lambda _: self._check_integrity())
+
+    def thread_cpu_s(self) -> float:
+        """CPU seconds of the loop thread so far, read from any thread (Linux: its CPU clock)."""
+        ident = self._thread.ident
+        if ident is None or not self._thread.is_alive():
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except (AttributeError, OSError):  # not Linux, or the thread just ended
+            return 0.0
+
+    @property
+    def load(self) -> WorkerLoad:
+        """As of the latest step (read from any thread)."""
+        with self._cond:
+            return self._load
 
     @property
     def broken(self) -> str | None:
@@ -308,6 +350,8 @@ class EngineLoop(HandoffLoopVerbs):
             self._load = load
             if outputs:
                 self._cond.notify_all()
+        if outputs and self._on_output is not None:
+            self._on_output()
 
     def _mark_broken(self, why: str) -> None:
         with self._cond:
@@ -317,6 +361,8 @@ class EngineLoop(HandoffLoopVerbs):
         for _, fut in pending:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineLoopBroken(why))
+        if self._on_output is not None:
+            self._on_output()
 
     def _drain_on_shutdown(self) -> None:
         """Abort what is live so pollers see every request end, then refuse further calls."""

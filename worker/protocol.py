@@ -240,6 +240,30 @@ class EngineStats:
     # (not cumulative); and the waits' sum in seconds. Exported as one histogram.
     handoff_wait_counts: tuple[int, ...] = ()
     handoff_wait_sum_s: float = 0.0
+    # Engine step time (worker/step_timer.py): per STEP_TIME_BUCKETS_S bound, then +Inf, steps that
+    # ran the model and took that long (not cumulative), and their sum in seconds.
+    step_time_counts: tuple[int, ...] = ()
+    step_time_sum_s: float = 0.0
+    # CPU seconds of the worker (0 where not measured): the engine loop thread, the data plane's
+    # I/O thread, and the whole worker process (Ray's threads included).
+    loop_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_loop_cpu_seconds", "CPU seconds of the engine loop thread."
+        ),
+    )
+    io_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_io_cpu_seconds", "CPU seconds of the data plane's I/O thread."
+        ),
+    )
+    process_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_process_cpu_seconds", "CPU seconds of the worker process."
+        ),
+    )
 
 
 @dataclass(slots=True)
