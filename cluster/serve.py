@@ -48,7 +48,7 @@ log = logging.getLogger("kvrelay")
 _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
     "metrics_port", "health_port", "http_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
-    "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker",
+    "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker", "router_processes",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
 # `timeout` signals both its child and its process group), not a second Ctrl-C.
@@ -94,6 +94,12 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve TLS with this PEM certificate chain (needs --tls-key)")
     p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates signed by these PEM CAs (mTLS)")
+    p.add_argument(
+        "--router-processes",
+        type=_router_processes,
+        help="router processes sharing the ports (SO_REUSEPORT): N, or auto (default: 1 up to 4 "
+        "cores, else min(cores // 4, 8)); docs/ROUTERS.md",
+    )
     p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
     p.add_argument(
         "--gpus-per-worker",
@@ -107,6 +113,15 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
     p.add_argument("--block-size", type=int, help="tokens per KV block")
     return p
+
+
+def _router_processes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -210,6 +225,13 @@ async def serve(
     if security is None:
         security = load_security(config)
     if pool is None:
+        from .config import resolve_router_processes
+
+        n = resolve_router_processes(config.router_processes)
+        if n > 1:
+            from .router_procs import serve_controller
+
+            return await serve_controller(config, n, ready=ready)
         pool = make_pool(config)
     router = GenerationRouter(pool, config)
     signals = _Signals(asyncio.get_running_loop())
