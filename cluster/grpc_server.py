@@ -21,7 +21,8 @@ from .router import _UNPARSABLE, SERVICE_NAME, GenerationRouter
 # RPCs the server runs at once beyond max_queued_requests: health probes, stats, and calls that
 # are about to be refused, so those still get an answer under full load.
 _CONTROL_RPC_HEADROOM = 64
-_HANDSHAKE_TIMEOUT_MS = 10_000  # a peer that opens a connection and stalls the TLS handshake
+_HANDSHAKE_TIMEOUT_MS = 10_000
+_MIN_PENDING_REQUESTS = 8192  # calls gRPC core holds for the handlers before it sheds any  # a peer that opens a connection and stalls the TLS handshake
 
 
 def build_server(
@@ -39,6 +40,7 @@ def build_server(
     if security is None:
         security = load_security(config)
     limit = config.max_message_bytes
+    pending = max(_MIN_PENDING_REQUESTS, 4 * config.max_concurrent_streams)
     server = grpc.aio.server(
         interceptors=security.interceptors,
         options=[
@@ -48,6 +50,12 @@ def build_server(
             ("grpc.max_metadata_size", config.max_metadata_bytes),
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
+            # gRPC core cancels calls that wait for the application to pick them up once more
+            # than max_pending_requests (default 1000) wait, at random up to the hard limit: at
+            # 2,000 simultaneous streams ~6% read CANCELLED with no handler run (issue 14). Past
+            # these limits a call still reads CANCELLED; docs/ROUTERS.md.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
             # Without 0 a second server on the same port would share it silently (Linux).
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],

@@ -214,7 +214,7 @@ class RouterProcesses:
         self._loop.remove_reader(r.process.sentinel)
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(r.conn.fileno())
-        r.process.join(0)
+        r.process.join(1.0)  # the sentinel closes as the process exits, a moment before it is reapable
         code = r.process.exitcode
         r.serving = False
         r.conn.close()
