@@ -24,12 +24,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.worker.protocol import HANDOFF_WAIT_BUCKETS_S, EngineStats, Metric, WorkerLoad
+from kvrelay.worker.step_timer import STEP_TIME_BUCKETS_S
 
 # (rank, healthy, latest load) of every worker
 WorkerSnapshot = Callable[[], Sequence[tuple[int, bool, WorkerLoad]]]
@@ -51,6 +59,20 @@ class ServerMetrics:
         self.multiprocess = MULTIPROC_ENV in os.environ
         live: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
         self._gauge_fns: list[tuple[Gauge, Callable[[], float]]] = []
+        # This router process's CPU (kvrelay_router_process_cpu_seconds_total, ...): the router's
+        # CPU per token in `bench serve`. A collector is read at scrape time in this process, which
+        # the controller's endpoint never reaches: router processes count their CPU in a counter
+        # (summed over every router) that `refresh` advances.
+        self._cpu: Counter | None = None
+        self._cpu_seen = 0.0
+        if self.multiprocess:
+            self._cpu = Counter(
+                "kvrelay_router_process_cpu_seconds",
+                "User and system CPU of the router processes, summed.",
+                registry=r,
+            )
+        else:
+            ProcessCollector(namespace="kvrelay_router", registry=r)
         self.ttft = Histogram(
             "kvrelay_time_to_first_token_seconds",
             "Time from a request's arrival to its first streamed token.",
@@ -110,6 +132,11 @@ class ServerMetrics:
     def refresh(self) -> None:
         for gauge, fn in self._gauge_fns:
             gauge.set(fn())
+        if self._cpu is not None:
+            t = os.times()
+            cpu = t.user + t.system
+            self._cpu.inc(max(0.0, cpu - self._cpu_seen))
+            self._cpu_seen = cpu
 
     def serve_http(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
         """Serve /metrics on host:port (0: any free port); returns the bound port and a stop function."""
@@ -214,6 +241,11 @@ class _WorkerCollector(Collector):
             "(reserve answer, prefill queue and compute, copy, signal).",
             labels=["worker"],
         )
+        step_time = HistogramMetricFamily(
+            "kvrelay_worker_step_seconds",
+            "Engine steps that ran the model, by duration (prepare to the last sampled token).",
+            labels=["worker"],
+        )
         for rank, healthy, load in snapshot:
             w, s = [str(rank)], load.stats
             gauges["healthy"].add_metric(w, 1.0 if healthy else 0.0)
@@ -227,6 +259,11 @@ class _WorkerCollector(Collector):
                 cumulative = list(itertools.accumulate(s.handoff_wait_counts))
                 bounds = [*(str(b) for b in HANDOFF_WAIT_BUCKETS_S), "+Inf"]
                 handoff_wait.add_metric(w, list(zip(bounds, cumulative, strict=True)), s.handoff_wait_sum_s)
+            if s.step_time_counts:
+                cumulative = list(itertools.accumulate(s.step_time_counts))
+                bounds = [*(repr(b) for b in STEP_TIME_BUCKETS_S), "+Inf"]
+                step_time.add_metric(w, list(zip(bounds, cumulative, strict=True)), s.step_time_sum_s)
         yield from gauges.values()
         yield from engine.values()
         yield handoff_wait
+        yield step_time

@@ -156,7 +156,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("rank", "healthy", "num_running", "num_waiting", "kv_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_graph_replays", "num_eager_steps")
+    __slots__ = ("rank", "healthy", "num_running", "num_waiting", "kv_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_graph_replays", "num_eager_steps", "step_time_counts", "step_time_sum_s", "loop_cpu_s", "io_cpu_s", "process_cpu_s")
     RANK_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,11 @@ class WorkerStats(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_GRAPH_REPLAYS_FIELD_NUMBER: _ClassVar[int]
     NUM_EAGER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_SUM_S_FIELD_NUMBER: _ClassVar[int]
+    LOOP_CPU_S_FIELD_NUMBER: _ClassVar[int]
+    IO_CPU_S_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_CPU_S_FIELD_NUMBER: _ClassVar[int]
     rank: int
     healthy: bool
     num_running: int
@@ -177,7 +182,12 @@ class WorkerStats(_message.Message):
     num_preemptions: int
     num_graph_replays: int
     num_eager_steps: int
-    def __init__(self, rank: _Optional[int] = ..., healthy: bool = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_graph_replays: _Optional[int] = ..., num_eager_steps: _Optional[int] = ...) -> None: ...
+    step_time_counts: _containers.RepeatedScalarFieldContainer[int]
+    step_time_sum_s: float
+    loop_cpu_s: float
+    io_cpu_s: float
+    process_cpu_s: float
+    def __init__(self, rank: _Optional[int] = ..., healthy: bool = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_graph_replays: _Optional[int] = ..., num_eager_steps: _Optional[int] = ..., step_time_counts: _Optional[_Iterable[int]] = ..., step_time_sum_s: _Optional[float] = ..., loop_cpu_s: _Optional[float] = ..., io_cpu_s: _Optional[float] = ..., process_cpu_s: _Optional[float] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("num_workers", "num_healthy_workers", "num_queued", "num_in_flight", "num_requests_total", "workers")

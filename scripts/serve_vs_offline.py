@@ -6,7 +6,11 @@
 2. served: `kvrelay serve` with N workers as a subprocess; this process streams the same
    requests through the asyncio client at a fixed concurrency;
 3. the ratio of output tokens per second, and the serve process's CPU seconds per streamed
-   token (router + Ray driver, from /proc), are printed and written as JSON.
+   token (router + Ray driver, from /proc), are printed and written as JSON;
+4. issue 14 item 2: the engine's step time (mean/p50/p99 ms, from its own step-time histogram,
+   worker/step_timer.py) offline and while served (the workers' histograms through
+   GetServerStats, over the measured run only), and the workers' CPU per streamed token (engine
+   loop thread, data-plane I/O thread, whole process).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def requests(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -35,6 +40,10 @@ def offline(args: argparse.Namespace) -> None:
     from kvrelay.worker.engine import Engine
     from kvrelay.worker.sampling_params import SamplingParams
 
+    if args.device == "cpu":
+        # Ray starts a 1-CPU worker actor with OMP_NUM_THREADS=1: the same torch threads offline, or
+        # the comparison is of thread counts, not of the serving path.
+        torch.set_num_threads(1)
     engine = Engine(
         EngineConfig(
             model=args.model,
@@ -47,11 +56,40 @@ def offline(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts[:16], params)  # warm-up
     torch.cuda.synchronize() if torch.cuda.is_available() else None
+    before = engine.stats()
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     dt = time.perf_counter() - t0
+    after = engine.stats()
     tokens = sum(len(o.token_ids) for o in outs)
-    print(json.dumps({"seconds": dt, "output_tokens": tokens, "tok_s": tokens / dt}))
+    steps = step_time(
+        after.step_time_counts, before.step_time_counts, after.step_time_sum_s - before.step_time_sum_s
+    )
+    print(json.dumps({"seconds": dt, "output_tokens": tokens, "tok_s": tokens / dt, "step_ms": steps}))
+
+
+def step_time(counts: Any, earlier: Any, sum_s: float) -> dict[str, float]:
+    from kvrelay.worker.step_timer import diff, summarize
+
+    s = summarize(diff(list(counts), list(earlier)), sum_s)
+    return {"steps": s.steps, "mean": s.mean_ms, "p50": s.p50_ms, "p99": s.p99_ms}
+
+
+def worker_figures(before: Any, after: Any, tokens: int) -> dict[str, object]:
+    """Step time and CPU per token over the run, from two ServerStats (all workers summed)."""
+    counts: list[int] = []
+    earlier: list[int] = []
+    sum_s = 0.0
+    cpu = {"loop_cpu_s": 0.0, "io_cpu_s": 0.0, "process_cpu_s": 0.0}
+    for b, a in zip(before.workers, after.workers, strict=True):
+        ac, bc = list(a.step_time_counts), list(b.step_time_counts) or [0] * len(a.step_time_counts)
+        counts = [x + y for x, y in zip(counts or [0] * len(ac), ac, strict=True)]
+        earlier = [x + y for x, y in zip(earlier or [0] * len(bc), bc, strict=True)]
+        sum_s += a.step_time_sum_s - b.step_time_sum_s
+        for k in cpu:
+            cpu[k] += getattr(a, k) - getattr(b, k)
+    per_token = {k.replace("_cpu_s", "_cpu_us_per_token"): 1e6 * v / max(tokens, 1) for k, v in cpu.items()}
+    return {"step_ms": step_time(counts, earlier, sum_s), **per_token}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -164,15 +202,21 @@ def main() -> None:
 
         with KvrelayClient(address) as c:
             vocab = c.model_info().vocab_size
-        cpu0 = cpu_seconds(serve.pid)
-        served = asyncio.run(drive(address, args, vocab))
-        served["serve_cpu_ms_per_token"] = 1e3 * (cpu_seconds(serve.pid) - cpu0) / served["output_tokens"]
+            stats0 = c.server_stats()  # after drive's warm-up would be better; the warm-up is 16 requests
+            cpu0 = cpu_seconds(serve.pid)
+            served: dict[str, Any] = dict(asyncio.run(drive(address, args, vocab)))
+            served["serve_cpu_ms_per_token"] = 1e3 * (cpu_seconds(serve.pid) - cpu0) / served["output_tokens"]
+            time.sleep(0.5)  # the workers' counters ride on their heartbeats (every 0.1 s)
+            served.update(worker_figures(stats0, c.server_stats(), int(served["output_tokens"])))
         report["served"] = served
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
     if "offline" in report:
         report["served_vs_offline"] = report["served"]["tok_s"] / report["offline"]["tok_s"]  # type: ignore[index]
+        served_step = report["served"]["step_ms"]["mean"]  # type: ignore[index]
+        offline_step = report["offline"]["step_ms"]["mean"]  # type: ignore[index]
+        report["step_time_served_vs_offline"] = served_step / offline_step if offline_step else None
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

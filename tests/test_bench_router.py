@@ -114,7 +114,7 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     argv += ["--tokenizer", str(tiny_model_dir()), "--want-text"]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "router cpu" in table and "+itl p50/p90/p99 ms" in table
+    assert "router cpu" in table and "+itl p50/p90/p99 ms" in table and "worker us/tok" in table
     doc = json.loads(out.read_text())
     assert doc["settings"]["streams"] == [16, 32] and doc["settings"]["output_len"] == 6
     assert (doc["settings"]["tokenizer"], doc["settings"]["want_text"]) == (str(tiny_model_dir()), True)
@@ -124,13 +124,27 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert p["failed"] == 0 and p["errors"] == {}
         assert p["output_tokens"] == 6 * p["completed"]  # every request its exact max_tokens
         assert math.isfinite(p["server_cpu"]) and 0 < p["server_cpu"] < 64
-        assert 0 <= p["pool_cpu"] <= p["server_cpu"]
+        # Worker processes (--pool dataplane, the default): the server is all router.
+        assert p["router_cpu"] == p["server_cpu"] and 0 < p["pool_cpu"] < 64
+        per_token_s = p["wall_s"] / p["output_tokens"]
+        assert p["router_cpu_us_per_token"] == pytest.approx(1e6 * p["router_cpu"] * per_token_s)
+        assert p["worker_cpu_us_per_token"] == pytest.approx(1e6 * p["pool_cpu"] * per_token_s)
         assert len(p["client_cpu_per_process"]) == 1 and 0 < p["client_cpu_per_process"][0] < 2
         assert p["client_cpu"] == pytest.approx(sum(p["client_cpu_per_process"]))
         # A first token no earlier than ttft - step/2 (the nearest tick), a next one a step later.
         assert p["added_ttft_ms"]["p50"] >= -5.5
         assert p["added_itl_ms"]["p50"] >= -2.0
         assert p["added_ttft_ms"]["p50"] <= p["added_ttft_ms"]["p90"] <= p["added_ttft_ms"]["p99"]
+
+
+def test_bench_router_in_process_pool(tmp_path: Path) -> None:
+    out = tmp_path / "router.json"
+    argv = ["bench", "router", "--pool", "inprocess", "--streams", "8", "--input-len", "8"]
+    assert main([*argv, "--output-len", "4", "--step-ms", "10", "--json", str(out)]) == 0
+    (p,) = json.loads(out.read_text())["points"]
+    assert p["completed"] == 16 and p["output_tokens"] == 64
+    assert 0 <= p["pool_cpu"] <= p["server_cpu"]
+    assert p["router_cpu"] == pytest.approx(p["server_cpu"] - p["pool_cpu"])
 
 
 def test_bench_router_passes_its_client_processes_to_the_load_generator() -> None:

@@ -282,3 +282,70 @@ def test_malformed_messages_are_dropped_and_the_server_keeps_serving(
         assert kinds[0] is Kind.LOAD and server.num_malformed == 3
     finally:
         sock.close(0)
+
+
+# ---- step time and CPU figures -----------------------------------------------------------------
+def test_step_time_summary_reads_mean_exactly_and_percentiles_off_the_buckets() -> None:
+    from kvrelay.worker.step_timer import STEP_TIME_BUCKETS_S, StepTimer, diff, summarize
+
+    timer = StepTimer()
+    for seconds in [0.002] * 98 + [0.05, 0.05]:
+        timer.record(seconds)
+    s = summarize(timer.counts, timer.sum_s)
+    assert s.steps == 100 and s.mean_ms == pytest.approx(2.96)
+    # 2 ms lies in the bucket (1.86, 2.33] ms, 50 ms in (46.6, 58.2] ms: each percentile is the
+    # geometric middle of its bucket.
+    i, j = [next(k for k, b in enumerate(STEP_TIME_BUCKETS_S) if b >= x) for x in (0.002, 0.05)]
+    assert s.p50_ms == pytest.approx(1e3 * (STEP_TIME_BUCKETS_S[i - 1] * STEP_TIME_BUCKETS_S[i]) ** 0.5)
+    assert s.p99_ms == pytest.approx(1e3 * (STEP_TIME_BUCKETS_S[j - 1] * STEP_TIME_BUCKETS_S[j]) ** 0.5)
+    earlier = list(timer.counts)
+    timer.record(0.002)
+    assert summarize(diff(timer.counts, earlier), 0.002).steps == 1
+    assert summarize([0] * len(timer.counts), 0.0).steps == 0
+
+
+def test_heartbeats_carry_step_times_and_cpu(
+    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+) -> None:
+    _, server = served
+    endpoint = WorkerEndpoint(0, server.address, "inc-1")
+
+    async def scenario() -> None:
+        a = Router(model_of(engine), endpoint, "router-a")
+        await a.start()
+        w = a.pool.workers[0]
+        assert await w.submit([WorkRequest("s", [3, 4, 5], GREEDY)]) == {}
+        await a.until(lambda: a.finished(["s"]))
+        await a.until(lambda: sum(w.load.stats.step_time_counts) == GREEDY.max_tokens, 5)
+        stats = w.load.stats
+        assert stats.num_steps == GREEDY.max_tokens and stats.step_time_sum_s > 0
+        assert stats.loop_cpu_s > 0 and stats.io_cpu_s > 0 and stats.process_cpu_s >= stats.loop_cpu_s
+        await a.pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
+    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+) -> None:
+    """A decode worker's handoffs arrive by a Ray call (reserve), not SUBMIT: `claim` names their
+    router. Output of a request nobody claimed goes to every router (each ignores ids not its own)."""
+    loop, server = served
+    endpoint = WorkerEndpoint(0, server.address, "inc-1")
+
+    async def scenario() -> None:
+        a, b = Router(model_of(engine), endpoint, "router-a"), Router(model_of(engine), endpoint, "router-b")
+        await a.start()
+        await b.start()
+        server.claim(["c"], "router-b")
+        assert loop.submit([WorkRequest("c", [7, 8], GREEDY), WorkRequest("u", [9], GREEDY)]) == {}
+        await b.until(lambda: b.finished(["c", "u"]))
+        await a.until(lambda: a.finished(["u"]))
+        assert "c" not in a.deltas
+        assert a.deltas["u"].token_ids == b.deltas["u"].token_ids
+        assert len(b.deltas["c"].token_ids) == GREEDY.max_tokens
+        await a.pool.stop()
+        await b.pool.stop()
+
+    asyncio.run(scenario())
+    loop.check_integrity()

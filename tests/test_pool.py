@@ -17,6 +17,7 @@ import pytest
 from engine_helpers import make_engine, random_prompts
 from ray_helpers import LoopThread, ray_local  # noqa: F401
 
+from kvrelay.cluster.dataplane import DataPlanePool
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.cluster.pool import RayWorkerPool
 from kvrelay.worker.config import EngineConfig
@@ -89,6 +90,21 @@ def pool(ray_local: None, aio: LoopThread, rec: Recorder) -> Iterator[RayWorkerP
 
 
 @pytest.fixture(scope="module")
+def other() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def second(pool: RayWorkerPool, aio: LoopThread, other: Recorder) -> Iterator[DataPlanePool]:
+    """A second router over the same workers, with no Ray: the pool's endpoints, kept current."""
+    p = DataPlanePool(pool.model, pool.endpoints(), router_id="second-router")
+    pool.on_endpoint_change(p.set_endpoint)
+    aio.run(p.start(other.on_deltas, other.on_worker_down, other.on_worker_up), timeout_s=30)
+    yield p
+    aio.run(p.stop())
+
+
+@pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
     return random_prompts(8, [1, 7, 16, 33, 50, 3, 20, 9], 256, seed=7)
 
@@ -145,8 +161,35 @@ def test_each_worker_streams_the_in_process_engines_tokens(
     aio.run(pool.check_integrity())
 
 
+def test_a_second_router_shares_the_workers_and_gets_only_its_own_deltas(
+    pool: RayWorkerPool,
+    second: DataPlanePool,
+    aio: LoopThread,
+    rec: Recorder,
+    other: Recorder,
+    prompts: list[list[int]],
+) -> None:
+    assert [e.rank for e in pool.endpoints()] == [0, 1]
+    assert all(e.address.startswith("tcp://") for e in pool.endpoints())
+    expected = reference(prompts[6:8], GREEDY)
+    assert [w.healthy for w in second.workers] == [True, True]
+    assert aio.run(second.workers[0].submit([work("o0", prompts[6])])) == {}
+    assert aio.run(pool.workers[0].submit([work("p0", prompts[7])])) == {}
+    rec.wait("p0", lambda: "p0" in rec.final, 30)
+    other.wait("o0", lambda: "o0" in other.final, 30)
+    assert [other.tokens["o0"], rec.tokens["p0"]] == expected
+    assert "o0" not in rec.tokens and "p0" not in other.tokens
+    # Both routers see the worker's load from its heartbeats.
+    assert second.workers[1].load.num_kv_blocks == 512
+
+
 def test_killed_worker_goes_down_alone_and_comes_back_empty(
-    pool: RayWorkerPool, aio: LoopThread, rec: Recorder, prompts: list[list[int]]
+    pool: RayWorkerPool,
+    second: DataPlanePool,
+    aio: LoopThread,
+    rec: Recorder,
+    other: Recorder,
+    prompts: list[list[int]],
 ) -> None:
     import ray
 
@@ -174,6 +217,10 @@ def test_killed_worker_goes_down_alone_and_comes_back_empty(
     assert [rank for rank, _ in rec.up] == [0] and rec.up[0][1] > rec.down[0][2]
     assert w0.healthy and len(rec.down) == 1
     assert "k0" not in rec.final and "k1" not in rec.final  # lost with the worker: the router fails them
+    # The second router was told (endpoint None, then the new one): down and up for rank 0 alone.
+    other.wait("the second router to see worker 0 back", lambda: bool(other.up), 30)
+    assert [r for r, _, _ in other.down] == [0] and [r for r, _ in other.up] == [0]
+    assert second.workers[0].endpoint == pool.endpoints()[0]
 
     expected = reference(prompts[4:6], GREEDY)
     assert aio.run(w0.submit([work("r0", prompts[4]), work("r1", prompts[5])])) == {}

@@ -21,9 +21,9 @@ import uuid
 from collections.abc import Sequence
 
 from .config import EngineConfig
+from .dataplane import DataPlaneServer
 from .disagg.verbs import HandoffActorVerbs
 from .engine import Engine, EngineStats
-from .dataplane import DataPlaneServer
 from .engine_loop import EngineLoop
 from .model.loader import resolve_model
 from .model.presets import is_random_model
@@ -155,11 +155,10 @@ class WorkerActor(HandoffActorVerbs):
 
     def reset(self) -> None:
         self._loop.reset()
+        self._dataplane.release_all()
 
     def stats(self) -> EngineStats:
-        return dataclasses.replace(
-            self._loop.stats(), io_cpu_s=self._dataplane.io_cpu_s, process_cpu_s=time.process_time()
-        )
+        return self._dataplane.with_cpu(self._loop.stats())
 
     def check_integrity(self) -> None:
         self._loop.check_integrity()

@@ -22,20 +22,22 @@ malformed frame is logged and dropped. The loop thread's only extra work per ste
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
 from . import wire
-from .engine_loop import EngineLoop, EngineLoopBroken
-from .protocol import TokenDelta, WorkerLoad, WorkRequest
+from .engine_loop import EngineLoopBroken
+from .protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .wire import Kind, WireError
 
 log = logging.getLogger("kvrelay")
@@ -43,10 +45,29 @@ log = logging.getLogger("kvrelay")
 _ids = itertools.count()
 
 
+class ServedLoop(Protocol):
+    """What the server needs of a loop: `EngineLoop`, or a synthetic one (`kvrelay bench router`)."""
+
+    @property
+    def load(self) -> WorkerLoad: ...
+
+    def set_output_hook(self, hook: Callable[[], None] | None) -> None: ...
+
+    def submit_future(self, requests: Sequence[WorkRequest]) -> Future[dict[str, str]]: ...
+
+    def abort(self, request_ids: Sequence[str]) -> None: ...
+
+    def take(self) -> StepBatch:
+        """Everything published since the last take; EngineLoopBroken once the loop stopped."""
+        ...
+
+    def thread_cpu_s(self) -> float: ...
+
+
 class DataPlaneServer:
     def __init__(
         self,
-        loop: EngineLoop,
+        loop: ServedLoop,
         host: str = "127.0.0.1",
         *,
         incarnation: str = "",
@@ -79,6 +100,7 @@ class DataPlaneServer:
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
         self._woken = False
+        self._wake_closed = False  # set (under the lock) when the I/O thread closed the sockets
         # Guarded by _owner_lock: request id -> the identity of the router that submitted it.
         self._owner_lock = threading.Lock()
         self._owners: dict[str, bytes] = {}
@@ -103,6 +125,11 @@ class DataPlaneServer:
             for rid in request_ids:
                 self._owners[rid] = ident
 
+    def release_all(self) -> None:
+        """Forget every request's owner (the loop was reset: it holds none of them any more)."""
+        with self._owner_lock:
+            self._owners.clear()
+
     def release(self, request_ids: Sequence[str]) -> None:
         with self._owner_lock:
             for rid in request_ids:
@@ -116,10 +143,11 @@ class DataPlaneServer:
 
     def _wake(self) -> None:
         with self._wake_lock:
-            if self._woken or (self._stopping and not self._thread.is_alive()):
+            if self._woken or self._wake_closed:
                 return
             self._woken = True
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):  # never raise into the engine loop's thread
+                self._wake_tx.send(b"", zmq.NOBLOCK)
 
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -148,6 +176,7 @@ class DataPlaneServer:
             self._sock.close(0)
             self._wake_rx.close(0)
             with self._wake_lock:
+                self._wake_closed = True
                 self._wake_tx.close(0)
 
     def _drain_wakes(self) -> None:
@@ -276,6 +305,12 @@ class DataPlaneServer:
                 by_router.setdefault(ident, []).extend(orphans)
         for ident, ds in by_router.items():
             self._send(ident, wire.deltas(ds, batch.load))
+        if batch.load.num_running + batch.load.num_waiting == 0:
+            # Gone idle: the counters (which ride on heartbeats only) go out now, so a scrape right
+            # after the last stream ended sees its final figures.
+            frame = self._beat_frame(batch.load)
+            for ident in self._routers:
+                self._send(ident, frame)
 
     def _heartbeat(self, now: float) -> None:
         for ident, seen in list(self._routers.items()):
@@ -292,7 +327,17 @@ class DataPlaneServer:
             self._send(ident, frame)
 
     def _beat_frame(self, load: WorkerLoad) -> bytes:
+        load = dataclasses.replace(load, stats=self.with_cpu(load.stats))
         return wire.pack(Kind.LOAD, wire.encode_load(load), self.incarnation)
+
+    def with_cpu(self, stats: EngineStats) -> EngineStats:
+        """stats with this worker's CPU seconds: the loop thread's, the I/O thread's, the process's."""
+        return dataclasses.replace(
+            stats,
+            loop_cpu_s=self._loop.thread_cpu_s(),
+            io_cpu_s=self.io_cpu_s,
+            process_cpu_s=time.process_time(),
+        )
 
     def _forget(self, ident: bytes, why: str) -> None:
         self._routers.pop(ident, None)

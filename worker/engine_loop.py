@@ -149,6 +149,16 @@ class EngineLoop(HandoffLoopVerbs):
         """The engine's invariants, plus: every live request of the engine is known to the loop."""
         self._call(lambda _: self._check_integrity())
 
+    def thread_cpu_s(self) -> float:
+        """CPU seconds of the loop thread so far, read from any thread (Linux: its CPU clock)."""
+        ident = self._thread.ident
+        if ident is None or not self._thread.is_alive():
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except (AttributeError, OSError):  # not Linux, or the thread just ended
+            return 0.0
+
     @property
     def load(self) -> WorkerLoad:
         """As of the latest step (read from any thread)."""

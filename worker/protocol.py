@@ -230,9 +230,24 @@ class EngineStats:
     step_time_sum_s: float = 0.0
     # CPU seconds of the worker (0 where not measured): the engine loop thread, the data plane's
     # I/O thread, and the whole worker process (Ray's threads included).
-    loop_cpu_s: float = 0.0
-    io_cpu_s: float = 0.0
-    process_cpu_s: float = 0.0
+    loop_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_loop_cpu_seconds", "CPU seconds of the engine loop thread."
+        ),
+    )
+    io_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_io_cpu_seconds", "CPU seconds of the data plane's I/O thread."
+        ),
+    )
+    process_cpu_s: float = field(
+        default=0.0,
+        metadata=_metric(
+            "counter", "kvrelay_worker_process_cpu_seconds", "CPU seconds of the worker process."
+        ),
+    )
 
 
 @dataclass(slots=True)

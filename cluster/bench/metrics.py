@@ -122,6 +122,19 @@ class ServerDelta:
     preemptions: float
     graph_replays: float
     eager_steps: float
+    # CPU seconds over the run (0 from servers that do not export them): the router process, and
+    # the workers' engine loop threads, data-plane I/O threads and whole processes, summed.
+    router_cpu_s: float = 0.0
+    worker_loop_cpu_s: float = 0.0
+    worker_io_cpu_s: float = 0.0
+    worker_process_cpu_s: float = 0.0
+    # The engines' steps and their summed duration (the step-time histogram's count and sum).
+    steps: float = 0.0
+    step_time_s: float = 0.0
+
+    @property
+    def mean_step_ms(self) -> float:
+        return 1e3 * self.step_time_s / self.steps if self.steps else math.nan
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -209,6 +222,12 @@ _SERVER_COUNTERS = {
     "preemptions": "kvrelay_worker_preemptions_total",
     "graph_replays": "kvrelay_worker_graph_replays_total",
     "eager_steps": "kvrelay_worker_eager_steps_total",
+    "router_cpu_s": "kvrelay_router_process_cpu_seconds_total",
+    "worker_loop_cpu_s": "kvrelay_worker_loop_cpu_seconds_total",
+    "worker_io_cpu_s": "kvrelay_worker_io_cpu_seconds_total",
+    "worker_process_cpu_s": "kvrelay_worker_process_cpu_seconds_total",
+    "steps": "kvrelay_worker_step_seconds_count",
+    "step_time_s": "kvrelay_worker_step_seconds_sum",
 }
 
 

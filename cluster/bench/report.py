@@ -109,6 +109,19 @@ def _point_rows(p: BenchPoint) -> list[tuple[str, str]]:
             ("Server preemptions", _num(s.preemptions, 0)),
             ("Server graph replay share", _num(s.graph_replay_share, 4)),
         ]
+        if s.steps:
+            per_token = 1e6 / max(m.output_tokens, 1)  # CPU-s -> us per delivered output token
+            rows += [
+                ("Engine step mean (ms)", _num(s.mean_step_ms, 3)),
+                ("Router CPU per output token (us)", _num(s.router_cpu_s * per_token, 1)),
+                (
+                    "Worker CPU per output token: loop / I/O / process (us)",
+                    " / ".join(
+                        _num(v * per_token, 1)
+                        for v in (s.worker_loop_cpu_s, s.worker_io_cpu_s, s.worker_process_cpu_s)
+                    ),
+                ),
+            ]
     if p.client_cpu:
         rows.append(("Client CPU per process (CPU-s/s)", " / ".join(f"{c:.2f}" for c in p.client_cpu)))
     if p.client_warning is not None:

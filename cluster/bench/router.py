@@ -3,9 +3,12 @@
     kvrelay bench router --streams 64,256,1024 --workers 2 --step-ms 20 --ttft-ms 20 --json out.json
 
 The server is `kvrelay serve`'s own (`cluster/serve.py`: router, gRPC server, signals, drain) in a
-spawned child process, over a `SyntheticPool`: each of its workers is one asyncio task that every
-`--step-ms` emits one token for every request it holds, as one `on_deltas` batch (a decode step
-that costs nothing). The load-test harness (`cluster/bench/serve.py`) runs in this process; for each
+spawned child process. Its workers emit, every `--step-ms`, one token for every request they hold
+(a decode step that costs nothing). With `--pool dataplane` (the default) each worker is its own
+OS process behind the real data plane (`synthetic_worker.py`: a `DataPlaneServer` over a
+synthetic loop), reached through a `DataPlanePool` as router processes reach Ray workers; with
+`--pool inprocess` they are asyncio tasks of the server process (`SyntheticPool`), which
+measures the router alone. The load-test harness (`cluster/bench/serve.py`) runs in this process; for each
 `--streams` value it sends one warm-up wave of that many requests (not measured), then
 `--requests-per-stream` x streams requests with at most `streams` open at once.
 
@@ -14,9 +17,11 @@ tokenizer.json); then the router has a text path, which the harness's token-id p
 (`skip_text`) unless `--want-text` asks for text: the pair measures what detokenizing costs per token.
 
 Figures per point, over the measured run only:
-- server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second; pool CPU is
-  the synthetic workers' own share of it (making the deltas), router CPU the rest (gRPC, router,
-  metrics: what a real server spends beside its pool). Client CPU is the harness's, one figure per
+- server CPU: the child's utime + stime (/proc/PID/stat, every thread) per wall-second. Pool CPU:
+  with `--pool dataplane` the worker processes' own (ticks, data plane I/O), and router CPU is the
+  whole server process (gRPC, router, metrics, the data plane's client side); in process, the
+  synthetic workers' share of the server's (making the deltas) and router CPU the rest. Both also
+  per delivered token (us/token): issue 14's per-token CPU of the router and the worker. Client CPU is the harness's, one figure per
   client process (`--client-processes`, as `bench serve`'s): near 1.0 the client, not the router,
   is the limit, and the run warns.
 - added TTFT: client TTFT - the synthetic TTFT. A worker emits a request's first token at its first
@@ -41,10 +46,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,18 +63,26 @@ from .serve import (
 )
 from .serve import config_from_args as bench_serve_config
 from .synthetic_pool import SYNTHETIC_MODEL, SyntheticPool
+from .synthetic_worker import WorkerProcesses
 from .workloads import LengthRange, random_requests
+
+if TYPE_CHECKING:
+    from ..dataplane import WorkerEndpoint
 
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 _PUBLISH_S = 0.05  # how often the server child publishes its pool's figures
 
 
-def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> None:
+def _serve_child(
+    cfg: BenchRouterConfig, conn: Connection, pool_stats: Any, endpoints: list[WorkerEndpoint] | None
+) -> None:
     """The spawned server: `kvrelay serve` with its pool made synthetic; SIGTERM drains and stops it.
-    pool_stats (3 doubles of shared memory, read by the parent) is kept at `SyntheticPool.stats()`."""
+    endpoints: the worker processes' (a DataPlanePool); None: a SyntheticPool in this process, whose
+    `stats()` is kept in pool_stats (3 doubles of shared memory, read by the parent)."""
     from .. import serve
     from ..config import ServerConfig
+    from ..dataplane import DataPlanePool
 
     most = max(cfg.streams)
     config = ServerConfig(
@@ -82,10 +95,15 @@ def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> N
         max_concurrent_streams=2 * max(1024, most),
     )
     tokenizer = None if cfg.tokenizer is None else str(cfg.tokenizer)
-    pool = SyntheticPool(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3, tokenizer)
+    pool: SyntheticPool | DataPlanePool
+    if endpoints is None:
+        pool = SyntheticPool(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3, tokenizer)
+    else:
+        model = replace(SYNTHETIC_MODEL, model_dir=tokenizer)
+        pool = DataPlanePool(model, endpoints, router_id=f"bench-router-{os.getpid()}")
 
     async def publish_stats() -> None:
-        while True:
+        while isinstance(pool, SyntheticPool):
             pool_stats[:] = pool.stats()
             await asyncio.sleep(_PUBLISH_S)
 
@@ -109,11 +127,15 @@ def _serve_child(cfg: BenchRouterConfig, conn: Connection, pool_stats: Any) -> N
 class ServerChild:
     """The server process."""
 
-    def __init__(self, cfg: BenchRouterConfig) -> None:
+    def __init__(self, cfg: BenchRouterConfig, workers: WorkerProcesses | None = None) -> None:
         ctx = mp.get_context("spawn")
+        self._workers = workers
         self._pool_stats = ctx.Array("d", 3, lock=False)
         receive, send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve_child, args=(cfg, send, self._pool_stats), daemon=True)
+        endpoints = None if workers is None else workers.endpoints
+        self.proc = ctx.Process(
+            target=_serve_child, args=(cfg, send, self._pool_stats, endpoints), daemon=True
+        )
         self.proc.start()
         send.close()
         if not receive.poll(_START_TIMEOUT_S):
@@ -128,12 +150,17 @@ class ServerChild:
             ) from None
 
     def stats(self) -> tuple[float, float, float, int]:
-        """(process CPU seconds, `SyntheticPool.stats()` as last published)."""
+        """(server process CPU seconds, pool CPU seconds, summed synthetic TTFTs, first tokens): the
+        pool's from the worker processes when there are any, else `SyntheticPool.stats()`."""
         from .metrics import process_cpu_seconds
 
         assert self.proc.pid is not None
+        server_cpu = process_cpu_seconds(self.proc.pid)
+        if self._workers is not None:
+            _, waits, firsts = self._workers.pool_stats()
+            return server_cpu, self._workers.cpu_seconds(), waits, firsts
         pool_cpu, waits, firsts = self._pool_stats[:]
-        return process_cpu_seconds(self.proc.pid), pool_cpu, waits, int(firsts)
+        return server_cpu, pool_cpu, waits, int(firsts)
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -161,6 +188,7 @@ class BenchRouterConfig:
     profile_path: Path | None = None  # cProfile of the server process (pstats format)
     tokenizer: Path | None = None  # the router detokenizes the synthetic output with it; None: no text
     want_text: bool = False  # the harness asks for text (skip_text false); only matters with a tokenizer
+    pool: str = "dataplane"  # "dataplane": worker processes behind the data plane; "inprocess": asyncio tasks
 
     def __post_init__(self) -> None:
         checks = [
@@ -169,6 +197,10 @@ class BenchRouterConfig:
                 f"--streams must be >= 1, got {self.streams}",
             ),
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (
+                self.pool in ("dataplane", "inprocess"),
+                f"--pool must be dataplane or inprocess, got {self.pool!r}",
+            ),
             (math.isfinite(self.step_ms) and self.step_ms > 0, f"--step-ms must be > 0, got {self.step_ms}"),
             (
                 math.isfinite(self.ttft_ms) and self.ttft_ms >= 0,
@@ -231,8 +263,8 @@ class RouterPoint:
     output_tokens: int
     wall_s: float  # the CPU window: the measured requests, first sent to last ended
     server_cpu: float  # CPU-seconds per wall-second, whole server process
-    pool_cpu: float  # of which the synthetic workers
-    router_cpu: float  # server - pool
+    pool_cpu: float  # the synthetic workers' (their processes, or their share of the server's)
+    router_cpu: float  # the server's, less the pool's share when the pool runs in it
     client_cpu: float  # the harness, summed over its processes
     client_cpu_per_process: tuple[float, ...]  # each client process's, over the measured run
     request_throughput: float  # as the harness reports them
@@ -240,12 +272,20 @@ class RouterPoint:
     synthetic_ttft_ms: float  # mean wait the pool imposed before first tokens (ttft + tick phase)
     added_ttft_ms: Percentiles
     added_itl_ms: Percentiles
+    # CPU microseconds per delivered output token: router (as router_cpu) and workers (as pool_cpu).
+    router_cpu_us_per_token: float = math.nan
+    worker_cpu_us_per_token: float = math.nan
 
 
 def add_bench_router_args(p: argparse.ArgumentParser) -> None:
     """Values are checked by `BenchRouterConfig`, so every bad one is one line naming its flag."""
     p.add_argument("--streams", default="64,256,1024", help="concurrent streams; a comma list sweeps")
     p.add_argument("--workers", type=int, default=2, help="synthetic workers")
+    p.add_argument(
+        "--pool",
+        default="dataplane",
+        help="dataplane: worker processes behind the zmq data plane (default); inprocess: asyncio tasks",
+    )
     p.add_argument("--step-ms", type=float, default=20.0, help="synthetic decode step: one token per request")
     p.add_argument("--ttft-ms", type=float, default=20.0, help="synthetic time to first token")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (token ids)")
@@ -291,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         profile_path=args.profile,
         tokenizer=args.tokenizer,
         want_text=args.want_text,
+        pool=args.pool,
     )
 
 
@@ -327,6 +368,8 @@ async def measure(
     cpu1, pool1, waits1, firsts1 = server.stats()
     m = compute_metrics(records, Slo())
     server_cpu, pool_cpu = (cpu1 - cpu0) / wall, (pool1 - pool0) / wall
+    router_cpu = server_cpu if cfg.pool == "dataplane" else server_cpu - pool_cpu
+    per_token_us = 1e6 * wall / max(m.output_tokens, 1)
     synthetic_ttft_ms = (waits1 - waits0) / max(firsts1 - firsts0, 1) * 1e3
     return RouterPoint(
         streams=streams,
@@ -338,7 +381,7 @@ async def measure(
         wall_s=wall,
         server_cpu=server_cpu,
         pool_cpu=pool_cpu,
-        router_cpu=server_cpu - pool_cpu,
+        router_cpu=router_cpu,
         client_cpu=sum(client_cpu),
         client_cpu_per_process=client_cpu,
         request_throughput=m.request_throughput,
@@ -346,6 +389,8 @@ async def measure(
         synthetic_ttft_ms=synthetic_ttft_ms,
         added_ttft_ms=Percentiles.of_ms(m.samples["ttft"], synthetic_ttft_ms),
         added_itl_ms=Percentiles.of_ms(m.samples["itl"], cfg.step_ms),
+        router_cpu_us_per_token=router_cpu * per_token_us,
+        worker_cpu_us_per_token=pool_cpu * per_token_us,
     )
 
 
@@ -356,18 +401,25 @@ async def _run_points(cfg: BenchRouterConfig, server: ServerChild) -> list[Route
 
 
 def run_points(cfg: BenchRouterConfig) -> list[RouterPoint]:
-    """Every --streams value in turn, on one server."""
-    server = ServerChild(cfg)
+    """Every --streams value in turn, on one server (and one set of worker processes)."""
+    workers = None
+    if cfg.pool == "dataplane":
+        workers = WorkerProcesses.start(cfg.workers, cfg.step_ms / 1e3, cfg.ttft_ms / 1e3)
     try:
-        return asyncio.run(_run_points(cfg, server))
+        server = ServerChild(cfg, workers)
+        try:
+            return asyncio.run(_run_points(cfg, server))
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        if workers is not None:
+            workers.stop()
 
 
 def format_table(points: Sequence[RouterPoint]) -> str:
     header = (
         "streams", "syn ttft", "srv cpu", "pool cpu", "router cpu", "client cpu", "req/s", "out tok/s",
-        "+ttft p50/p90/p99 ms", "+itl p50/p90/p99 ms", "failed",
+        "router us/tok", "worker us/tok", "+ttft p50/p90/p99 ms", "+itl p50/p90/p99 ms", "failed",
     )  # fmt: skip
 
     def pct(p: Percentiles) -> str:
@@ -383,6 +435,8 @@ def format_table(points: Sequence[RouterPoint]) -> str:
             "/".join(f"{c:.2f}" for c in p.client_cpu_per_process),
             f"{p.request_throughput:.1f}",
             f"{p.output_throughput:.0f}",
+            f"{p.router_cpu_us_per_token:.1f}",
+            f"{p.worker_cpu_us_per_token:.1f}",
             pct(p.added_ttft_ms),
             pct(p.added_itl_ms),
             str(p.failed),
@@ -401,7 +455,8 @@ def run_bench_router(args: argparse.Namespace) -> int:
     ValueError naming the flag."""
     cfg = config_from_args(args)
     points = run_points(cfg)
-    sys.stdout.write(f"{cfg.workers} synthetic workers, step {cfg.step_ms:g} ms, ttft {cfg.ttft_ms:g} ms, ")
+    where = "worker processes over the data plane" if cfg.pool == "dataplane" else "in-process workers"
+    sys.stdout.write(f"{cfg.workers} synthetic {where}, step {cfg.step_ms:g} ms, ttft {cfg.ttft_ms:g} ms, ")
     sys.stdout.write(f"{os.cpu_count()} CPUs; CPU figures are CPU-seconds per wall-second\n")
     sys.stdout.write(format_table(points))
     for p in points:

@@ -94,13 +94,20 @@ class SyntheticWorker:
         )
 
     async def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
+        self.add(requests)
+        return {}
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        self.cancel(request_ids)
+
+    def add(self, requests: Sequence[WorkRequest]) -> None:
         now = time.monotonic()
         for r in requests:
             deadline = None if r.timeout_s is None else now + r.timeout_s
             self._held[r.request_id] = _Held(r.request_id, len(r.prompt_token_ids), r.params, now, deadline)
-        return {}
 
-    async def abort(self, request_ids: Sequence[str]) -> None:
+    def cancel(self, request_ids: Sequence[str]) -> None:
+        """Each held one ends with an ABORT delta at the next tick."""
         for rid in request_ids:
             h = self._held.pop(rid, None)
             if h is not None:
