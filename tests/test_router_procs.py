@@ -23,7 +23,8 @@ from engine_helpers import make_engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serve import ServeProcess
 
-from kvrelay.cluster.config import resolve_router_processes
+from kvrelay.cluster.config import ServerConfig, resolve_router_processes
+from kvrelay.cluster.router_procs import split_budget
 from kvrelay.proto import kvrelay_pb2 as pb
 from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
 from kvrelay.worker.sampling_params import SamplingParams
@@ -155,6 +156,14 @@ def test_auto_rule() -> None:
         8,
     ]
     assert resolve_router_processes(3, 2) == 3
+    for bad in (0, 65, "many", True):
+        with pytest.raises(
+            ValueError, match=f"router_processes must be 'auto' or an integer in \\[1, 64\\], got {bad!r}"
+        ):
+            ServerConfig(router_processes=bad)
+    assert split_budget(ServerConfig(max_queued_requests=1000, max_queued_tokens=7), 3) == ServerConfig(
+        max_queued_requests=333, max_queued_tokens=2
+    )
 
 
 def test_both_routers_stream_and_one_endpoint_counts_them(server: Server) -> None:
