@@ -154,8 +154,9 @@ class RouterCore:
         then fail the rest with UNAVAILABLE."""
         self._draining = True
         await self._sync_health()
-        if self._streams:
-            log.info("draining: %d streams open, %.1f s grace", len(self._streams), grace_s)
+        if not self._streams:
+            return
+        log.info("draining: %d streams open, %.1f s grace", len(self._streams), grace_s)
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except asyncio.TimeoutError:
