@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import psutil
 import pytest
 from engine_helpers import make_engine
@@ -36,6 +37,7 @@ device: cpu
 drain_grace_s: 10
 metrics_port: 0
 health_port: 0
+http_port: 0
 router_processes: 2
 engine:
   num_kv_blocks: 256
@@ -125,6 +127,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     p = ServeProcess(["--config", str(config), "--host", "127.0.0.1"])
     try:
         address = p.wait_ready(180)
+        p.http = f"http://{p.http_address()}"
         health = logged(p, "gRPC health (plaintext) on ").split()[0]
         metrics = logged(p, "metrics of 2 routers on http://").split("/metrics")[0]
         yield Server(p, address, health, metrics)
@@ -188,6 +191,16 @@ def test_both_routers_stream_and_one_endpoint_counts_them(server: Server) -> Non
             ch.close()
     after = server.requests_by_code()
     assert after["OK"] - before["OK"] == len(chans)  # both processes' counters, summed
+    # The HTTP API shares its port the same way: each request on a new connection.
+    text = (
+        make_engine(num_kv_blocks=64)
+        .generate([PROMPT], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+        .text
+    )
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "ignore_eos": True}
+    for _ in range(4):
+        resp = httpx.post(f"{server.proc.http}/v1/completions", json=body, timeout=30)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == text
     assert Path(f"/proc/{server.proc.proc.pid}").exists()
 
 
