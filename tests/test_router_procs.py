@@ -197,7 +197,7 @@ def test_both_routers_stream_and_one_endpoint_counts_them(server: Server) -> Non
         .generate([PROMPT], SamplingParams(max_tokens=6, ignore_eos=True))[0]
         .text
     )
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "ignore_eos": True, "temperature": 0}
     for _ in range(4):
         resp = httpx.post(f"{server.proc.http}/v1/completions", json=body, timeout=30)
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == text
