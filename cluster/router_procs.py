@@ -251,6 +251,17 @@ class RouterProcesses:
             self._on_health(now)
 
 
+async def _check_integrity(pool: Any) -> None:
+    """After every router stopped: each worker's engine invariants (no KV block held by a request
+    that no router owns any more). Logged, not fatal: the server is stopping either way."""
+    try:
+        await pool.check_integrity()
+    except Exception as e:
+        log.error("KV block integrity after drain: %s", e)
+    else:
+        log.info("KV block integrity after drain: ok on every healthy worker")
+
+
 def make_metrics_dir() -> str:
     """A fresh, empty directory for prometheus-client's multiprocess files (removed at exit)."""
     return tempfile.mkdtemp(prefix="kvrelay-metrics-")
@@ -365,6 +376,7 @@ async def serve_controller(
             log.info("second signal: ending the grace period now")
             await routers.drain(0.0)
         await stopped
+        await _check_integrity(pool)
         return 0
     finally:
         signals.restore()

@@ -332,3 +332,5 @@ def test_sigterm_drains_every_router_then_exits_0(server: Server) -> None:
     assert [f + r for f, r in zip(firsts, rests, strict=True)] == [expected] * 4
     assert server.proc.proc.wait(60) == 0
     assert server.proc.stdout.qsize() == 0
+    # After the kill, the soak and the drain: every worker's engine invariants hold.
+    assert logged(server.proc, "KV block integrity after drain: ") == "ok on every healthy worker\n"
