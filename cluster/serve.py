@@ -18,6 +18,9 @@ UNAVAILABLE (HTTP 503) at once; open streams of both protocols run on for up to 
 second signal cuts the grace short), the rest end with UNAVAILABLE; then the servers and the pool
 stop and the process exits 0.
 
+With `--router-processes N` (N > 1; `auto` picks by cores) this process is the controller of N
+router processes on the same ports instead (cluster/router_procs.py, docs/ROUTERS.md).
+
 `add_serve_args` and `run_serve` are what `kvrelay/cli.py` wires; `python -m kvrelay.cluster.serve`
 runs the same command standalone.
 """
