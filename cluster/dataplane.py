@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from kvrelay.worker import wire
-from kvrelay.worker.protocol import TokenDelta, WorkerLoad, WorkRequest
+from kvrelay.worker.protocol import EngineStats, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.wire import Kind, WireError
 
 from .interfaces import ModelDescription, WorkerClient, WorkerPool
@@ -244,7 +244,7 @@ class DataPlaneClient:
                 load, _ = wire.decode_load(fields[1])
                 load.stats = self._load.stats  # the counters come with heartbeats
                 self._last_heard = time.monotonic()
-                progressed = bool(deltas) or load != self._load
+                progressed = bool(deltas) or _moved(load, self._load)
                 self._load = load
                 if deltas and on_deltas is not None:
                     _call(on_deltas, self.rank, deltas)
@@ -256,7 +256,7 @@ class DataPlaneClient:
                     return False
                 self._incarnation_heard = incarnation
                 self._last_heard = time.monotonic()
-                progressed = load != self._load
+                progressed = _moved(load, self._load)
                 self._load = load
                 return progressed
             if kind is Kind.SUBMITTED:
@@ -272,6 +272,20 @@ class DataPlaneClient:
         except (WireError, ValueError, TypeError, IndexError, AttributeError) as e:
             log.warning("data plane: dropped a malformed message from worker %d: %s", self.rank, e)
             return False
+
+
+def _moved(new: WorkerLoad, old: WorkerLoad) -> bool:
+    """Whether a worker's load shows progress: anything but its CPU clocks, which tick on every
+    heartbeat even while its engine is stalled."""
+    if new == old:
+        return False
+    return dataclasses.replace(new, stats=_no_cpu(new.stats)) != dataclasses.replace(
+        old, stats=_no_cpu(old.stats)
+    )
+
+
+def _no_cpu(stats: EngineStats) -> EngineStats:
+    return dataclasses.replace(stats, loop_cpu_s=0.0, io_cpu_s=0.0, process_cpu_s=0.0)
 
 
 def _call(fn: Callable[..., None], *args: Any) -> None:

@@ -175,7 +175,10 @@ class RayWorkerPool:
         endpoint = WorkerEndpoint(w.rank, address, incarnation)
         w.connect(endpoint)
         if not await w.wait_heartbeat(self._timeouts.call_s):
-            raise RuntimeError(f"worker {w.rank}'s data plane at {address} does not answer")
+            raise RuntimeError(
+                f"worker {w.rank}'s data plane at {address} does not answer within {self._timeouts.call_s:g} s "
+                "(is that address reachable from this host? KVRELAY_DATAPLANE_HOST sets the one workers bind)"
+            )
         w.mark_up()
         for listener in self._endpoint_listeners:
             _notify(listener, endpoint, w.rank)

@@ -120,8 +120,10 @@ def model_of(engine: Engine) -> ModelDescription:
 class Router:
     """One router process's view: a DataPlanePool and what its callbacks saw."""
 
-    def __init__(self, model: ModelDescription, endpoint: WorkerEndpoint, router_id: str) -> None:
-        self.pool = DataPlanePool(model, [endpoint], router_id=router_id, timeouts=FAST)
+    def __init__(
+        self, model: ModelDescription, endpoint: WorkerEndpoint, router_id: str, timeouts: PoolTimeouts = FAST
+    ) -> None:
+        self.pool = DataPlanePool(model, [endpoint], router_id=router_id, timeouts=timeouts)
         self.deltas: dict[str, TokenDelta] = {}
         self.events: list[tuple[str, int]] = []
 
@@ -349,3 +351,25 @@ def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
 
     asyncio.run(scenario())
     loop.check_integrity()
+
+
+def test_a_stalled_engine_is_down_although_its_heartbeats_continue(
+    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+) -> None:
+    """The I/O thread keeps heartbeating (its CPU clocks tick) while the engine stops stepping: only
+    progress counts, so a submit left waiting takes the worker down after no_progress_s."""
+    loop, server = served
+    timeouts = PoolTimeouts(poll_s=0.05, stall_s=5.0, probe_interval_s=0.1, no_progress_s=1.0)
+
+    async def scenario() -> None:
+        a = Router(model_of(engine), WorkerEndpoint(0, server.address, "inc-1"), "router-a", timeouts)
+        await a.start()
+        loop.stall(3.0)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError):
+            await a.pool.workers[0].submit([WorkRequest("w", [1, 2], GREEDY)])
+        assert a.events == [("down", 0)]
+        assert 0.9 < time.monotonic() - started < 2.5
+        await a.pool.stop()
+
+    asyncio.run(scenario())
