@@ -127,7 +127,10 @@ class RouterProcesses:
     async def start(self) -> tuple[int, int | None]:
         """Spawn every router; returns (grpc port, http port) once each accepts calls."""
         self._routers = [self._spawn(i, 0) for i in range(self._n)]
-        ports = await asyncio.wait_for(asyncio.gather(*(r.ready for r in self._routers)), _READY_S)
+        gathering = asyncio.gather(*(r.ready for r in self._routers))
+        # Interrupted (a signal during start-up), gather ends with CancelledError: retrieve it.
+        gathering.add_done_callback(lambda f: f.cancelled() or f.exception())
+        ports = await asyncio.wait_for(gathering, _READY_S)
         return ports[0]
 
     def set_endpoint(self, endpoint: WorkerEndpoint | None, rank: int) -> None:
