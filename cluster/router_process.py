@@ -103,6 +103,7 @@ async def _serve(spec: RouterSpec, conn: Connection) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await drain
         await server.stop(1.0)
+        log.info("drained; stopping the servers and the data plane")
     finally:
         loop.remove_reader(conn.fileno())
         if http is not None:
@@ -110,6 +111,7 @@ async def _serve(spec: RouterSpec, conn: Connection) -> None:
         if server is not None:
             await server.stop(0)
         await router.stop()  # the pool says BYE: each worker aborts what this router still had
+    log.info("stopped")
     with contextlib.suppress(OSError):
         conn.send(("stopped",))
 
