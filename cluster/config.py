@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -108,6 +109,10 @@ class ServerConfig:
     # (REFUSED_STREAM: UNAVAILABLE, seen with 1024 streams on one connection by `kvrelay bench
     # router`); admission then answers excess load with a clear RESOURCE_EXHAUSTED instead.
     max_concurrent_streams: int = 2048
+    # Router processes that serve `port` together (SO_REUSEPORT; docs/ROUTERS.md): an int >= 1, or
+    # "auto" (`resolve_router_processes`: 1 with <= 4 cores, else min(cores // 4, 8)). 1 keeps the
+    # single-process server.
+    router_processes: int | str = "auto"
     drain_grace_s: float = 30.0  # after SIGTERM/SIGINT, how long in-flight streams may run on
     default_max_tokens: int = 16  # for requests that leave max_tokens at 0
     # Requests arriving within this window that go to one worker are submitted in one call;
@@ -163,10 +168,24 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        rp = self.router_processes
+        if not (rp == "auto" or (isinstance(rp, int) and not isinstance(rp, bool) and 1 <= rp <= 64)):
+            raise ValueError(f"router_processes must be 'auto' or an integer in [1, 64], got {rp!r}")
         if self.auth_token_file == "":
             raise ValueError("auth_token_file must be a file path or null, got an empty string")
         if self.engine.detokenize:
             raise ValueError("engine.detokenize must be False: the router detokenizes")
+
+
+def resolve_router_processes(value: int | str, cores: int | None = None) -> int:
+    """How many router processes `router_processes` means on a machine with `cores` CPU cores
+    (default: this one's). "auto": 1 up to 4 cores (a second router would only take cores from the
+    workers and Ray), else one router per 4 cores, at most 8 (the 16-core GPU machine gets 4)."""
+    if value != "auto":
+        assert isinstance(value, int)
+        return value
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    return 1 if n <= 4 else min(n // 4, 8)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:

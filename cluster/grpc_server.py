@@ -21,18 +21,26 @@ from .router import _UNPARSABLE, SERVICE_NAME, GenerationRouter
 # RPCs the server runs at once beyond max_queued_requests: health probes, stats, and calls that
 # are about to be refused, so those still get an answer under full load.
 _CONTROL_RPC_HEADROOM = 64
-_HANDSHAKE_TIMEOUT_MS = 10_000  # a peer that opens a connection and stalls the TLS handshake
+_HANDSHAKE_TIMEOUT_MS = 10_000
+_MIN_PENDING_REQUESTS = 8192  # calls gRPC core holds for the handlers before it sheds any  # a peer that opens a connection and stalls the TLS handshake
 
 
 def build_server(
-    router: GenerationRouter, config: ServerConfig, security: ServerSecurity | None = None
+    router: GenerationRouter,
+    config: ServerConfig,
+    security: ServerSecurity | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with the Generation, health and reflection services, bound to
     config.host:config.port (0: any free port); returns it (not started) and the bound port.
-    security: TLS credentials and token check (default: `load_security(config)`)."""
+    security: TLS credentials and token check (default: `load_security(config)`).
+    reuse_port: share the port with the other router processes (SO_REUSEPORT: the kernel spreads
+    connections over them); off, a second server on the same port fails to bind."""
     if security is None:
         security = load_security(config)
     limit = config.max_message_bytes
+    pending = max(_MIN_PENDING_REQUESTS, 4 * config.max_concurrent_streams)
     server = grpc.aio.server(
         interceptors=security.interceptors,
         options=[
@@ -42,8 +50,14 @@ def build_server(
             ("grpc.max_metadata_size", config.max_metadata_bytes),
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
-            # Without this a second server on the same port would share it silently (Linux).
-            ("grpc.so_reuseport", 0),
+            # gRPC core cancels calls that wait for the application to pick them up once more
+            # than max_pending_requests (default 1000) wait, at random up to the hard limit: at
+            # 2,000 simultaneous streams ~6% read CANCELLED with no handler run (issue 14). Past
+            # these limits a call still reads CANCELLED; docs/ROUTERS.md.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+            # Without 0 a second server on the same port would share it silently (Linux).
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
         # Past this many RPCs at once gRPC answers RESOURCE_EXHAUSTED before any handler runs.
         maximum_concurrent_rpcs=config.max_queued_requests + _CONTROL_RPC_HEADROOM,
@@ -72,8 +86,14 @@ def build_server(
 def build_health_server(router: GenerationRouter, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A plaintext server with the health service alone (the router's, so it reports the same
     status), for probes that cannot present TLS or a token. Nothing else is reachable on it."""
+    return build_health_only(router.health, host, port)
+
+
+def build_health_only(servicer: Any, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """`build_health_server` over any grpc.health.v1 servicer (the controller of several router
+    processes has its own, SERVING only while every router is)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
-    health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     address = format_address(host, port)
     try:
         bound = server.add_insecure_port(address)

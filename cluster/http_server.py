@@ -38,8 +38,16 @@ class HttpServer:
     core: the model it serves is the pool's."""
 
     def __init__(
-        self, core: RouterCore, config: ServerConfig, security: ServerSecurity, port: int | None = None
+        self,
+        core: RouterCore,
+        config: ServerConfig,
+        security: ServerSecurity,
+        port: int | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """reuse_port: share the port with the other router processes (SO_REUSEPORT)."""
+        self._reuse_port = reuse_port
         self._host = config.host
         self._port = config.http_port if port is None else port
         assert self._port is not None, "http_port is not set"
@@ -73,6 +81,8 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in self._host.strip("[]") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self._host.strip("[]"), self._port))
         except OSError as e:

@@ -5,6 +5,13 @@ scrape time from the loads the workers sent with their latest poll (`WorkerLoad`
 `EngineStats`, whose fields say how they are exported), labelled `worker="<rank>"`; the engine's
 cumulative counters reset when a worker restarts, which Prometheus treats as a counter reset.
 
+Several router processes (`kvrelay serve --router-processes N`, cluster/router_procs.py): each
+router process runs with PROMETHEUS_MULTIPROC_DIR set (prometheus-client's multiprocess mode: its
+metrics live in files of that directory); the controller serves one endpoint (`serve_aggregated`)
+that merges them with a MultiProcessCollector and adds the worker metrics from its own pool. In
+that mode a gauge cannot be a function read at scrape time, so `track_gauges` keeps the functions
+and `refresh()` (the router process calls it every REFRESH_S) writes their values.
+
 The HTTP endpoint (`serve_http`) runs on prometheus-client's own thread; the scrape only reads
 plain attributes that the event loop replaces whole, never a structure it mutates in place.
 """
@@ -12,6 +19,7 @@ plain attributes that the event loop replaces whole, never a structure it mutate
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
@@ -36,6 +44,10 @@ WorkerSnapshot = Callable[[], Sequence[tuple[int, bool, WorkerLoad]]]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+# How stale a multiprocess gauge may be (the router process refreshes them this often).
+REFRESH_S = 0.25
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -43,9 +55,24 @@ class ServerMetrics:
     def __init__(self, workers: WorkerSnapshot | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Set in router processes: values go to per-pid files, summed over live processes.
+        self.multiprocess = MULTIPROC_ENV in os.environ
+        live: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        self._gauge_fns: list[tuple[Gauge, Callable[[], float]]] = []
         # This router process's CPU (kvrelay_router_process_cpu_seconds_total, ...): the router's
-        # CPU per token in `bench serve`.
-        ProcessCollector(namespace="kvrelay_router", registry=r)
+        # CPU per token in `bench serve`. A collector is read at scrape time in this process, which
+        # the controller's endpoint never reaches: router processes count their CPU in a counter
+        # (summed over every router) that `refresh` advances.
+        self._cpu: Counter | None = None
+        self._cpu_seen = 0.0
+        if self.multiprocess:
+            self._cpu = Counter(
+                "kvrelay_router_process_cpu_seconds",
+                "User and system CPU of the router processes, summed.",
+                registry=r,
+            )
+        else:
+            ProcessCollector(namespace="kvrelay_router", registry=r)
         self.ttft = Histogram(
             "kvrelay_time_to_first_token_seconds",
             "Time from a request's arrival to its first streamed token.",
@@ -85,26 +112,62 @@ class ServerMetrics:
         self.generated_tokens = Counter(
             "kvrelay_generation_tokens", "Tokens streamed to clients.", registry=r
         )
-        self.in_flight = Gauge("kvrelay_requests_in_flight", "Admitted streams not yet ended.", registry=r)
+        self.in_flight = Gauge(
+            "kvrelay_requests_in_flight", "Admitted streams not yet ended.", registry=r, **live
+        )
         self.queued = Gauge(
-            "kvrelay_requests_queued", "Admitted requests not yet sent to a worker.", registry=r
+            "kvrelay_requests_queued", "Admitted requests not yet sent to a worker.", registry=r, **live
         )
         if workers is not None:
             r.register(_WorkerCollector(workers))
 
+    def track_gauges(self, in_flight: Callable[[], float], queued: Callable[[], float]) -> None:
+        """The gauges' values: read at scrape time, or (multiprocess mode) written by `refresh`."""
+        for gauge, fn in ((self.in_flight, in_flight), (self.queued, queued)):
+            if self.multiprocess:
+                self._gauge_fns.append((gauge, fn))
+            else:
+                gauge.set_function(fn)
+
+    def refresh(self) -> None:
+        for gauge, fn in self._gauge_fns:
+            gauge.set(fn())
+        if self._cpu is not None:
+            t = os.times()
+            cpu = t.user + t.system
+            self._cpu.inc(max(0.0, cpu - self._cpu_seen))
+            self._cpu_seen = cpu
+
     def serve_http(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
         """Serve /metrics on host:port (0: any free port); returns the bound port and a stop function."""
-        try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            raise ValueError(f"metrics_port: cannot listen on {host}:{port}: {e.strerror}") from None
+        return _serve(self.registry, host, port)
 
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
 
-        return int(server.server_port), stop
+def serve_aggregated(
+    host: str, port: int, multiproc_dir: str, workers: WorkerSnapshot
+) -> tuple[int, Callable[[], None]]:
+    """The controller's one endpoint: every router process's metrics (files in multiproc_dir),
+    plus the workers' (once, from the controller's pool). Returns the bound port and a stop."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+    registry.register(_WorkerCollector(workers))
+    return _serve(registry, host, port)
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> tuple[int, Callable[[], None]]:
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise ValueError(f"metrics_port: cannot listen on {host}:{port}: {e.strerror}") from None
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return int(server.server_port), stop
 
 
 def add_worker_stats(stats: pb.ServerStats, workers: Sequence[tuple[int, bool, WorkerLoad]]) -> None:

@@ -56,8 +56,8 @@ def _parsed(request: object, cls: type[Message]) -> None:
 
 
 class GenerationRouter(RouterCore, pb_grpc.GenerationServicer):
-    def __init__(self, pool: WorkerPool, config: ServerConfig) -> None:
-        super().__init__(pool, config)
+    def __init__(self, pool: WorkerPool, config: ServerConfig, *, worker_id_prefix: str = "") -> None:
+        super().__init__(pool, config, worker_id_prefix=worker_id_prefix)
         self.health = health.aio.HealthServicer()
 
     async def Generate(

@@ -104,8 +104,11 @@ Stream = _Stream
 
 
 class RouterCore:
-    def __init__(self, pool: WorkerPool, config: ServerConfig) -> None:
+    def __init__(self, pool: WorkerPool, config: ServerConfig, *, worker_id_prefix: str = "") -> None:
+        """worker_id_prefix: set when several routers share the workers (router processes), so
+        their worker request ids never collide; unique per router incarnation."""
         self._pool = pool
+        self._worker_id_prefix = worker_id_prefix
         self.config = config
         self.metrics = ServerMetrics(self._worker_snapshot)
         self._admission = Admission(config.max_queued_requests, config.max_queued_tokens)
@@ -123,8 +126,7 @@ class RouterCore:
         self._submits = PerWorkerBatcher(self._submit, config.batch_window_s)
         self._aborts = PerWorkerBatcher(self._abort)  # at once: every step they wait costs KV
         self._tasks: set[asyncio.Task[None]] = set()
-        self.metrics.in_flight.set_function(lambda: len(self._streams))
-        self.metrics.queued.set_function(lambda: self._num_queued)
+        self.metrics.track_gauges(lambda: len(self._streams), lambda: self._num_queued)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,8 +154,9 @@ class RouterCore:
         then fail the rest with UNAVAILABLE."""
         self._draining = True
         await self._sync_health()
-        if self._streams:
-            log.info("draining: %d streams open, %.1f s grace", len(self._streams), grace_s)
+        if not self._streams:
+            return
+        log.info("draining: %d streams open, %.1f s grace", len(self._streams), grace_s)
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except asyncio.TimeoutError:
@@ -228,7 +231,7 @@ class RouterCore:
         self._seq += 1
         s = _Stream(
             request_id=request_id,
-            worker_request_id=f"{self._seq:x}",
+            worker_request_id=f"{self._worker_id_prefix}{self._seq:x}",
             prompt_ids=ids,
             params=params,
             ticket=ticket,

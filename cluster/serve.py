@@ -18,6 +18,9 @@ UNAVAILABLE (HTTP 503) at once; open streams of both protocols run on for up to 
 second signal cuts the grace short), the rest end with UNAVAILABLE; then the servers and the pool
 stop and the process exits 0.
 
+With `--router-processes N` (N > 1; `auto` picks by cores) this process is the controller of N
+router processes on the same ports instead (cluster/router_procs.py, docs/ROUTERS.md).
+
 `add_serve_args` and `run_serve` are what `kvrelay/cli.py` wires; `python -m kvrelay.cluster.serve`
 runs the same command standalone.
 """
@@ -48,7 +51,7 @@ log = logging.getLogger("kvrelay")
 _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
     "metrics_port", "health_port", "http_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
-    "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker",
+    "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker", "router_processes",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
 # `timeout` signals both its child and its process group), not a second Ctrl-C.
@@ -94,6 +97,12 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve TLS with this PEM certificate chain (needs --tls-key)")
     p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates signed by these PEM CAs (mTLS)")
+    p.add_argument(
+        "--router-processes",
+        type=_router_processes,
+        help="router processes sharing the ports (SO_REUSEPORT): N, or auto (default: 1 up to 4 "
+        "cores, else min(cores // 4, 8)); docs/ROUTERS.md",
+    )
     p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
     p.add_argument(
         "--gpus-per-worker",
@@ -107,6 +116,15 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
     p.add_argument("--block-size", type=int, help="tokens per KV block")
     return p
+
+
+def _router_processes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -210,6 +228,16 @@ async def serve(
     if security is None:
         security = load_security(config)
     if pool is None:
+        from .config import resolve_router_processes
+
+        n = resolve_router_processes(config.router_processes)
+        disaggregated = config.prefill_workers is not None or config.decode_workers is not None
+        if disaggregated and config.router_processes == "auto":
+            n = 1  # several routers serve colocated workers only (docs/ROUTERS.md)
+        if n > 1:
+            from .router_procs import serve_controller
+
+            return await serve_controller(config, n, ready=ready)
         pool = make_pool(config)
     router = GenerationRouter(pool, config)
     signals = _Signals(asyncio.get_running_loop())

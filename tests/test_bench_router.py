@@ -178,3 +178,23 @@ def test_bench_router_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -
     assert "--profile: directory /nonexistent/dir does not exist" in capsys.readouterr().err
     assert main(["bench", "router", "--tokenizer", "/nonexistent/tok.gguf"]) == 2
     assert "--tokenizer: /nonexistent/tok.gguf does not exist" in capsys.readouterr().err
+
+
+def test_bench_router_over_two_router_processes(tmp_path: Path) -> None:
+    """--router-processes 2: the server child is a controller of 2 router processes on one port, and
+    the server CPU counts them (the child alone would be ~0)."""
+    out = tmp_path / "router.json"
+    argv = ["bench", "router", "--streams", "8", "--input-len", "8", "--output-len", "4", "--step-ms", "10"]
+    assert main([*argv, "--router-processes", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["router_processes"] == 2
+    (p,) = doc["points"]
+    assert p["completed"] == p["requests"] == 16 and p["output_tokens"] == 64 and p["failed"] == 0
+    assert 0 < p["router_cpu"] == p["server_cpu"]
+
+
+def test_bench_router_processes_need_the_dataplane_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "router", "--pool", "inprocess", "--router-processes", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kvrelay: error: --router-processes must be >= 1 (> 1 needs --pool dataplane), got 2"
+    )

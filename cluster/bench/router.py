@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import math
@@ -102,6 +103,10 @@ def _serve_child(
         model = replace(SYNTHETIC_MODEL, model_dir=tokenizer)
         pool = DataPlanePool(model, endpoints, router_id=f"bench-router-{os.getpid()}")
 
+    if cfg.router_processes > 1:
+        assert isinstance(pool, DataPlanePool) and endpoints is not None
+        sys.exit(asyncio.run(_serve_routers(cfg, config, pool.model, endpoints, conn)))
+
     async def publish_stats() -> None:
         while isinstance(pool, SyntheticPool):
             pool_stats[:] = pool.stats()
@@ -124,6 +129,40 @@ def _serve_child(
     sys.exit(code)
 
 
+async def _serve_routers(
+    cfg: BenchRouterConfig, config: Any, model: Any, endpoints: list[WorkerEndpoint], conn: Connection
+) -> int:
+    """The server child as a controller of cfg.router_processes router processes (the controller
+    of `kvrelay serve --router-processes`, without Ray: the workers are the synthetic processes)."""
+    from ..grpc_server import format_address
+    from ..router_procs import RouterProcesses, reserve_port
+
+    reserved = reserve_port(config.host, 0, "port")
+    port = reserved.getsockname()[1]
+    routers = RouterProcesses(replace(config, port=port), cfg.router_processes, model, endpoints, None)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await routers.start()
+        conn.send(format_address(config.host, port))
+        await stop.wait()
+        await routers.drain(0.0)
+        await routers.wait_stopped(_STOP_TIMEOUT_S / 2)
+        return 0
+    finally:
+        routers.close()
+        reserved.close()
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of a process (Linux /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
 class ServerChild:
     """The server process."""
 
@@ -134,7 +173,9 @@ class ServerChild:
         receive, send = ctx.Pipe(duplex=False)
         endpoints = None if workers is None else workers.endpoints
         self.proc = ctx.Process(
-            target=_serve_child, args=(cfg, send, self._pool_stats, endpoints), daemon=True
+            target=_serve_child,
+            args=(cfg, send, self._pool_stats, endpoints),
+            daemon=cfg.router_processes == 1,  # a daemonic process may not start router processes
         )
         self.proc.start()
         send.close()
@@ -156,6 +197,9 @@ class ServerChild:
 
         assert self.proc.pid is not None
         server_cpu = process_cpu_seconds(self.proc.pid)
+        for child in _child_pids(self.proc.pid):  # router processes (--router-processes > 1)
+            with contextlib.suppress(OSError):  # it exited meanwhile
+                server_cpu += process_cpu_seconds(child)
         if self._workers is not None:
             _, waits, firsts = self._workers.pool_stats()
             return server_cpu, self._workers.cpu_seconds(), waits, firsts
@@ -189,6 +233,10 @@ class BenchRouterConfig:
     tokenizer: Path | None = None  # the router detokenizes the synthetic output with it; None: no text
     want_text: bool = False  # the harness asks for text (skip_text false); only matters with a tokenizer
     pool: str = "dataplane"  # "dataplane": worker processes behind the data plane; "inprocess": asyncio tasks
+    # Router processes on one port (`kvrelay serve --router-processes`, docs/ROUTERS.md); > 1 needs
+    # the dataplane pool. Each client process is one connection, which the kernel hashes to one
+    # router: give --client-processes >= 2x this to load every router.
+    router_processes: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -214,6 +262,10 @@ class BenchRouterConfig:
                 f"max_model_len {SYNTHETIC_MODEL.max_model_len}",
             ),
             (self.client_processes >= 1, f"--client-processes must be >= 1, got {self.client_processes}"),
+            (
+                self.router_processes == 1 or (self.router_processes > 1 and self.pool == "dataplane"),
+                f"--router-processes must be >= 1 (> 1 needs --pool dataplane), got {self.router_processes}",
+            ),
             (
                 self.requests_per_stream >= 1,
                 f"--requests-per-stream must be >= 1, got {self.requests_per_stream}",
@@ -295,6 +347,12 @@ def add_bench_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--client-processes", default="1", help="load-generator processes, N or auto (as bench serve's)"
     )
+    p.add_argument(
+        "--router-processes",
+        type=int,
+        default=1,
+        help="router processes on one port (> 1: give --client-processes >= 2x, one connection each)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
     p.add_argument(
         "--tokenizer",
@@ -332,6 +390,7 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         tokenizer=args.tokenizer,
         want_text=args.want_text,
         pool=args.pool,
+        router_processes=args.router_processes,
     )
 
 
