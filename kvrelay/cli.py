@@ -55,6 +55,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="overlap the host's scheduling with the device's step (default: on for CUDA, off for CPU)",
     )
+    p.add_argument(
+        "--narrow-gemv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Triton GEMV for projections of 1-8 tokens on CUDA where it beats cuBLAS (default: on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +162,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        narrow_gemv=args.narrow_gemv,
     )
 
 
