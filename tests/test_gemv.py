@@ -97,7 +97,10 @@ def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemv, "triton_gemv", spy)
     small, wide = randn(8, 64, dtype=torch.float32, seed=9), randn(9, 64, dtype=torch.float32, seed=10)
     with torch.no_grad():
-        want_small, want_wide = F.linear(small, layer.weight, layer.bias), F.linear(wide, layer.weight, layer.bias)
+        want_small, want_wide = (
+            F.linear(small, layer.weight, layer.bias),
+            F.linear(wide, layer.weight, layer.bias),
+        )
         torch.testing.assert_close(layer(small), want_small, rtol=1e-5, atol=1e-5)
         if DEVICE.type == "cpu":
             assert calls == []  # auto: F.linear on the CPU
@@ -168,21 +171,22 @@ def preset_shapes() -> list[tuple[str, int, int]]:
 
 
 def check_bf16(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """Within one bf16 rounding of the float64 result (float32 accumulation adds ~K * 2^-24
-    relative, far below bf16's 2^-8), and equal to cuBLAS's bits nearly everywhere."""
+    """Within half a bf16 ulp (2^-8 relative) of the float64 result, plus a float32
+    accumulation slack (~sqrt(K) * 2^-24 of an O(1) output, far below 1e-4); and close to
+    cuBLAS, which may itself reduce split-K partials in bf16
+    (torch's allow_bf16_reduced_precision_reduction), so it is not the exact reference."""
     want64 = ref64(x, w, None)
     err = (got.double() - want64).abs()
     bound = want64.abs() * 2.0**-8 + 1e-4
     assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, beyond one bf16 rounding"
-    exact = (got == F.linear(x, w)).float().mean().item()
-    assert exact >= 0.98, f"bf16 differs from cuBLAS on {1 - exact:.1%} of outputs"
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1.6e-2, atol=1e-2)
 
 
 @gpu
 @pytest.mark.parametrize(("name", "n", "k"), preset_shapes(), ids=[s[0] for s in preset_shapes()])
 def test_gpu_preset_shapes_bf16_in_cuda_graph(name: str, n: int, k: int) -> None:
     w = randn(n, k, dtype=torch.bfloat16, seed=11, scale=0.02)
-    layer = Linear(k, n, bias=False).to(device=DEVICE, dtype=torch.bfloat16)
+    layer = Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
         layer.weight.copy_(w)
     layer.impl = "triton"
@@ -228,8 +232,13 @@ def test_gpu_engine_greedy_kernel_on_vs_off() -> None:
             if isinstance(m, Linear)
         ]
         assert any(picked) == on, picked  # on: some projection runs the kernel; off: none
-        runs[on] = [engine.generate(p, params) for p in (random_prompts(1, [17], 128000, seed=3),
-                                                          random_prompts(4, [9, 33, 20, 64], 128000, seed=4))]
+        runs[on] = [
+            engine.generate(p, params)
+            for p in (
+                random_prompts(1, [17], 128000, seed=3),
+                random_prompts(4, [9, 33, 20, 64], 128000, seed=4),
+            )
+        ]
         engine.check_integrity()
         del engine
         torch.cuda.empty_cache()

@@ -63,7 +63,9 @@ class GemvConfig:
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 1, got {v}")
         if self.block_n < 16 or self.block_k < 16:
-            raise ValueError(f"block_n and block_k must be >= 16 (tl.dot), got {self.block_n}, {self.block_k}")
+            raise ValueError(
+                f"block_n and block_k must be >= 16 (tl.dot), got {self.block_n}, {self.block_k}"
+            )
 
 
 # Measured on an H200 (scripts/bench_gemv.py, docs/BENCHMARKS.md): (N, K) -> the best config of
@@ -274,8 +276,15 @@ class Linear(nn.Linear):
     `set_gemv_impl`, before CUDA graphs are captured.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias=bias)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.impl: FusedImpl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
