@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -143,11 +144,12 @@ def sweep_shape(name: str, n: int, k: int, num_sms: int, deadline: float, reps: 
     return row  # the weight copies go with this frame
 
 
-def print_sweep(rows: list[dict[str, Any]]) -> None:
-    print("\n## kernel sweep (bf16, us per call; TB/s = weight bytes / time)")
-    print(
-        f"{'shape':<13} {'M':>2} {'cuBLAS us':>9} {'TB/s':>5} {'heur us':>8} {'TB/s':>5} {'best us':>8} {'TB/s':>5} {'best/cuBLAS':>11}  best config"
-    )
+def print_sweep(rows: list[dict[str, Any]], header: bool) -> None:
+    if header:
+        print("\n## kernel sweep (bf16, us per call; TB/s = weight bytes / time)")
+        print(
+            f"{'shape':<13} {'M':>2} {'cuBLAS us':>9} {'TB/s':>5} {'heur us':>8} {'TB/s':>5} {'best us':>8} {'TB/s':>5} {'best/cuBLAS':>11}  best config"
+        )
     for r in rows:
         b = r["best"]
         c = b["config"]
@@ -308,7 +310,7 @@ def profile_batch(model: str, batch: int, context: int, copy_bw: float, top: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sweep-budget-s", type=float, default=80.0, help="stop sweeping configs after this")
+    ap.add_argument("--sweep-budget-s", type=float, default=55.0, help="stop sweeping configs after this")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: sweep,decode,profile")
@@ -328,20 +330,29 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1, default=str)
 
-    if "sweep" not in skip:
+    def section(name: str, fn: Callable[[], Any]) -> None:
+        """One failing section (printed) leaves the others to run: the device time is scarce."""
+        if name in skip:
+            return
+        try:
+            result[name] = fn()
+        except Exception:
+            traceback.print_exc()
+            result[name] = "failed"
+        save()
+
+    def sweep() -> list[dict[str, Any]]:
         deadline = time.perf_counter() + args.sweep_budget_s
-        result["sweep"] = []
+        rows = []
         for name, n, k in preset_shapes():
-            result["sweep"].append(sweep_shape(name, n, k, props.multi_processor_count, deadline, args.reps))
+            rows.append(sweep_shape(name, n, k, props.multi_processor_count, deadline, args.reps))
+            print_sweep(rows[-1:], header=len(rows) == 1)
             torch.cuda.empty_cache()
-            save()
-        print_sweep(result["sweep"])
-    if "decode" not in skip:
-        result["decode"] = decode_on_off("random:llama-3.2-1b", [1, 32], 512, args.steps, copy_bw)
-        save()
-    if "profile" not in skip:
-        result["profile"] = profile_batch("random:llama-3.2-1b", 256, 512, copy_bw, 15)
-        save()
+        return rows
+
+    section("sweep", sweep)
+    section("profile", lambda: profile_batch("random:llama-3.2-1b", 256, 512, copy_bw, 15))
+    section("decode", lambda: decode_on_off("random:llama-3.2-1b", [1, 32], 512, args.steps, copy_bw))
 
 
 if __name__ == "__main__":
