@@ -148,7 +148,7 @@ def print_sweep(rows: list[dict[str, Any]], header: bool) -> None:
     if header:
         print("\n## kernel sweep (bf16, us per call; TB/s = weight bytes / time)")
         print(
-            f"{'shape':<13} {'M':>2} {'cuBLAS us':>9} {'TB/s':>5} {'heur us':>8} {'TB/s':>5} {'best us':>8} {'TB/s':>5} {'best/cuBLAS':>11}  best config"
+            f"{'shape':<13} {'M':>2} {'cuBLAS us':>9} {'TB/s':>5} {'heur us':>8} {'TB/s':>5} {'best us':>8} {'TB/s':>5} {'speedup':>11}  best config"
         )
     for r in rows:
         b = r["best"]
