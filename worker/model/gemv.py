@@ -203,6 +203,13 @@ def _splitk_reduce_kernel(
 _splitk_reduce = _Kernel(_splitk_reduce_kernel)
 
 
+def split_plan(k: int, config: GemvConfig) -> tuple[int, int]:
+    """-> (K per split, a multiple of block_k; splits actually launched, <= config.split_k:
+    none is left empty when K is short)."""
+    k_per_split = _cdiv(_cdiv(k, config.split_k), config.block_k) * config.block_k
+    return k_per_split, _cdiv(k, k_per_split)
+
+
 def triton_gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
 ) -> torch.Tensor:
@@ -221,9 +228,7 @@ def triton_gemv(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*x.shape[:-1], n)
-    split = config.split_k
-    k_per_split = _cdiv(_cdiv(k, split), config.block_k) * config.block_k
-    split = _cdiv(k, k_per_split)  # no empty trailing split when K is small
+    k_per_split, split = split_plan(k, config)
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     b = bias if bias is not None else weight  # an unread stand-in pointer without a bias
     _gemv[(_cdiv(n, config.block_n), split)](
