@@ -139,6 +139,13 @@ def test_heuristic_splits_narrow_long_shapes() -> None:
     assert gemv.heuristic_config(16384, 2048, 132).split_k == 1
     assert gemv.heuristic_config(128256, 2048, 132) == GemvConfig(block_n=64, split_k=1)
     assert gemv.heuristic_config(64, 300, 132).block_k == 256
+    # Without a measured table, only weights up to 48 MiB take the kernel (cuBLAS is already
+    # near bandwidth on large ones): 1B qkv / o_proj / down_proj yes, gate_up and lm_head no.
+    cpu = torch.device("cpu")
+    assert gemv.gemv_config(3072, 2048, cpu) == gemv.heuristic_config(3072, 2048, 4)
+    assert gemv.gemv_config(2048, 8192, cpu) == gemv.heuristic_config(2048, 8192, 4)
+    assert gemv.gemv_config(16384, 2048, cpu) is None
+    assert gemv.gemv_config(128256, 2048, cpu) is None
 
 
 def test_engine_tokens_with_forced_kernel_match_torch_path() -> None:
@@ -146,7 +153,11 @@ def test_engine_tokens_with_forced_kernel_match_torch_path() -> None:
     # kernel, interpreted on the CPU): float32 greedy tokens equal the F.linear path's.
     prompts = random_prompts(2, [5, 12], vocab=300, seed=1)
     params = SamplingParams(max_tokens=2, ignore_eos=True)  # the prefill step, then a decode step
-    ref = make_engine(narrow_gemv=False)
+    ref = make_engine()  # narrow_gemv off by default: every projection on F.linear
+    assert {m.impl for m in ref.model.modules() if isinstance(m, Linear)} == {"torch"}
+    assert {m.impl for m in make_engine(narrow_gemv=True).model.modules() if isinstance(m, Linear)} == {
+        "auto"
+    }
     want = [o.token_ids for o in ref.generate(prompts, params)]
     engine = make_engine()
     assert set_gemv_impl(engine.model, "triton") == 4 * 4 + 1

@@ -68,10 +68,14 @@ class GemvConfig:
             )
 
 
-# Measured on an H200 (scripts/bench_gemv.py, docs/BENCHMARKS.md): (N, K) -> the best config of
-# the sweep, or None where cuBLAS was as fast or faster at M = 1..8 and F.linear is kept.
-# Shapes not listed get `heuristic_config`.
+# To fill from an H200 sweep (scripts/bench_gemv.py): (N, K) -> the sweep's best config, or None
+# where cuBLAS is as fast at M = 1..8. Empty: the sweep has not run on a GPU yet.
 H200_TABLE: dict[tuple[int, int], GemvConfig | None] = {}
+# Until then, the prior for shapes not in the table: cuBLAS is latency-bound on small weights
+# (issue 16's 1B profile: qkv 12.6 MB and o_proj 8.4 MB at 1.4-2.2 TB/s), and near the copy
+# bandwidth on large ones (gate_up 67 MB at 3.7 TB/s, lm_head 525 MB at 4.4 TB/s), so the
+# kernel is only picked for weights up to this size.
+HEURISTIC_MAX_WEIGHT_BYTES = 48 << 20
 
 
 def heuristic_config(n: int, k: int, num_sms: int) -> GemvConfig:
@@ -87,9 +91,11 @@ def heuristic_config(n: int, k: int, num_sms: int) -> GemvConfig:
 
 
 def gemv_config(n: int, k: int, device: torch.device) -> GemvConfig | None:
-    """The config for W [n, k] on ``device``, or None where F.linear is the faster choice."""
+    """The config for W [n, k] (16-bit) on ``device``, or None where F.linear is the better choice."""
     if (n, k) in H200_TABLE and "H200" in _device_name(device):
         return H200_TABLE[(n, k)]
+    if 2 * n * k > HEURISTIC_MAX_WEIGHT_BYTES:
+        return None
     return heuristic_config(n, k, _num_sms(device))
 
 
