@@ -89,6 +89,8 @@ def test_split_k_is_deterministic() -> None:
 def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     layer = Linear(64, 40, bias=True).to(DEVICE)
+    assert layer.impl == "torch"  # the default: nn.Linear's behaviour until the engine opts in
+    layer.impl = "auto"
     # Same parameters and state-dict keys as nn.Linear: loaders and checkpoints are untouched.
     assert list(layer.state_dict()) == list(torch.nn.Linear(64, 40).state_dict()) == ["weight", "bias"]
     calls: list[GemvConfig] = []

@@ -283,7 +283,8 @@ class Linear(nn.Linear):
     ``impl``: "auto" (the GEMV on CUDA half-precision inputs of at most MAX_GEMV_ROWS rows on
     shapes where it beats cuBLAS, F.linear elsewhere and on the CPU), "triton" (the GEMV for
     every input of at most MAX_GEMV_ROWS rows; on CPU tensors it needs TRITON_INTERPRET=1),
-    "torch" (always F.linear: ``EngineConfig.narrow_gemv=False``). Set it with
+    "torch" (always F.linear; the default, so a model built outside the engine behaves as
+    nn.Linear). The engine sets "auto" when ``EngineConfig.narrow_gemv`` is on, with
     `set_gemv_impl`, before CUDA graphs are captured.
     """
 
@@ -296,7 +297,7 @@ class Linear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.impl: FusedImpl = "auto"
+        self.impl: FusedImpl = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self._gemv_config(x)
