@@ -25,6 +25,7 @@ so the layer is capturable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,7 @@ HEURISTIC_MAX_WEIGHT_BYTES = 48 << 20
 
 def heuristic_config(n: int, k: int, num_sms: int) -> GemvConfig:
     """Enough programs to give every SM two or more (splitting K when N alone is too narrow),
-    while keeping each split at least two pipelined K tiles long."""
+    while keeping each split at least two K tiles long."""
     block_k = 256 if k >= 256 else max(16, fused_ops._next_power_of_2(k))
     block_n = 16 if n <= 16384 else 64
     programs = _cdiv(n, block_n)
@@ -99,17 +100,17 @@ def gemv_config(n: int, k: int, device: torch.device) -> GemvConfig | None:
     return heuristic_config(n, k, _num_sms(device))
 
 
-_DEVICE_INFO: dict[int, tuple[str, int]] = {}  # device index -> (name, SMs); constant per process
+@functools.cache
+def _cuda_info(index: int) -> tuple[str, int]:
+    """(name, SMs) of a CUDA device: read once per process, off the per-step path."""
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count
 
 
 def _device_info(device: torch.device) -> tuple[str, int]:
     if device.type != "cuda":
-        return ("cpu", 4)  # the interpreter: any small program count (not used by `Linear`)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_INFO:
-        props = torch.cuda.get_device_properties(index)
-        _DEVICE_INFO[index] = (props.name, props.multi_processor_count)
-    return _DEVICE_INFO[index]
+        return ("cpu", 4)  # the interpreter: any small program count
+    return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _device_name(device: torch.device) -> str:
