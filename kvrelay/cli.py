@@ -60,6 +60,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run steps with prefill chunks eagerly (decode steps keep their CUDA graphs)",
     )
+    p.add_argument(
+        "--narrow-gemv",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Triton GEMV for projections of 1-8 tokens on CUDA (default: off, not yet measured on a GPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +176,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         prefill_graphs=not args.no_prefill_graphs,
+        narrow_gemv=args.narrow_gemv,
     )
 
 

@@ -7,6 +7,8 @@
 #   scripts/gpu_check.sh memory     # litmus + handoff bench only (on 2 GPUs: also across them)
 #   scripts/gpu_check.sh serve      # serving sweeps (1B, 8B; ShareGPT-like, shared-prefix) and
 #                                   # disaggregated vs colocated (bench disagg): not in "all"
+#   scripts/gpu_check.sh gemv       # the narrow GEMV's GPU tests, its kernel sweep, decode with it on
+#                                   # vs off, and the 1B batch-256 profile (scripts/bench_gemv.py): not in "all"
 #   scripts/gpu_check.sh real       # the real model (smollm2, GGUF): its GPU tests, decode ms/token at
 #                                   # batch 1 and 64, and HTTP vs gRPC throughput at 64 streams: not in "all"
 # The machines reach no package registry: for `real`, put SmolLM2's GGUF in $KVRELAY_CACHE_DIR
@@ -50,6 +52,12 @@ if [[ "$what" == serve ]]; then
   status[disagg]=${PIPESTATUS[0]}
   tar -czf "$out/serve.tar.gz" -C "$out" serve && rm -rf "$out/serve"
 fi
+if [[ "$what" == gemv ]]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemv.py 2>&1 | tee "$out/gemv_tests.log"
+  status[gemv_tests]=${PIPESTATUS[0]}
+  python3 scripts/bench_gemv.py --json "$out/bench_gemv.json" 2>&1 | tee "$out/bench_gemv.log"
+  status[gemv_bench]=${PIPESTATUS[0]}
+fi
 if [[ "$what" == real ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py tests/test_gguf.py -m "gpu or not gpu" 2>&1 | tee "$out/real_tests.log"
   status[real_tests]=${PIPESTATUS[0]}
@@ -67,6 +75,8 @@ echo "== summary"
 [[ -n "${status[handoff]:-}" ]] && { echo "bench handoff: exit ${status[handoff]}"; tail -n 20 "$out/bench_handoff.log"; }
 [[ -n "${status[serve]:-}" ]] && { echo "serve sweeps: exit ${status[serve]}"; grep -E "^ *(inf|[0-9.]+) +[0-9]+ +[0-9]+ " "$out/serve_sweep.log"; }
 [[ -n "${status[disagg]:-}" ]] && { echo "bench disagg: exit ${status[disagg]}"; tail -n 12 "$out/bench_disagg.log"; }
+[[ -n "${status[gemv_tests]:-}" ]] && echo "gemv gpu tests: exit ${status[gemv_tests]} ($(tail -n 1 "$out/gemv_tests.log"))"
+[[ -n "${status[gemv_bench]:-}" ]] && { echo "bench gemv: exit ${status[gemv_bench]}"; grep -v "capturing CUDA" "$out/bench_gemv.log" | tail -n 80; }
 [[ -n "${status[real_tests]:-}" ]] && echo "smollm2/gguf tests: exit ${status[real_tests]} ($(tail -n 1 "$out/real_tests.log"))"
 [[ -n "${status[real_bench]:-}" ]] && { echo "bench engine smollm2: exit ${status[real_bench]}"; sed -n '/^kvrelay bench engine on/,$p' "$out/bench_smollm2.log"; }
 [[ -n "${status[http_vs_grpc]:-}" ]] && { echo "http vs grpc: exit ${status[http_vs_grpc]}"; tail -n 7 "$out/http_vs_grpc.log"; }

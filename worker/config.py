@@ -63,6 +63,10 @@ class EngineConfig:
     # the device runs step N, and learns step N's tokens one step late. None: on for CUDA, off
     # for the CPU (where nothing runs concurrently, so it only adds a step of latency).
     async_scheduling: bool | None = None
+    # Projections of 1..8 tokens (decode at small batch) run a Triton GEMV / split-K kernel on
+    # CUDA where it beats cuBLAS (worker/model/gemv.py); False: always F.linear. Off by default
+    # until it has been measured and tested on a GPU (scripts/bench_gemv.py, tests/test_gemv.py).
+    narrow_gemv: bool = False
     # Detokenize outputs and match stop strings in the engine. Served workers turn it off: the
     # router owns text, so tokens alone cross the wire.
     detokenize: bool = True

@@ -22,6 +22,7 @@ from .disagg.role import KvPool, KvRole, role_class
 from .kv_cache.block_allocator import BlockAllocator
 from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
 from .model.config import ModelConfig
+from .model.gemv import set_gemv_impl
 from .model.gguf_loader import is_gguf_path, open_gguf
 from .model.loader import load_model, resolve_model
 from .model.presets import is_random_model, random_model
@@ -61,6 +62,8 @@ class Engine:
                 model_dir, self.dtype, self.device, self._attention_backend(), reader
             )
             self.tokenizer = Tokenizer.load(model_dir, reader)
+        # Before graphs are captured: the captured kernels are the ones this picks.
+        set_gemv_impl(self.model, "auto" if config.narrow_gemv else "torch")
         self.max_model_len = self._max_model_len(self.model_config)
         self.step_timer = StepTimer()
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)

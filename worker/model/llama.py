@@ -32,6 +32,7 @@ from ..attention.metadata import AttentionMetadata
 from . import fused_ops
 from .config import ModelConfig
 from .fused_ops import FUSED_IMPLS, FusedImpl
+from .gemv import Linear
 from .rope import RotaryEmbedding
 
 
@@ -64,8 +65,8 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.rms_norm_eps = config.rms_norm_eps
         self.impl = impl
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             # Only their weights are used: the RoPE launch applies them (fused_ops.apply_rotary_).
@@ -106,8 +107,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, impl: FusedImpl) -> None:
         super().__init__()
         self.impl = impl
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = fused_ops.silu_and_mul(self.gate_up_proj(x), impl=self.impl)  # [T, I]
@@ -183,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.attn_backend = attn_backend  # every layer's; the graph runners ask it what they may capture
         self.model = LlamaModel(config, attn_backend, fused_impl)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def forward(
