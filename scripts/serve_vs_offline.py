@@ -3,26 +3,31 @@
     python scripts/serve_vs_offline.py --model random:llama-3.2-1b --workers 1 --json out.json
 
 1. offline: a subprocess runs `Engine.generate` on every request at once (the ceiling);
-2. served: `kvrelay serve` with N workers as a subprocess; this process streams the same
-   requests through the asyncio client at a fixed concurrency;
+2. served: `kvrelay serve` with N workers (and `--router-processes`) as a subprocess, driven by
+   `kvrelay bench serve` with `--client-processes` load-generator processes (one connection
+   each, so every router process gets streams) at the same concurrency, prompt and output
+   lengths (random token-id prompts of the same length, not the same ids);
 3. the ratio of output tokens per second, and the serve process's CPU seconds per streamed
    token (router + Ray driver, from /proc), are printed and written as JSON;
 4. issue 14 item 2: the engine's step time (mean/p50/p99 ms, from its own step-time histogram,
    worker/step_timer.py) offline and while served (the workers' histograms through
    GetServerStats, over the measured run only), and the workers' CPU per streamed token (engine
-   loop thread, data-plane I/O thread, whole process).
+   loop thread, data-plane I/O thread, whole process);
+5. latency at concurrency 1 (`--latency-requests`, prompt and output `--latency-len` tokens):
+   served TTFT and TPOT p50 against the offline TTFT of one prompt of that length
+   (`Engine.generate`, max_tokens 1, median of 5) and the offline batch-1 decode ms/token.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,7 +70,28 @@ def offline(args: argparse.Namespace) -> None:
     steps = step_time(
         after.step_time_counts, before.step_time_counts, after.step_time_sum_s - before.step_time_sum_s
     )
-    print(json.dumps({"seconds": dt, "output_tokens": tokens, "tok_s": tokens / dt, "step_ms": steps}))
+    doc = {"seconds": dt, "output_tokens": tokens, "tok_s": tokens / dt, "step_ms": steps}
+    if args.latency_requests > 0:
+        doc["latency"] = offline_latency(engine, args.latency_len)
+    print(json.dumps(doc))
+
+
+def offline_latency(engine: Any, length: int) -> dict[str, float]:
+    """TTFT of one `length`-token prompt (max_tokens 1, median of 5) and batch-1 decode ms/token
+    (a `length`-token generation less its TTFT, per token after the first; median of 3)."""
+    from kvrelay.worker.sampling_params import SamplingParams
+
+    prompt = requests(1, length, engine.model_config.vocab_size, seed=1)
+
+    def timed(max_tokens: int) -> float:
+        t0 = time.perf_counter()
+        engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    timed(1), timed(8)  # warm-up
+    ttft = sorted(timed(1) for _ in range(5))[2]
+    full = sorted(timed(length) for _ in range(3))[1]
+    return {"ttft_ms": 1e3 * ttft, "decode_ms_per_token": 1e3 * (full - ttft) / max(length - 1, 1)}
 
 
 def step_time(counts: Any, earlier: Any, sum_s: float) -> dict[str, float]:
@@ -98,28 +124,53 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(address: str, args: argparse.Namespace, vocab: int) -> dict[str, float]:
-    from kvrelay.cluster.client import AsyncKvrelayClient
+def tree_cpu_seconds(pid: int) -> float:
+    """cpu_seconds of a process and of its live descendants (the router processes; Ray's own
+    processes are not its children: the workers' CPU is reported by the workers)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return total
 
-    prompts = requests(args.requests, args.prompt_len, vocab)
-    async with AsyncKvrelayClient(address, timeout=600) as client:
-        await asyncio.gather(
-            *(client.generate(p, max_tokens=args.max_tokens, ignore_eos=True) for p in prompts[:16])
-        )
-        sem = asyncio.Semaphore(args.concurrency)
-        counts: list[int] = []
 
-        async def one(p: list[int]) -> None:
-            async with sem:
-                n = 0
-                async for chunk in client.stream(p, max_tokens=args.max_tokens, ignore_eos=True):
-                    n += len(chunk.token_ids)
-                counts.append(n)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
-        dt = time.perf_counter() - t0
-    return {"seconds": dt, "output_tokens": sum(counts), "tok_s": sum(counts) / dt}
+def bench_serve(
+    address: str,
+    *,
+    concurrency: int,
+    requests_n: int,
+    input_len: int,
+    output_len: int,
+    client_processes: int,
+    out: Path,
+) -> dict[str, Any]:
+    """`kvrelay bench serve` against the server: its metrics of the one point it measures."""
+    cmd = [
+        sys.executable, "-m", "kvrelay.cli", "bench", "serve", "--server", address,
+        "--num-requests", str(requests_n), "--max-concurrency", str(concurrency),
+        "--input-len", str(input_len), "--output-len", str(output_len), "--warmup-requests", "16",
+        "--client-processes", str(client_processes), "--json", str(out), "--no-progress",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    point = json.loads(out.read_text())["points"][0]
+    m = point["metrics"]
+    return {
+        "seconds": m["duration_s"],
+        "output_tokens": m["output_tokens"],
+        "tok_s": m["output_throughput"],
+        "completed": m["completed"],
+        "failed": m["failed"],
+        "ttft_ms_p50": 1e3 * m["ttft"]["p50"],
+        "tpot_ms_p50": 1e3 * m["tpot"]["p50"],
+        "client_cpu": point.get("client_cpu"),
+        "client_cpu_warning": point.get("client_cpu_warning"),
+    }
 
 
 def main() -> None:
@@ -132,6 +183,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--router-processes", default="auto", help="kvrelay serve --router-processes")
+    ap.add_argument("--client-processes", default="4", help="load-generator processes (N or auto)")
+    ap.add_argument("--latency-requests", type=int, default=16, help="concurrency-1 requests (0: skip)")
+    ap.add_argument("--latency-len", type=int, default=256, help="their prompt and output tokens")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None)
@@ -154,6 +209,10 @@ def main() -> None:
         str(args.max_tokens),
         "--max-model-len",
         str(args.max_model_len),
+        "--latency-requests",
+        str(args.latency_requests),
+        "--latency-len",
+        str(args.latency_len),
     ]
     report: dict[str, object] = {
         "model": args.model,
@@ -188,6 +247,8 @@ def main() -> None:
             str(args.max_model_len),
             "--max-queued-requests",
             str(args.requests + 64),
+            "--router-processes",
+            str(args.router_processes),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -201,14 +262,35 @@ def main() -> None:
         from kvrelay.cluster.client import KvrelayClient
 
         with KvrelayClient(address) as c:
-            vocab = c.model_info().vocab_size
-            stats0 = c.server_stats()  # after drive's warm-up would be better; the warm-up is 16 requests
-            cpu0 = cpu_seconds(serve.pid)
-            served: dict[str, Any] = dict(asyncio.run(drive(address, args, vocab)))
-            served["serve_cpu_ms_per_token"] = 1e3 * (cpu_seconds(serve.pid) - cpu0) / served["output_tokens"]
-            time.sleep(0.5)  # the workers' counters ride on their heartbeats (every 0.1 s)
-            served.update(worker_figures(stats0, c.server_stats(), int(served["output_tokens"])))
-        report["served"] = served
+            stats0 = c.server_stats()  # includes bench serve's 16 warm-up requests
+            cpu0 = tree_cpu_seconds(serve.pid)
+            with tempfile.TemporaryDirectory() as tmp:
+                served = bench_serve(
+                    address,
+                    concurrency=args.concurrency,
+                    requests_n=args.requests,
+                    input_len=args.prompt_len,
+                    output_len=args.max_tokens,
+                    client_processes=args.client_processes,
+                    out=Path(tmp) / "throughput.json",
+                )
+                # The server's processes and their children (router processes), from /proc.
+                served["serve_cpu_ms_per_token"] = (
+                    1e3 * (tree_cpu_seconds(serve.pid) - cpu0) / served["output_tokens"]
+                )
+                time.sleep(0.5)  # the workers' counters ride on their heartbeats (every 0.1 s)
+                served.update(worker_figures(stats0, c.server_stats(), int(served["output_tokens"])))
+                report["served"] = served
+                if args.latency_requests > 0:
+                    report["served_latency"] = bench_serve(
+                        address,
+                        concurrency=1,
+                        requests_n=args.latency_requests,
+                        input_len=args.latency_len,
+                        output_len=args.latency_len,
+                        client_processes=1,
+                        out=Path(tmp) / "latency.json",
+                    )
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
@@ -217,6 +299,11 @@ def main() -> None:
         served_step = report["served"]["step_ms"]["mean"]  # type: ignore[index]
         offline_step = report["offline"]["step_ms"]["mean"]  # type: ignore[index]
         report["step_time_served_vs_offline"] = served_step / offline_step if offline_step else None
+        lat: Any = report.get("served_latency")
+        off: Any = report["offline"].get("latency")  # type: ignore[attr-defined]
+        if lat and off:
+            report["tpot_vs_offline_decode"] = lat["tpot_ms_p50"] / off["decode_ms_per_token"]
+            report["ttft_minus_offline_ms"] = lat["ttft_ms_p50"] - off["ttft_ms"]
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

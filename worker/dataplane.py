@@ -284,7 +284,9 @@ class DataPlaneServer:
         except EngineLoopBroken as e:
             if self._broken is None:
                 self._broken = str(e)
-                log.error("data plane: the engine loop is broken: %s", e)
+                # A loop shut down on purpose (the actor stops) is not an error worth paging on.
+                shut_down = str(e) == "the engine loop is shut down"
+                (log.info if shut_down else log.error)("data plane: the engine loop stopped: %s", e)
                 for ident in self._routers:
                     self._send(ident, wire.pack(Kind.ERROR, self._broken))
             return
