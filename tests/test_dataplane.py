@@ -4,11 +4,15 @@ DataPlanePools of two routers (each gets exactly its own deltas, token-identical
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 
 import msgpack
 import pytest
+import zmq
 from engine_helpers import make_engine, random_prompts
 
 from kvrelay.cluster.dataplane import DataPlanePool, WorkerEndpoint
@@ -22,6 +26,7 @@ from kvrelay.worker.protocol import (
     EngineStats,
     FinishReason,
     HandoffTarget,
+    StepBatch,
     TokenDelta,
     TokenLogprobs,
     WorkerLoad,
@@ -373,3 +378,83 @@ def test_a_stalled_engine_is_down_although_its_heartbeats_continue(
         await a.pool.stop()
 
     asyncio.run(scenario())
+
+
+class PulseLoop:
+    """A `ServedLoop` that publishes one delta per `pulse` from the caller's thread, hook and all,
+    as the engine loop does after a step."""
+
+    IDLE = WorkerLoad(0, 0, 0.0, 0, 0)
+
+    def __init__(self) -> None:
+        self._hook: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._out: list[TokenDelta] = []
+
+    @property
+    def load(self) -> WorkerLoad:
+        return self.IDLE
+
+    def set_output_hook(self, hook: Callable[[], None] | None) -> None:
+        self._hook = hook
+
+    def submit_future(self, requests: Sequence[WorkRequest]) -> Future[dict[str, str]]:
+        fut: Future[dict[str, str]] = Future()
+        fut.set_result({})
+        return fut
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        pass
+
+    def take(self) -> StepBatch:
+        with self._lock:
+            out, self._out = self._out, []
+        return StepBatch(deltas=out, load=self.IDLE)
+
+    def thread_cpu_s(self) -> float:
+        return 0.0
+
+    def pulse(self, request_id: str) -> None:
+        with self._lock:
+            self._out.append(TokenDelta(request_id, [1], [], None, False, 1, 1, 0))
+        assert self._hook is not None
+        self._hook()
+
+
+def test_no_wake_up_is_lost_between_heartbeats() -> None:
+    """Every published delta goes out at once, never with the next heartbeat. A wake-up sent while
+    the I/O thread drained earlier ones used to leave it believing one was pending: every later
+    hook was skipped, and tokens went out only on heartbeats (100 ms bursts on an H200)."""
+    loop = PulseLoop()
+    server = DataPlaneServer(
+        loop, "127.0.0.1", incarnation="inc-pulse", heartbeat_s=5.0, router_timeout_s=10.0
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"router-pulse")
+    sock.connect(server.address)
+    sock.send(wire.pack(Kind.HELLO, "router-pulse"))
+    try:
+        assert sock.poll(5000), "no first heartbeat"
+        sock.recv()
+        rng = random.Random(0)
+        late: list[tuple[int, float]] = []
+        for i in range(400):
+            sent = time.monotonic()
+            loop.pulse(f"p{i}")
+            for _ in range(rng.randrange(3)):  # bursts of hooks, as several steps in a row publish
+                loop.pulse(f"p{i}")
+            got = False
+            while not got:
+                assert sock.poll(8000), f"pulse {i} never arrived"
+                kind, fields = wire.unpack(sock.recv())
+                got = kind is Kind.DELTAS and any(
+                    wire.decode_delta(x).request_id == f"p{i}" for x in fields[0]
+                )
+            if time.monotonic() - sent > 1.0:  # a heartbeat (5 s) carried it, not its own wake-up
+                late.append((i, time.monotonic() - sent))
+        assert late == []
+    finally:
+        sock.close(0)
+        ctx.term()
+        server.close()

@@ -22,7 +22,6 @@ malformed frame is logged and dropped. The loop thread's only extra work per ste
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -145,9 +144,11 @@ class DataPlaneServer:
         with self._wake_lock:
             if self._woken or self._wake_closed:
                 return
-            self._woken = True
-            with contextlib.suppress(zmq.ZMQError):  # never raise into the engine loop's thread
+            try:
                 self._wake_tx.send(b"", zmq.NOBLOCK)
+                self._woken = True
+            except zmq.ZMQError:  # never raise into the engine loop's thread
+                pass
 
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -180,13 +181,18 @@ class DataPlaneServer:
                 self._wake_tx.close(0)
 
     def _drain_wakes(self) -> None:
+        # Cleared and drained under the lock `_wake` sends under: `_woken` is True exactly while a
+        # wake-up is pending. (Clearing it, then draining outside the lock, could swallow a wake-up
+        # sent in between and leave `_woken` stuck True: every later hook was then skipped and the
+        # thread only woke on heartbeats, delivering tokens in 100 ms bursts.) Whatever the drained
+        # wake-ups announced is taken by the `_push` and `_send_answers` that follow.
         with self._wake_lock:
-            self._woken = False  # cleared before taking output: a later hook wakes us again
-        while True:
-            try:
-                self._wake_rx.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+            self._woken = False
+            while True:
+                try:
+                    self._wake_rx.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
 
     def _receive(self) -> None:
         for _ in range(1000):  # bounded so outputs and heartbeats are never starved
