@@ -64,7 +64,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--narrow-gemv",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="Triton GEMV for projections of 1-8 tokens on CUDA (default: off, not yet measured on a GPU)",
+        help="Triton GEMV for projections of 1-8 tokens on CUDA (default: off; no faster than cuBLAS on an H200, docs/BENCHMARKS.md)",
     )
 
 

@@ -69,10 +69,12 @@ class GemvConfig:
             )
 
 
-# To fill from an H200 sweep (scripts/bench_gemv.py): (N, K) -> the sweep's best config, or None
-# where cuBLAS is as fast at M = 1..8. Empty: the sweep has not run on a GPU yet.
+# (N, K) -> the best config of an H200 sweep (scripts/bench_gemv.py), or None where cuBLAS is as
+# fast at M = 1..8. Empty: the 2026-12-03 sweep found no shape where the kernel wins by more than
+# 10% (1B qkv 0.86x, o_proj 0.98x, down_proj 1.09x, lm_head 1.10x; docs/BENCHMARKS.md), and
+# end-to-end decode was 0.95x at batch 1, so `narrow_gemv` stays off.
 H200_TABLE: dict[tuple[int, int], GemvConfig | None] = {}
-# Until then, the prior for shapes not in the table: cuBLAS is latency-bound on small weights
+# The prior for shapes not in the table: cuBLAS is latency-bound on small weights
 # (issue 16's 1B profile: qkv 12.6 MB and o_proj 8.4 MB at 1.4-2.2 TB/s), and near the copy
 # bandwidth on large ones (gate_up 67 MB at 3.7 TB/s, lm_head 525 MB at 4.4 TB/s), so the
 # kernel is only picked for weights up to this size.
