@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -273,6 +274,7 @@ class RayWorkerPool:
                 f.cancel()
             for a in actors:
                 ray.kill(a, no_restart=True)
+            await self._await_dead(actors)
         for w in self._workers:
             w.close()
             w.mark_down()
@@ -287,6 +289,21 @@ class RayWorkerPool:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+    async def _await_dead(self, actors: list[Any]) -> None:
+        """`ray.kill` only asks: a call made right after it may still be served by the live actor.
+        Probe each actor until its calls fail (bounded by call_s), so `stop()` returns with every
+        actor gone (seen in CI: a `ready()` right after `stop()` answered)."""
+        import ray.exceptions
+
+        deadline = time.monotonic() + self._timeouts.call_s
+        for a in actors:
+            while time.monotonic() < deadline:
+                try:
+                    await asyncio.wait_for(ray_future(a.incarnation.remote()), 1.0)
+                except (ray.exceptions.RayError, asyncio.TimeoutError):
+                    break  # dead (RayActorError), or too far gone to answer
+                await asyncio.sleep(0.05)
 
     # ---- health -------------------------------------------------------------------------
     async def _watch(self, w: RayWorkerClient, cb: PoolCallbacks) -> None:
