@@ -174,6 +174,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
         tls_server_name: str | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not target:
             raise ValueError("target must be HOST:PORT, got an empty string")
@@ -197,6 +198,9 @@ class _ClientBase(Generic[StreamT, ResultT]):
                 raise ValueError("tls_server_name needs TLS: give tls_root_cert or tls=True")
             # The name the server's certificate must carry when the target is an IP or an alias.
             self._options.append(("grpc.ssl_target_name_override", tls_server_name))
+        # Extra gRPC channel arguments, e.g. ("grpc.use_local_subchannel_pool", 1): a connection of
+        # this client's own, where channels with equal arguments would otherwise share one.
+        self._options.extend(channel_options)
         self._open()
 
     def generate(

@@ -9,6 +9,7 @@
 #                                   # disaggregated vs colocated (bench disagg): not in "all"
 #   scripts/gpu_check.sh gemv       # the narrow GEMV's GPU tests, its kernel sweep, decode with it on
 #                                   # vs off, and the 1B batch-256 profile (scripts/bench_gemv.py): not in "all"
+#   scripts/gpu_check.sh dataplane  # issue 14: 1B served vs offline + router scaling 1/2/4/8 (ROUTERS=...)
 #   scripts/gpu_check.sh real       # the real model (smollm2, GGUF): its GPU tests, decode ms/token at
 #                                   # batch 1 and 64, and HTTP vs gRPC throughput at 64 streams: not in "all"
 # The machines reach no package registry: for `real`, put SmolLM2's GGUF in $KVRELAY_CACHE_DIR
@@ -52,6 +53,15 @@ if [[ "$what" == serve ]]; then
   status[disagg]=${PIPESTATUS[0]}
   tar -czf "$out/serve.tar.gz" -C "$out" serve && rm -rf "$out/serve"
 fi
+if [[ "$what" == dataplane ]]; then
+  # issue 14: served vs offline (1B, with a concurrency-1 TTFT/TPOT phase), then the router scaling curve
+  python3 scripts/serve_vs_offline.py --model random:llama-3.2-1b --workers 1 --requests 2048 --concurrency 256 \
+    --client-processes 4 --router-processes auto --json "$out/svo_1b.json" ${SVO_ARGS:-} 2>&1 | tee "$out/svo_1b.log"
+  status[svo]=${PIPESTATUS[0]}
+  python3 scripts/router_scaling.py --routers ${ROUTERS:-1,2,4,8} --workers 8 --step-ms 10 --streams 1024 \
+    --output-len 128 --out "$out/router_scaling" 2>&1 | grep -v "^\s*$" | tee "$out/router_scaling.log"
+  status[scaling]=${PIPESTATUS[0]}
+fi
 if [[ "$what" == gemv ]]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemv.py 2>&1 | tee "$out/gemv_tests.log"
   status[gemv_tests]=${PIPESTATUS[0]}
@@ -75,6 +85,8 @@ echo "== summary"
 [[ -n "${status[handoff]:-}" ]] && { echo "bench handoff: exit ${status[handoff]}"; tail -n 20 "$out/bench_handoff.log"; }
 [[ -n "${status[serve]:-}" ]] && { echo "serve sweeps: exit ${status[serve]}"; grep -E "^ *(inf|[0-9.]+) +[0-9]+ +[0-9]+ " "$out/serve_sweep.log"; }
 [[ -n "${status[disagg]:-}" ]] && { echo "bench disagg: exit ${status[disagg]}"; tail -n 12 "$out/bench_disagg.log"; }
+[[ -n "${status[svo]:-}" ]] && { echo "serve vs offline: exit ${status[svo]}"; tail -n 25 "$out/svo_1b.log"; }
+[[ -n "${status[scaling]:-}" ]] && { echo "router scaling: exit ${status[scaling]}"; tail -n 8 "$out/router_scaling.log"; }
 [[ -n "${status[gemv_tests]:-}" ]] && echo "gemv gpu tests: exit ${status[gemv_tests]} ($(tail -n 1 "$out/gemv_tests.log"))"
 [[ -n "${status[gemv_bench]:-}" ]] && { echo "bench gemv: exit ${status[gemv_bench]}"; grep -v "capturing CUDA" "$out/bench_gemv.log" | tail -n 80; }
 [[ -n "${status[real_tests]:-}" ]] && echo "smollm2/gguf tests: exit ${status[real_tests]} ($(tail -n 1 "$out/real_tests.log"))"

@@ -4,8 +4,8 @@
         --output-len 128 --out out/router_scaling
 
 Each point is one `bench router` run (synthetic worker processes behind the zmq data plane, N
-router processes on one port, `--client-processes` = max(4, 2N) load-generator processes, one
-connection each). Offered load = streams x 1000 / step_ms tokens per second (every stream gets
+router processes on one port, `--client-processes` = max(4, 2N) load-generator processes, each with
+`--connections` gRPC connections (default 4N), since SO_REUSEPORT balances connections, not streams). Offered load = streams x 1000 / step_ms tokens per second (every stream gets
 one token per synthetic step once it runs); delivered / offered is the figure of merit, with the
 added TTFT p50 (over the synthetic TTFT) beside it. Writes `scaling.json` and, with matplotlib,
 `scaling.png` (delivered tok/s and added TTFT p50 against router processes).
@@ -30,6 +30,7 @@ def run_point(args: argparse.Namespace, routers: int, out: Path) -> dict[str, An
         "--streams", str(args.streams), "--input-len", str(args.input_len),
         "--output-len", str(args.output_len), "--router-processes", str(routers),
         "--client-processes", str(clients), "--json", str(path),
+        *(["--connections", str(args.connections)] if args.connections else []),
     ]  # fmt: skip
     print(f"== {routers} router process(es), {clients} client processes", flush=True)
     subprocess.run(cmd, check=True)
@@ -44,6 +45,7 @@ def run_point(args: argparse.Namespace, routers: int, out: Path) -> dict[str, An
         "added_ttft_ms_p50": point["added_ttft_ms"]["p50"],
         "added_ttft_ms_p99": point["added_ttft_ms"]["p99"],
         "router_cpu": point["router_cpu"],
+        "server_cpu_per_process": point["server_cpu_per_process"],
         "router_cpu_us_per_token": point["router_cpu_us_per_token"],
         "worker_cpu_us_per_token": point["worker_cpu_us_per_token"],
         "client_cpu_per_process": point["client_cpu_per_process"],
@@ -87,13 +89,17 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--client-processes", default="auto", help="N, or auto: max(4, 2 x routers)")
+    ap.add_argument("--connections", type=int, default=None, help="per client process (default: 4 x routers)")
     ap.add_argument("--out", type=Path, default=Path("out/router_scaling"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_point(args, int(n), args.out) for n in args.routers.split(",")]
-    (args.out / "scaling.json").write_text(
-        json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
-    )
+    rows: list[dict[str, Any]] = []
+    for n in args.routers.split(","):
+        rows.append(run_point(args, int(n), args.out))
+        # after every point, so a run cut short by a time limit keeps what it measured
+        (args.out / "scaling.json").write_text(
+            json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
+        )
     print(
         f"\nrouter scaling: {args.workers} synthetic workers, step {args.step_ms:g} ms, {args.streams} streams"
     )

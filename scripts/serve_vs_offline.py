@@ -149,6 +149,7 @@ def bench_serve(
     output_len: int,
     client_processes: int,
     out: Path,
+    connections: int = 1,
 ) -> dict[str, Any]:
     """`kvrelay bench serve` against the server: its metrics of the one point it measures."""
     cmd = [
@@ -156,6 +157,7 @@ def bench_serve(
         "--num-requests", str(requests_n), "--max-concurrency", str(concurrency),
         "--input-len", str(input_len), "--output-len", str(output_len), "--warmup-requests", "16",
         "--client-processes", str(client_processes), "--json", str(out), "--no-progress",
+        "--connections", str(connections),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     point = json.loads(out.read_text())["points"][0]
@@ -185,6 +187,12 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--router-processes", default="auto", help="kvrelay serve --router-processes")
     ap.add_argument("--client-processes", default="4", help="load-generator processes (N or auto)")
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="gRPC connections per client process, so the streams reach every router process",
+    )
     ap.add_argument("--latency-requests", type=int, default=16, help="concurrency-1 requests (0: skip)")
     ap.add_argument("--latency-len", type=int, default=256, help="their prompt and output tokens")
     ap.add_argument("--skip-offline", action="store_true")
@@ -272,6 +280,7 @@ def main() -> None:
                     input_len=args.prompt_len,
                     output_len=args.max_tokens,
                     client_processes=args.client_processes,
+                    connections=args.connections,
                     out=Path(tmp) / "throughput.json",
                 )
                 # The server's processes and their children (router processes), from /proc.

@@ -18,6 +18,7 @@ from fake_pool import FakePool
 from http_helpers import HttpServed, start_http, stop_http
 from ray_helpers import LoopThread
 
+from kvrelay.cluster.bench.connections import GrpcConnections
 from kvrelay.cluster.bench.http_client import HttpBenchClient, base_url
 from kvrelay.cluster.bench.loadgen import auto_client_processes, split_schedule
 from kvrelay.cluster.bench.metrics import Slo, compute_metrics
@@ -115,6 +116,35 @@ def test_two_client_processes_merge_to_what_one_process_measures(served: HttpSer
     # One clock for every process: the merged run spans at least its longest request and at most
     # the time this test waited for it (spawning the processes included).
     assert merged.metrics.e2e.p99 * 0.99 <= merged.metrics.duration_s <= wall
+
+
+def test_connections_are_separate_tcp_connections_and_carry_the_streams_in_turn(served: HttpServed) -> None:
+    """--connections 3: three TCP connections from this process to the server (one shared
+    connection would load a single router process of a SO_REUSEPORT server), every request served."""
+    psutil = pytest.importorskip("psutil")
+    port = int(served.grpc_address.rsplit(":", 1)[1])
+
+    async def go() -> tuple[int, Any]:
+        async with GrpcConnections(served.grpc_address, 3) as conns:
+            await conns.wait_ready(10.0)
+            results = await asyncio.gather(*(conns.generate([1, 2, 3], max_tokens=2) for _ in range(6)))
+            mine = [
+                c
+                for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            ]
+            return len({c.laddr.port for c in mine}), results
+
+    n_conns, results = asyncio.run(go())
+    assert n_conns == 3
+    assert [len(r.token_ids) for r in results] == [2] * 6
+    cfg = config(served.grpc_address, "--connections", "3", "--max-concurrency", "4")
+    m = asyncio.run(run(cfg)).points[0].metrics
+    assert m.completed == NUM_REQUESTS and m.failed == 0 and m.output_tokens == NUM_REQUESTS * OUTPUT_LEN
+    with pytest.raises(ValueError, match="--connections must be 1 to 1024, got 0"):
+        config("x:1", "--connections", "0")
+    with pytest.raises(ValueError, match="--connections is for --protocol grpc"):
+        config("x:1", "--connections", "2", "--protocol", "http")
 
 
 def test_http_mode_counts_every_token_and_times_it(served: HttpServed) -> None:

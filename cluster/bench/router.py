@@ -190,16 +190,17 @@ class ServerChild:
                 f"the router server exited during start-up (code {self.proc.exitcode})"
             ) from None
 
-    def stats(self) -> tuple[float, float, float, int]:
-        """(server process CPU seconds, pool CPU seconds, summed synthetic TTFTs, first tokens): the
-        pool's from the worker processes when there are any, else `SyntheticPool.stats()`."""
+    def stats(self) -> tuple[dict[int, float], float, float, int]:
+        """({pid: CPU seconds} of the server process and its router processes, pool CPU seconds,
+        summed synthetic TTFTs, first tokens): the pool's from the worker processes when there are
+        any, else `SyntheticPool.stats()`."""
         from .metrics import process_cpu_seconds
 
         assert self.proc.pid is not None
-        server_cpu = process_cpu_seconds(self.proc.pid)
+        server_cpu = {self.proc.pid: process_cpu_seconds(self.proc.pid)}
         for child in _child_pids(self.proc.pid):  # router processes (--router-processes > 1)
             with contextlib.suppress(OSError):  # it exited meanwhile
-                server_cpu += process_cpu_seconds(child)
+                server_cpu[child] = process_cpu_seconds(child)
         if self._workers is not None:
             _, waits, firsts = self._workers.pool_stats()
             return server_cpu, self._workers.cpu_seconds(), waits, firsts
@@ -234,9 +235,10 @@ class BenchRouterConfig:
     want_text: bool = False  # the harness asks for text (skip_text false); only matters with a tokenizer
     pool: str = "dataplane"  # "dataplane": worker processes behind the data plane; "inprocess": asyncio tasks
     # Router processes on one port (`kvrelay serve --router-processes`, docs/ROUTERS.md); > 1 needs
-    # the dataplane pool. Each client process is one connection, which the kernel hashes to one
-    # router: give --client-processes >= 2x this to load every router.
+    # the dataplane pool. The kernel hashes each connection to one router, so every client process
+    # opens `connections` of them (bench serve --connections) and the streams spread over all.
     router_processes: int = 1
+    connections: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -315,6 +317,9 @@ class RouterPoint:
     output_tokens: int
     wall_s: float  # the CPU window: the measured requests, first sent to last ended
     server_cpu: float  # CPU-seconds per wall-second, whole server process
+    # Per process of the server over the run: the serving process first, then each router process
+    # (--router-processes > 1), whose spread shows how evenly the connections fell on the routers.
+    server_cpu_per_process: tuple[float, ...]
     pool_cpu: float  # the synthetic workers' (their processes, or their share of the server's)
     router_cpu: float  # the server's, less the pool's share when the pool runs in it
     client_cpu: float  # the harness, summed over its processes
@@ -351,7 +356,13 @@ def add_bench_router_args(p: argparse.ArgumentParser) -> None:
         "--router-processes",
         type=int,
         default=1,
-        help="router processes on one port (> 1: give --client-processes >= 2x, one connection each)",
+        help="router processes on one port (> 1: give --connections so every router gets streams)",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=None,
+        help="gRPC connections per client process (default: 4 x router processes, 1 with one router)",
     )
     p.add_argument("--json", type=Path, default=None, help="write settings and figures here")
     p.add_argument(
@@ -391,6 +402,9 @@ def config_from_args(args: argparse.Namespace) -> BenchRouterConfig:
         want_text=args.want_text,
         pool=args.pool,
         router_processes=args.router_processes,
+        connections=args.connections
+        if args.connections is not None
+        else (1 if args.router_processes == 1 else 4 * args.router_processes),
     )
 
 
@@ -398,6 +412,7 @@ def _harness_config(cfg: BenchRouterConfig, server: ServerChild) -> BenchServeCo
     """The load-test harness's settings for this run (its streams are set per point)."""
     argv = [
         "--server", server.address, "--no-progress", "--client-processes", str(cfg.client_processes),
+        "--connections", str(cfg.connections),
         "--workload", "random", "--prompt-kind", "ids", "--input-len", str(cfg.input_len),
         "--output-len", str(cfg.output_len), "--seed", str(cfg.seed),
         *(["--want-text"] if cfg.want_text else []),
@@ -426,7 +441,8 @@ async def measure(
     await asyncio.sleep(2 * _PUBLISH_S)
     cpu1, pool1, waits1, firsts1 = server.stats()
     m = compute_metrics(records, Slo())
-    server_cpu, pool_cpu = (cpu1 - cpu0) / wall, (pool1 - pool0) / wall
+    per_process = tuple((cpu1[pid] - cpu0.get(pid, 0.0)) / wall for pid in cpu1)
+    server_cpu, pool_cpu = sum(per_process), (pool1 - pool0) / wall
     router_cpu = server_cpu if cfg.pool == "dataplane" else server_cpu - pool_cpu
     per_token_us = 1e6 * wall / max(m.output_tokens, 1)
     synthetic_ttft_ms = (waits1 - waits0) / max(firsts1 - firsts0, 1) * 1e3
@@ -439,6 +455,7 @@ async def measure(
         output_tokens=m.output_tokens,
         wall_s=wall,
         server_cpu=server_cpu,
+        server_cpu_per_process=per_process,
         pool_cpu=pool_cpu,
         router_cpu=router_cpu,
         client_cpu=sum(client_cpu),
@@ -490,7 +507,12 @@ def format_table(points: Sequence[RouterPoint]) -> str:
             f"{p.synthetic_ttft_ms:.1f}",
             f"{p.server_cpu:.2f}",
             f"{p.pool_cpu:.2f}",
-            f"{p.router_cpu:.2f}",
+            f"{p.router_cpu:.2f}"
+            + (
+                ""
+                if len(p.server_cpu_per_process) == 1
+                else " (" + "/".join(f"{c:.2f}" for c in p.server_cpu_per_process) + ")"
+            ),
             "/".join(f"{c:.2f}" for c in p.client_cpu_per_process),
             f"{p.request_throughput:.1f}",
             f"{p.output_throughput:.0f}",

@@ -61,6 +61,7 @@ log = logging.getLogger("kvrelay")
 _SCRAPE_SETTLE_S = 0.5
 _CONNECT_TIMEOUT_S = 10.0
 _MAX_CLIENT_PROCESSES = 256
+_MAX_CONNECTIONS = 1024
 
 
 def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +73,13 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="grpc", help="grpc (default) or http (OpenAI /v1/completions)")
     p.add_argument(
         "--client-processes", default="1", help="load-generator processes, N or auto (by cores); default 1"
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="gRPC connections per client process (streams round-robin over them); > 1 loads every "
+        "process of a --router-processes server, which balances connections, not streams",
     )
     p.add_argument("--workload", default="random", help=f"one of {', '.join(WORKLOADS)}")
     p.add_argument("--num-requests", type=int, default=100, help="measured requests per run")
@@ -159,6 +167,9 @@ class BenchServeConfig:
     # a token-in/token-out client would); want_text asks for it. Text prompts and HTTP always get text.
     want_text: bool = False
     client_processes: int = 1
+    # gRPC connections per client process (cluster/bench/connections.py): > 1 spreads the streams
+    # over several router processes, which SO_REUSEPORT balances by connection.
+    connections: int = 1
     metrics_url: str | None = None
     json_path: Path | None = None
     report_path: Path | None = None
@@ -180,6 +191,14 @@ class BenchServeConfig:
             (
                 1 <= self.client_processes <= _MAX_CLIENT_PROCESSES,
                 f"--client-processes must be 1 to {_MAX_CLIENT_PROCESSES} (or auto), got {self.client_processes}",
+            ),
+            (
+                1 <= self.connections <= _MAX_CONNECTIONS,
+                f"--connections must be 1 to {_MAX_CONNECTIONS}, got {self.connections}",
+            ),
+            (
+                self.connections == 1 or self.protocol == "grpc",
+                "--connections is for --protocol grpc (the HTTP client keeps a connection per stream)",
             ),
             (self.warmup_requests >= 0, f"--warmup-requests must be >= 0, got {self.warmup_requests}"),
             (
@@ -276,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
         protocol=args.protocol,
         want_text=args.want_text,
         client_processes=parse_client_processes(args.client_processes),
+        connections=args.connections,
         slo=Slo(
             _slo_ms(args.slo_ttft_ms, "--slo-ttft-ms"),
             _slo_ms(args.slo_tpot_ms, "--slo-tpot-ms"),
@@ -367,6 +387,10 @@ def open_client(cfg: BenchServeConfig) -> Any:
         return HttpBenchClient(cfg.server, limit)
     from ..client import AsyncKvrelayClient
 
+    if cfg.connections > 1:
+        from .connections import GrpcConnections
+
+        return GrpcConnections(cfg.server, cfg.connections)
     return AsyncKvrelayClient(cfg.server)
 
 
