@@ -28,19 +28,19 @@ Event = tuple[Any, ...]
 
 
 class FakeCuda:
-    """torch.cuda's capture API, recording each call in order; free device memory comes from a
-    list, one value per mem_get_info call."""
+    """torch.cuda's capture API under its own names (CamelCase ones too), recording each call in
+    order; free device memory comes from a list, one value per mem_get_info call."""
 
     def __init__(self, free_bytes: list[int]) -> None:
         self.events: list[Event] = []
-        self._free = iter(free_bytes)
+        self.free = iter(free_bytes)
         self.num_pools = 0
 
     def synchronize(self, device: torch.device | None = None) -> None:
         self.events.append(("sync",))
 
     def mem_get_info(self, device: torch.device | None = None) -> tuple[int, int]:
-        return next(self._free), 1 << 40
+        return next(self.free), 1 << 40
 
     def graph_pool_handle(self) -> tuple[str, int]:
         self.num_pools += 1
@@ -49,7 +49,7 @@ class FakeCuda:
     def current_stream(self, device: torch.device | None = None) -> str:
         return "current"
 
-    def Stream(self, device: torch.device | None = None) -> FakeStream:  # noqa: N802 (torch's name)
+    def Stream(self, device: torch.device | None = None) -> FakeStream:
         return FakeStream(self)
 
     @contextmanager
@@ -58,7 +58,7 @@ class FakeCuda:
         yield
         self.events.append(("current stream",))
 
-    def CUDAGraph(self) -> object:  # noqa: N802 (torch's name)
+    def CUDAGraph(self) -> object:
         return object()
 
     @contextmanager
@@ -169,7 +169,7 @@ def test_decode_graphs_alone_get_a_pool_of_their_own(fake_cuda: FakeCuda) -> Non
 
 def test_capture_counts_no_memory_when_free_memory_grew(fake_cuda: FakeCuda) -> None:
     engine = small_engine()
-    fake_cuda._free = iter([500, 600])  # another allocation freed during the capture
+    fake_cuda.free = iter([500, 600])  # another allocation freed during the capture
     hidden, dtype = engine.model_config.hidden_size, engine.dtype
     decode = engine.runner.capture_cuda_graphs([1], hidden_size=hidden, dtype=dtype, progress=False)
     assert decode is not None and decode.graph_memory_bytes == 0
