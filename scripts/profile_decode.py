@@ -70,14 +70,14 @@ def main() -> None:
         out = engine.sampler(
             logits,
             [s.request.params for s in sched.scheduled],
-            [engine._default_generator] * len(sched.scheduled),
+            [engine.default_generator] * len(sched.scheduled),
         )
         toks = out.token_ids.tolist()
         phases["sample+tolist"] += time.perf_counter() - t
         t = time.perf_counter()
         for s, tok in zip(sched.scheduled, toks, strict=True):
             s.request.num_computed_tokens += s.num_new_tokens
-            engine._append_token(s.request, tok, None)
+            engine.append_token(s.request, tok, None)
         phases["update"] += time.perf_counter() - t
 
     # 3. Graph replay alone, back to back, CUDA events.

@@ -20,21 +20,16 @@ smaller ones reuse it from the shared pool.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from .attention.metadata import AttentionMetadata
-from .model.llama import LlamaForCausalLM
+from .graph_capture import BucketGraphs, GraphTarget
 
 if TYPE_CHECKING:  # torch's pool-handle type; not importable at runtime in every torch version
     from torch.cuda import _POOL_HANDLE as GraphPool
-
-log = logging.getLogger("kvrelay")
 
 
 def default_buckets(max_bucket: int = 256) -> list[int]:
@@ -45,42 +40,15 @@ def default_buckets(max_bucket: int = 256) -> list[int]:
     return small + list(range(8, max_bucket + 1, 8))
 
 
-class CudaGraphRunner:
-    def __init__(
-        self,
-        model: LlamaForCausalLM,
-        kv_caches: Sequence[torch.Tensor],
-        *,
-        input_ids: torch.Tensor,  # [>= max bucket] int64: the model runner's static buffers
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
-        buckets: Sequence[int],
-        hidden_size: int,
-        dtype: torch.dtype,
-    ) -> None:
-        self.model = model
-        self.kv_caches = list(kv_caches)
-        self.buckets = sorted(set(buckets))
-        self.max_bucket = self.buckets[-1]
-        assert input_ids.shape[0] >= self.max_bucket and block_tables.shape[0] >= self.max_bucket
-        self.input_ids, self.positions, self.slot_mapping = input_ids, positions, slot_mapping
-        self.query_start_loc, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
-        self.hidden = torch.zeros(self.max_bucket, hidden_size, dtype=dtype, device=input_ids.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: GraphPool | None = None
-        self.num_replays = 0
-        self.capture_seconds = 0.0
-        self.graph_memory_bytes = 0
+class CudaGraphRunner(BucketGraphs):
+    """Decode graphs, one per batch-size bucket (capture skeleton: ``graph_capture.py``)."""
 
-    def bucket_for(self, num_seqs: int) -> int | None:
-        """The smallest captured batch size >= num_seqs, or None (run eagerly)."""
-        for b in self.buckets:
-            if b >= num_seqs:
-                return b
-        return None
+    what = "CUDA graphs"
+    bucket_unit = "batch"
+
+    def __init__(self, target: GraphTarget, buckets: Sequence[int]) -> None:
+        super().__init__(target, buckets)
+        assert self.block_tables.shape[0] >= self.max_bucket, (self.block_tables.shape, self.max_bucket)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -114,41 +82,11 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self, progress: bool = True, pool: GraphPool | None = None) -> None:
-        """Capture every bucket, largest first, into ``pool`` (a new one if None)."""
-        device = self.input_ids.device
+        """Capture every bucket, largest first, into ``pool`` (a new one if None).
+
+        Every bucket runs in the all-padding state, laid out once for the largest."""
         self._fill_padding()
-        torch.cuda.synchronize(device)
-        free_before = torch.cuda.mem_get_info(device)[0]
-        t0 = time.perf_counter()
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        for bs in tqdm(
-            sorted(self.buckets, reverse=True),
-            desc="capturing CUDA graphs",
-            unit="graph",
-            disable=not progress,
-        ):
-            with torch.cuda.stream(stream):
-                for _ in range(
-                    2
-                ):  # warm-up: Triton autotune/compile and cuBLAS workspaces, outside the graph
-                    self._forward(bs)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self._forward(bs)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize(device)
-        self.capture_seconds = time.perf_counter() - t0
-        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])
-        log.info(
-            "captured %d CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB",
-            len(self.graphs),
-            self.buckets[0],
-            self.max_bucket,
-            self.capture_seconds,
-            self.graph_memory_bytes / 2**20,
-        )
+        self._capture(pool=pool, progress=progress)
 
     def replay(self, num_seqs: int, bucket: int) -> torch.Tensor:
         """Replay the bucket's graph over the filled static inputs; returns [num_seqs, hidden]."""

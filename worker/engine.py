@@ -12,15 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvrelay.memory_model.transport import PoolLayout, dtype_name
-
 from .attention.backend import AttentionBackend
 from .attention.torch_backend import TorchPagedAttention
 from .config import EngineConfig, resolve_device, resolve_dtype
-from .cuda_graph import default_buckets
-from .disagg.role import KvPool, KvRole, role_class
+from .disagg.role import KvRole, role_class
 from .kv_cache.block_allocator import BlockAllocator
-from .kv_cache.pool import KVCacheSpec, kv_budget_bytes, plan_num_blocks
+from .memory_plan import MemoryPlanner
 from .model.config import ModelConfig
 from .model.gemv import set_gemv_impl
 from .model.gguf_loader import is_gguf_path, open_gguf
@@ -29,12 +26,11 @@ from .model.presets import is_random_model, random_model
 from .model_runner import ModelRunner
 from .overlap import InflightStep, drop_placeholders, launch, resolve
 from .penalties import PenaltyState
-from .prefill_graph import prefill_token_buckets
 from .protocol import EngineStats, HandoffTarget, TokenLogprobs, check_prompt_fits
 from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from .scheduler import Scheduler, SchedulerOutput
 from .step_timer import StepTimer
 from .text.detokenizer import IncrementalDetokenizer
 from .text.tokenizer import Tokenizer
@@ -70,7 +66,11 @@ class Engine:
 
         # Disaggregated serving: what this worker does with its KV besides decoding from it.
         role = role_class(config.kv_role)
-        pool = self._make_kv_pool(role)
+        planner = MemoryPlanner(
+            config, self.model, self.model_config, self.device, self.dtype, self.max_model_len
+        )
+        decode_buckets, token_buckets = planner.decode_buckets(role), planner.token_buckets()
+        pool = planner.make_kv_pool(role, decode_buckets, token_buckets)
         num_blocks = pool.layout.num_blocks
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -88,8 +88,6 @@ class Engine:
             max_model_len=self.max_model_len,
             device=self.device,
         )
-        decode_buckets = self._decode_buckets(role)
-        token_buckets = self._token_buckets()
         if decode_buckets or token_buckets:
             self.runner.capture_cuda_graphs(
                 decode_buckets,
@@ -111,42 +109,6 @@ class Engine:
         # Overlapped scheduling: the step launched last, its tokens not yet read by the host.
         self._inflight: InflightStep | None = None
 
-    def _decode_buckets(self, role: type[KvRole]) -> list[int]:
-        """Batch buckets of the decode graphs. A worker that never decodes (prefill) gets none,
-        and no memory for them."""
-        if self.device.type != "cuda" or self.config.enforce_eager or not role.decodes:
-            return []
-        return default_buckets(min(self.config.max_graph_batch_size, self.config.max_num_seqs))
-
-    def _token_buckets(self) -> list[int]:
-        """Token buckets of the prefill graphs ([] where there are none)."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return []
-        return prefill_token_buckets(self.config, self.model.attn_backend)
-
-    def _make_kv_pool(self, role: type[KvRole]) -> KvPool:
-        """The paged KV pool, one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer,
-        sized by the config or the memory budget; where it lives is the role's (shared memory on a
-        CPU decode worker)."""
-        config = self.config
-        spec = KVCacheSpec(
-            num_layers=self.model_config.num_hidden_layers,
-            num_kv_heads=self.model_config.num_key_value_heads,
-            head_dim=self.model_config.head_dim,
-            block_size=config.block_size,
-            dtype=self.dtype,
-        )
-        num_blocks = self._plan_kv_blocks(spec, self._decode_buckets(role), self._token_buckets())
-        layout = PoolLayout(
-            spec.num_layers,
-            num_blocks,
-            spec.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            dtype_name(self.dtype),
-        )
-        return role.allocate_pool(spec, layout, self.device)
-
     def _attention_backend(self) -> AttentionBackend:
         name = self.config.attention_backend
         if name == "auto":
@@ -167,85 +129,11 @@ class Engine:
             )
         return self.config.max_model_len
 
-    def _plan_kv_blocks(self, spec: KVCacheSpec, decode_buckets: list[int], token_buckets: list[int]) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        graph_reserve = 0
-        if self.device.type == "cuda":
-            self._profile_peak_memory(spec)
-            if decode_buckets or token_buckets:
-                graph_reserve = self._estimate_graph_memory(spec, decode_buckets[-1:], token_buckets[-1:])
-        budget = kv_budget_bytes(
-            self.device,
-            kv_cache_memory=self.config.kv_cache_memory,
-            gpu_memory_utilization=self.config.gpu_memory_utilization,
-            reserved_bytes=graph_reserve,
-        )
-        # More blocks than every sequence at full length can use is wasted memory.
-        useful = self.config.max_num_seqs * -(-self.max_model_len // spec.block_size)
-        return plan_num_blocks(spec, budget, max_useful_blocks=useful)
-
-    def _profile_peak_memory(self, spec: KVCacheSpec) -> None:
-        """Run the largest step once against a scratch pool so the peak activation memory is known."""
-        n = self.config.max_num_batched_tokens
-        blocks = -(-n // spec.block_size) + 1
-        scratch = spec.allocate(blocks, self.device)
-        alloc = BlockAllocator(blocks, spec.block_size, enable_prefix_caching=False)
-        runner = ModelRunner(
-            self.model,
-            scratch,
-            block_size=spec.block_size,
-            max_num_batched_tokens=n,
-            max_num_seqs=1,
-            max_model_len=max(n, self.max_model_len),
-            device=self.device,
-        )
-        req = Request("__profile__", [0] * n, SamplingParams(max_tokens=1))
-        alloc.allocate_slots(req.request_id, n)
-        sched = SchedulerOutput(scheduled=[ScheduledRequest(req, 0, n)])
-        torch.cuda.reset_peak_memory_stats(self.device)
-        runner.execute(runner.prepare(sched, alloc))
-        torch.cuda.synchronize(self.device)
-        del scratch, runner
-        torch.cuda.empty_cache()
-
-    def _estimate_graph_memory(
-        self, spec: KVCacheSpec, decode_buckets: list[int], token_buckets: list[int]
-    ) -> int:
-        """Capture the largest buckets against a scratch pool; what they take, plus margin, is reserved.
-
-        Buckets share one pool (decode and prefill graphs alike) and the largest needs the most, so
-        the smaller ones add little; the margin covers that and the per-graph bookkeeping. The real
-        capture logs what it took.
-        """
-        scratch = spec.allocate(4, self.device)  # all-padding steps read and write no KV
-        runner = ModelRunner(
-            self.model,
-            scratch,
-            block_size=spec.block_size,
-            max_num_batched_tokens=max([*decode_buckets, *token_buckets]),
-            max_num_seqs=self.config.max_num_seqs,
-            max_model_len=self.max_model_len,
-            device=self.device,
-        )
-        runner.capture_cuda_graphs(
-            decode_buckets,
-            hidden_size=self.model_config.hidden_size,
-            dtype=self.dtype,
-            token_buckets=token_buckets,
-            progress=False,
-        )
-        measured = runner.graph_memory_bytes
-        del runner, scratch
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        reserve = int(measured * 1.25) + (64 << 20)
-        log.info(
-            "CUDA graphs: reserving %.0f MiB (largest buckets took %.0f MiB)",
-            reserve / 2**20,
-            measured / 2**20,
-        )
-        return reserve
+    @property
+    def default_generator(self) -> torch.Generator:
+        """The generator of requests without a seed of their own (seeded by config.seed); a
+        request's own, when it has one, is req.generator."""
+        return self._default_generator
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -335,7 +223,7 @@ class Engine:
             torch.empty(self.model_config.vocab_size, device=self.device).exponential_(
                 generator=req.generator
             )
-        return self._append_token(req, first[0], first[1])
+        return self.append_token(req, first[0], first[1])
 
     def requeue_locally(self, req: Request) -> None:
         """A handoff given up under the recompute policy: prefill the request here instead."""
@@ -389,7 +277,7 @@ class Engine:
             req.num_computed_tokens += s.num_new_tokens
             self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
-            outputs.append(self._append_token(s.request, tok, lp))
+            outputs.append(self.append_token(s.request, tok, lp))
         # Prepare to the last token appended (the tolist() above waits for the device).
         self.step_timer.record(time.perf_counter() - started)
         return outputs
@@ -408,7 +296,13 @@ class Engine:
             self.step_timer.record(time.perf_counter() - started)
         return outputs
 
-    def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+    def append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        """Deliver one sampled token of req: append it, check stops and length, detokenize, hand
+        off a prefill worker's request, finish the request if it ends here; returns its output.
+
+        Package-internal: called for every sampled token by the synchronous step, the overlapped
+        step's resolve (worker/overlap.py) and admit_handed_off, between steps, on the stepping
+        thread. req's computed-token count must already cover the step that sampled token."""
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff).

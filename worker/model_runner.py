@@ -16,6 +16,7 @@ import torch
 
 from .attention.metadata import AttentionMetadata
 from .cuda_graph import CudaGraphRunner
+from .graph_capture import GraphTarget
 from .kv_cache.block_allocator import BlockAllocator
 from .model.llama import LlamaForCausalLM
 from .prefill_graph import PrefillGraphRunner
@@ -81,22 +82,9 @@ class ModelRunner:
             ).pool
         if not buckets:
             return None
-        buf = self.buffers
         usable = [b for b in buckets if b <= self.max_num_seqs]
         assert usable, f"no CUDA graph bucket fits max_num_seqs={self.max_num_seqs}"
-        self.graphs = CudaGraphRunner(
-            self.model,
-            self.kv_caches,
-            input_ids=buf.input_ids,
-            positions=buf.positions,
-            slot_mapping=buf.slot_mapping,
-            query_start_loc=buf.query_start_loc,
-            seq_lens=buf.seq_lens,
-            block_tables=buf.block_tables,
-            buckets=usable,
-            hidden_size=hidden_size,
-            dtype=dtype,
-        )
+        self.graphs = CudaGraphRunner(self._graph_target(hidden_size, dtype), usable)
         self.graphs.capture(progress=progress, pool=pool)
         return self.graphs
 
@@ -112,28 +100,35 @@ class ModelRunner:
         """Route steps with prefill chunks of <= max(token_buckets) tokens through padded token
         buckets: captured graphs (capture=True, CUDA), or the same padded forward run eagerly
         (capture=False: what the CPU tests check). Buckets past max_num_batched_tokens are dropped."""
-        buf = self.buffers
-        usable = [b for b in token_buckets if b <= buf.input_ids.shape[0]]
-        assert usable, f"no token bucket fits max_num_batched_tokens={buf.input_ids.shape[0]}"
+        max_tokens = self.buffers.input_ids.shape[0]
+        usable = [b for b in token_buckets if b <= max_tokens]
+        assert usable, f"no token bucket fits max_num_batched_tokens={max_tokens}"
         runner = PrefillGraphRunner(
-            self.model,
-            self.kv_caches,
-            input_ids=buf.input_ids,
-            positions=buf.positions,
-            slot_mapping=buf.slot_mapping,
-            query_start_loc=buf.query_start_loc,
-            seq_lens=buf.seq_lens,
-            block_tables=buf.block_tables,
-            buckets=usable,
+            self._graph_target(hidden_size, dtype),
+            usable,
             max_num_seqs=self.max_num_seqs,
-            hidden_size=hidden_size,
-            dtype=dtype,
             use_graphs=capture,
         )
         if capture:
             runner.capture(progress=progress)
         self.prefill_graphs = runner
         return runner
+
+    def _graph_target(self, hidden_size: int, dtype: torch.dtype) -> GraphTarget:
+        """What every graph of this runner (decode and prefill) runs over: the static buffers."""
+        buf = self.buffers
+        return GraphTarget(
+            model=self.model,
+            kv_caches=tuple(self.kv_caches),
+            input_ids=buf.input_ids,
+            positions=buf.positions,
+            slot_mapping=buf.slot_mapping,
+            query_start_loc=buf.query_start_loc,
+            seq_lens=buf.seq_lens,
+            block_tables=buf.block_tables,
+            hidden_size=hidden_size,
+            dtype=dtype,
+        )
 
     @property
     def graph_memory_bytes(self) -> int:

@@ -81,7 +81,7 @@ def launch(engine: Engine, sched: SchedulerOutput, prev: InflightStep | None) ->
     sample = engine.sampler.sample(
         logits,
         [r.params for r in requests],
-        [r.generator or engine._default_generator for r in requests],
+        [r.generator or engine.default_generator for r in requests],
         engine.penalties.batch(requests, pending=prev_tokens),
     )
     pending = sample.to_host()
@@ -117,7 +117,7 @@ def resolve(engine: Engine, step: InflightStep) -> list[RequestOutput]:
         # The request as the synchronous path sees it: known tokens only, then this one appended.
         later = req.all_token_ids[at + 1 :]  # the next step's placeholder, if it was scheduled
         del req.all_token_ids[at:]
-        outputs.append(engine._append_token(req, tokens[j], out.logprobs[j]))
+        outputs.append(engine.append_token(req, tokens[j], out.logprobs[j]))
         if not req.is_finished:
             # (final_token_pending, when set, is about that later placeholder: it stays.)
             req.all_token_ids += later

@@ -49,17 +49,15 @@ what a graph would record, so the tests check the padding and bucketing there.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from .attention.backend import AttentionBackend
 from .attention.metadata import AttentionMetadata
 from .config import EngineConfig
-from .model.llama import LlamaForCausalLM
+from .graph_capture import BucketGraphs, GraphTarget
 
 if TYPE_CHECKING:  # torch's pool-handle type; not importable at runtime in every torch version
     from torch.cuda import _POOL_HANDLE as GraphPool
@@ -97,51 +95,21 @@ def prefill_token_buckets(config: EngineConfig, backend: AttentionBackend) -> li
     return default_token_buckets(config.max_num_batched_tokens)
 
 
-class PrefillGraphRunner:
-    """Graphs of steps with prefill chunks, one per token bucket, over the runner's static buffers."""
+class PrefillGraphRunner(BucketGraphs):
+    """Graphs of steps with prefill chunks, one per token bucket, over the runner's static buffers
+    (capture skeleton: ``graph_capture.py``)."""
+
+    what = "prefill CUDA graphs"
+    bucket_unit = "tokens"
 
     def __init__(
-        self,
-        model: LlamaForCausalLM,
-        kv_caches: Sequence[torch.Tensor],
-        *,
-        input_ids: torch.Tensor,  # [>= max bucket] int64: the model runner's static buffers
-        positions: torch.Tensor,  # [>= max bucket] int64
-        slot_mapping: torch.Tensor,  # [>= max bucket] int64
-        query_start_loc: torch.Tensor,  # [>= max_num_seqs + 2] int32
-        seq_lens: torch.Tensor,  # [>= max_num_seqs + 1] int32
-        block_tables: torch.Tensor,  # [>= max_num_seqs + 1, max_blocks] int32
-        buckets: Sequence[int],
-        max_num_seqs: int,
-        hidden_size: int,
-        dtype: torch.dtype,
-        use_graphs: bool = True,
+        self, target: GraphTarget, buckets: Sequence[int], *, max_num_seqs: int, use_graphs: bool = True
     ) -> None:
-        self.model = model
-        self.kv_caches = list(kv_caches)
-        self.buckets = sorted(set(buckets))
-        assert self.buckets and self.buckets[0] >= 1, self.buckets
-        self.max_bucket = self.buckets[-1]
+        # Sequence rows: target.seq_lens [>= max_num_seqs + 1], query_start_loc [>= max_num_seqs + 2].
         self.max_num_seqs = max_num_seqs
-        assert input_ids.shape[0] >= self.max_bucket, (input_ids.shape, self.max_bucket)
-        assert seq_lens.shape[0] >= self.graph_seqs(self.max_bucket), (seq_lens.shape, max_num_seqs)
-        self.input_ids, self.positions, self.slot_mapping = input_ids, positions, slot_mapping
-        self.query_start_loc, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
         self.use_graphs = use_graphs
-        # [max bucket, hidden]: outside the graph pool, so no graph pins a per-bucket output.
-        self.hidden = torch.zeros(self.max_bucket, hidden_size, dtype=dtype, device=input_ids.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: GraphPool | None = None
-        self.num_replays = 0
-        self.capture_seconds = 0.0
-        self.graph_memory_bytes = 0
-
-    def bucket_for(self, num_tokens: int) -> int | None:
-        """The smallest token bucket >= num_tokens, or None (the step runs eagerly)."""
-        for b in self.buckets:
-            if b >= num_tokens:
-                return b
-        return None
+        super().__init__(target, buckets)
+        assert self.seq_lens.shape[0] >= self.graph_seqs(self.max_bucket), (self.seq_lens.shape, max_num_seqs)
 
     def graph_seqs(self, bucket: int) -> int:
         """Sequence rows of a bucket's graph: every real sequence of a step that fits, plus the
@@ -197,41 +165,10 @@ class PrefillGraphRunner:
 
     @torch.inference_mode()
     def capture(self, *, pool: GraphPool | None = None, progress: bool = True) -> None:
-        """Capture every bucket, largest first, into ``pool`` (a new one if None)."""
+        """Capture every bucket, largest first, into ``pool`` (a new one if None); each bucket
+        warms up and is captured in its own all-padding layout."""
         assert self.use_graphs, "capture() on a runner built with use_graphs=False"
-        device = self.input_ids.device
-        torch.cuda.synchronize(device)
-        free_before = torch.cuda.mem_get_info(device)[0]
-        t0 = time.perf_counter()
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        for bucket in tqdm(
-            sorted(self.buckets, reverse=True),
-            desc="capturing prefill CUDA graphs",
-            unit="graph",
-            disable=not progress,
-        ):
-            self._fill_padding(bucket)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the fills run on the current stream
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: Triton compile and cuBLAS workspaces, outside the graph
-                    self._forward(bucket)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self._forward(bucket)
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize(device)
-        self.capture_seconds = time.perf_counter() - t0
-        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])
-        log.info(
-            "captured %d prefill CUDA graphs (tokens %d..%d) in %.1f s, %.0f MiB",
-            len(self.graphs),
-            self.buckets[0],
-            self.max_bucket,
-            self.capture_seconds,
-            self.graph_memory_bytes / 2**20,
-        )
+        self._capture(pool=pool, progress=progress, fill=self._fill_padding)
 
     def run(self, num_tokens: int, num_seqs: int, bucket: int) -> torch.Tensor:
         """Pad, then replay the bucket's graph (or run its forward eagerly without graphs) over the
