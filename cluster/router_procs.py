@@ -32,9 +32,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -43,6 +41,7 @@ from typing import Any
 from .config import ServerConfig
 from .dataplane import WorkerEndpoint
 from .interfaces import ModelDescription
+from .metrics_dir import make_metrics_dir, remove_metrics_dir
 from .router_process import RouterSpec, router_main
 
 log = logging.getLogger("kvrelay")
@@ -263,16 +262,6 @@ async def _check_integrity(pool: Any) -> None:
         log.error("KV block integrity after drain: %s", e)
     else:
         log.info("KV block integrity after drain: ok on every healthy worker")
-
-
-def make_metrics_dir() -> str:
-    """A fresh, empty directory for prometheus-client's multiprocess files (removed at exit)."""
-    return tempfile.mkdtemp(prefix="kvrelay-metrics-")
-
-
-def remove_metrics_dir(path: str | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _metrics_env(path: str | None) -> dict[str, str | None]:
