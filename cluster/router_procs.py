@@ -113,6 +113,24 @@ class RouterProcesses:
         self._loop = asyncio.get_running_loop()
         self._all_serving = False
 
+    @classmethod
+    def for_pool(
+        cls,
+        pool: Any,
+        config: ServerConfig,
+        n: int,
+        ports: tuple[int, int | None],
+        metrics_dir: str | None,
+        on_health: Callable[[bool], None] = lambda serving: None,
+    ) -> RouterProcesses:
+        """N routers over a started pool (a `RayWorkerPool`: `endpoints`, `on_endpoint_change`),
+        serving the reserved (grpc, http) ports; the controller keeps health and metrics itself."""
+        port, http_port = ports
+        own = dataclasses.replace(config, port=port, http_port=http_port, health_port=None, metrics_port=None)
+        routers = cls(own, n, pool.model, pool.endpoints(), metrics_dir, on_health)
+        pool.on_endpoint_change(routers.set_endpoint)
+        return routers
+
     @property
     def routers(self) -> list[_Router]:
         return self._routers
@@ -334,11 +352,7 @@ async def serve_controller(
             return 0
         signals.install()
         on_health(False)
-        routers = RouterProcesses(
-            dataclasses.replace(config, port=port, http_port=http_port, health_port=None, metrics_port=None),
-            n, pool.model, pool.endpoints(), metrics_dir, on_health,
-        )  # fmt: skip
-        pool.on_endpoint_change(routers.set_endpoint)
+        routers = RouterProcesses.for_pool(pool, config, n, (port, http_port), metrics_dir, on_health)
         started = asyncio.ensure_future(routers.start())
         if not await signals.until_signal(started):
             log.info("interrupted during start-up")
