@@ -59,3 +59,16 @@ def spread_clients(
         assert len(out) < most, f"{most} connections reached only routers {sorted({p for _, p in out})}"
         out.append(connect_on(open_client, pids, port))
     return out
+
+
+def controller_routers(controller_pid: int) -> list[int]:
+    """The router processes of a `kvrelay serve --router-processes N` controller: its
+    multiprocessing-spawned children (Ray's processes are not)."""
+    out = []
+    for c in psutil.Process(controller_pid).children():
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE and any("spawn_main" in a for a in c.cmdline()):
+                out.append(c.pid)
+        except psutil.Error:  # it exited meanwhile
+            pass
+    return out
