@@ -67,7 +67,8 @@ class Served:
     server: Any  # grpc.aio.Server (None with router processes)
     address: str
     routers: RouterProcesses | None = None
-    reserved: socket.socket | None = None  # the routers' port, held while they run
+    reserved: list[socket.socket] = field(default_factory=list)  # the routers' ports, held while they run
+    http_address: str = ""  # the routers' HTTP API (config http_port set), else ""
     stopped: bool = field(default=False)
 
     @property
@@ -118,8 +119,8 @@ class Served:
             self.lt.run(self.routers.drain(0.0))
             self.lt.run(self.routers.wait_stopped(15.0), timeout_s=30)
             self.lt.run(self.pool.stop())
-            assert self.reserved is not None
-            self.reserved.close()
+            for sock in self.reserved:
+                sock.close()
         else:
             assert self.router is not None
             self.lt.run(self.server.stop(0))
@@ -166,17 +167,23 @@ def start_served(
         # As `serve_controller` does: the pool here, its workers' endpoints handed to the routers.
         noop: Callable[..., None] = lambda *args: None  # noqa: E731
         await pool.start(noop, noop, noop)
-        reserved = reserve_port("127.0.0.1", 0, "port")
-        port = reserved.getsockname()[1]
-        procs = RouterProcesses.for_pool(pool, cfg, routers, (port, None), None)
+        reserved = [reserve_port("127.0.0.1", 0, "port")]
+        if cfg.http_port is not None:
+            reserved.append(reserve_port("127.0.0.1", cfg.http_port, "http_port"))
+        port, *http = [sock.getsockname()[1] for sock in reserved]
+        procs = RouterProcesses.for_pool(pool, cfg, routers, (port, http[0] if http else None), None)
         try:
             await procs.start()
         except BaseException:
             procs.close()
-            reserved.close()
+            for sock in reserved:
+                sock.close()
             await pool.stop()
             raise
-        return Served(lt, pool, None, None, f"127.0.0.1:{port}", routers=procs, reserved=reserved)
+        return Served(
+            lt, pool, None, None, f"127.0.0.1:{port}", routers=procs, reserved=reserved,
+            http_address=f"127.0.0.1:{http[0]}" if http else "",
+        )  # fmt: skip
 
     try:
         return lt.run(start() if routers == 1 else start_routers(), timeout_s=180)
