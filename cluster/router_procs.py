@@ -20,6 +20,8 @@ signal and log handling out of the serving path.
 - A router process that dies is restarted (at most MAX_ROUTER_RESTARTS times per slot, logged), with
   a new data-plane identity: its clients' connections dropped (UNAVAILABLE), and each worker aborts
   the dead identity's requests when it stops sending keepalives (worker/dataplane.py).
+- Disaggregated prefill/decode (`DisaggregatedPool`): the routers stream from the decode workers
+  and relay each submit to this process, which orchestrates the handoff (cluster/handoff_relay.py).
 - SIGTERM/SIGINT: every router drains with `drain_grace_s` (a second signal cuts it short); then the
   pool stops and the process exits 0.
 """
@@ -40,6 +42,8 @@ from typing import Any
 
 from .config import ServerConfig
 from .dataplane import WorkerEndpoint
+from .handoff_relay import MESSAGES as HANDOFF_MESSAGES
+from .handoff_relay import serve_handoff
 from .interfaces import ModelDescription
 from .metrics_dir import make_metrics_dir, remove_metrics_dir
 from .router_process import RouterSpec, router_main
@@ -99,8 +103,13 @@ class RouterProcesses:
         endpoints: list[WorkerEndpoint],
         metrics_dir: str | None,
         on_health: Callable[[bool], None] = lambda serving: None,
+        handoff_pool: Any = None,
     ) -> None:
+        """handoff_pool: a `DisaggregatedPool` whose handoffs the routers relay here
+        (cluster/handoff_relay.py); None for colocated workers."""
         self._config = split_budget(config, n)
+        self._handoff_pool = handoff_pool
+        self._handoffs: set[asyncio.Future[None]] = set()
         self._n = n
         self._model = model
         self._endpoints = {e.rank: e for e in endpoints}  # latest known, by rank
@@ -127,7 +136,8 @@ class RouterProcesses:
         serving the reserved (grpc, http) ports; the controller keeps health and metrics itself."""
         port, http_port = ports
         own = dataclasses.replace(config, port=port, http_port=http_port, health_port=None, metrics_port=None)
-        routers = cls(own, n, pool.model, pool.endpoints(), metrics_dir, on_health)
+        handoff_pool = pool if hasattr(pool, "handoff") else None  # disaggregated
+        routers = cls(own, n, pool.model, pool.endpoints(), metrics_dir, on_health, handoff_pool)
         pool.on_endpoint_change(routers.set_endpoint)
         return routers
 
@@ -200,6 +210,7 @@ class RouterProcesses:
             model=self._model,
             endpoints=tuple(self._endpoints[rank] for rank in sorted(self._endpoints)),
             log_level=logging.getLogger().getEffectiveLevel(),
+            disaggregated=self._handoff_pool is not None,
         )
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=router_main, args=(spec, theirs), name=f"kvrelay-router-{index}")
@@ -229,6 +240,12 @@ class RouterProcesses:
         elif msg[0] == "serving":
             r.serving = bool(msg[1])
             self._publish_health()
+        elif msg[0] in HANDOFF_MESSAGES and self._handoff_pool is not None:
+            task = asyncio.ensure_future(
+                serve_handoff(self._handoff_pool, msg, lambda reply: self._send(r, reply))
+            )
+            self._handoffs.add(task)
+            task.add_done_callback(self._handoffs.discard)
 
     def _on_exit(self, r: _Router) -> None:
         self._loop.remove_reader(r.process.sentinel)
@@ -318,8 +335,6 @@ async def serve_controller(
     from .metrics import serve_aggregated
     from .serve import _Signals, make_pool
 
-    if config.prefill_workers is not None or config.decode_workers is not None:
-        raise ValueError("router_processes > 1 serves colocated workers only: set router_processes: 1")
     signals = _Signals(asyncio.get_running_loop())
     reserved = [reserve_port(config.host, config.port, "port")]
     port = reserved[0].getsockname()[1]
