@@ -68,10 +68,11 @@ class HandoffRelay:
         fut: asyncio.Future[tuple[dict[str, str], list[str]]] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = fut
         try:
-            self._conn.send(("handoff", seq, rank, requests, self._router_id))
+            try:
+                self._conn.send(("handoff", seq, rank, requests, self._router_id))
+            except OSError:  # (the future's own ConnectionError is one too: not caught here)
+                raise ConnectionError("the controller is gone") from None
             return await fut
-        except OSError:
-            raise ConnectionError("the controller is gone") from None
         finally:
             self._waiting.pop(seq, None)
 

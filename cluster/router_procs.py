@@ -37,6 +37,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -90,6 +91,12 @@ class _Router:
     ready: asyncio.Future[tuple[int, int | None]]
     serving: bool = False
     restarts: int = 0
+    # Sends to the router, in order, off the event loop: a pipe send blocks while the router's
+    # buffer is full, and a router blocked sending a large handoff to this loop would then wait
+    # for it forever. The loop only ever reads, so every send completes.
+    sender: ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kvrelay-router-pipe")
+    )
 
 
 class RouterProcesses:
@@ -198,6 +205,7 @@ class RouterProcesses:
             if r.process.is_alive():
                 r.process.kill()
                 r.process.join(5)
+            r.sender.shutdown(wait=False)  # a send still blocked fails now that the router is gone
             r.conn.close()
             self._mark_dead(r)
 
@@ -226,8 +234,8 @@ class RouterProcesses:
         return router
 
     def _send(self, r: _Router, msg: tuple[Any, ...]) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a dead router: its exit is handled apart
-            r.conn.send(msg)
+        with contextlib.suppress(RuntimeError):  # closed: the router is gone
+            r.sender.submit(_send_now, r.conn, msg)
 
     def _on_message(self, r: _Router) -> None:
         try:
@@ -254,6 +262,7 @@ class RouterProcesses:
         r.process.join(1.0)  # the sentinel closes as the process exits, a moment before it is reapable
         code = r.process.exitcode
         r.serving = False
+        r.sender.shutdown(wait=False)
         r.conn.close()
         self._mark_dead(r)
         self._publish_health()
@@ -286,6 +295,11 @@ class RouterProcesses:
         if now != self._all_serving:
             self._all_serving = now
             self._on_health(now)
+
+
+def _send_now(conn: Connection, msg: tuple[Any, ...]) -> None:
+    with contextlib.suppress(OSError, ValueError):  # a dead router: its exit is handled apart
+        conn.send(msg)
 
 
 async def _check_integrity(pool: Any) -> None:
