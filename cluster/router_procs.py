@@ -197,6 +197,8 @@ class RouterProcesses:
 
     def close(self) -> None:
         self._stopping = True
+        for t in self._handoffs:  # their routers are gone: nobody waits for the answers
+            t.cancel()
         for r in self._routers:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(r.conn.fileno())
