@@ -198,9 +198,11 @@ class _ClientBase(Generic[StreamT, ResultT]):
                 raise ValueError("tls_server_name needs TLS: give tls_root_cert or tls=True")
             # The name the server's certificate must carry when the target is an IP or an alias.
             self._options.append(("grpc.ssl_target_name_override", tls_server_name))
-        # Extra gRPC channel arguments, e.g. ("grpc.use_local_subchannel_pool", 1): a connection of
-        # this client's own, where channels with equal arguments would otherwise share one.
-        self._options.extend(channel_options)
+        # Extra gRPC channel arguments, after ours (a later duplicate wins). For example
+        # ("grpc.use_local_subchannel_pool", 1) gives this client a connection of its own: without
+        # it, clients of one process with the same target and options share one connection, which
+        # SO_REUSEPORT then hands to one router process (docs/ROUTERS.md).
+        self._options.extend((str(k), v) for k, v in channel_options)
         self._open()
 
     def generate(
@@ -285,7 +287,8 @@ class _ClientBase(Generic[StreamT, ResultT]):
 class KvrelayClient(_ClientBase[Generator[StreamChunk, None, None], GenerationResult]):
     """Blocking client. `timeout` is the default per-call deadline in seconds (None: none);
     `tls_root_cert` (PEM bytes or a file path) or `tls=True` (system roots) turns on TLS, with
-    `tls_client_cert` + `tls_client_key` for mTLS; `token` is sent as `authorization: Bearer <token>`."""
+    `tls_client_cert` + `tls_client_key` for mTLS; `token` is sent as `authorization: Bearer <token>`;
+    `channel_options` adds gRPC channel arguments."""
 
     def _open(self) -> None:
         if self._credentials is None:

@@ -34,6 +34,7 @@ from kvrelay.worker.config import EngineConfig
 from kvrelay.worker.protocol import EngineStats, HandoffTarget, TokenDelta, WorkerLoad, WorkRequest
 from kvrelay.worker.request import FinishReason
 
+from .dataplane import WorkerEndpoint
 from .interfaces import ModelDescription, WorkerClient, WorkerPool
 from .pool import PoolTimeouts, RayWorkerClient, RayWorkerPool
 from .ray_util import ray_future
@@ -119,6 +120,16 @@ class DisaggregatedPool:
     def model(self) -> ModelDescription:
         return self._decode.model
 
+    def endpoints(self) -> list[WorkerEndpoint]:
+        """The decode workers' data-plane endpoints: router processes stream from them, and
+        relay their submits to this pool's `handoff` (cluster/handoff_relay.py)."""
+        return self._decode.endpoints()
+
+    def on_endpoint_change(self, listener: Callable[[WorkerEndpoint | None, int], None]) -> None:
+        """As `RayWorkerPool.on_endpoint_change`, for the decode workers (prefill workers are this
+        pool's own business)."""
+        self._decode.on_endpoint_change(listener)
+
     @property
     def prefill_pool(self) -> RayWorkerPool:
         return self._prefill
@@ -179,16 +190,37 @@ class DisaggregatedPool:
     async def submit_via_prefill(
         self, decode: RayWorkerClient, requests: list[WorkRequest]
     ) -> dict[str, str]:
+        rejected, local = await self._handoff(decode, requests, decode.router_id)
+        if local:
+            rejected.update(await decode.submit(local))
+        return rejected
+
+    async def handoff(
+        self, rank: int, requests: list[WorkRequest], router_id: str
+    ) -> tuple[dict[str, str], list[WorkRequest]]:
+        """A router process's submit (cluster/handoff_relay.py): the handoff as `submit_via_prefill`
+        does it, the decode worker streaming to `router_id`; returns (refused id -> message, the
+        requests the router submits to the decode worker itself). ConnectionError: it is down."""
+        decode = self._decode.workers[rank]
+        if not decode.healthy:
+            raise ConnectionError(f"worker {rank} is unavailable")
+        return await self._handoff(decode, requests, router_id)
+
+    async def _handoff(
+        self, decode: RayWorkerClient, requests: list[WorkRequest], router_id: str
+    ) -> tuple[dict[str, str], list[WorkRequest]]:
+        """Reserve on the decode worker (its deltas to router_id) and start the prefill of those
+        it took; returns (refused, the ones to run on the decode worker as plain requests)."""
         import ray.exceptions
 
         prefill = self._pick_prefill()
         if prefill is None:  # degraded: every prefill worker is down, decode workers prefill
             self.num_local += len(requests)
-            return await decode.submit(requests)
+            return {}, requests
         producer = self._incarnations[prefill.rank]
         try:
             answers: dict[str, HandoffTarget | str] = await ray_future(
-                decode.actor.reserve.remote(requests, producer, decode.router_id)
+                decode.actor.reserve.remote(requests, producer, router_id)
             )
         except ray.exceptions.RayError:
             raise ConnectionError(f"worker {decode.rank} is unavailable") from None
@@ -204,12 +236,10 @@ class DisaggregatedPool:
                 local.append(r)
             else:
                 rejected[r.request_id] = a
-        if local:
-            self.num_local += len(local)
-            rejected.update(await decode.submit(local))
+        self.num_local += len(local)
         if handed:
             await self._start_prefill(decode, prefill, handed)
-        return rejected
+        return rejected, local
 
     async def _start_prefill(
         self, decode: RayWorkerClient, prefill: RayWorkerClient, reqs: list[WorkRequest]

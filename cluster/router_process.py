@@ -15,6 +15,9 @@ and back (router -> controller):
     ("serving", bool)                          its health changed (SERVING / NOT_SERVING)
     ("stopped",)                               drained and stopped; the process exits 0 next
 
+With disaggregated prefill/decode, submits are relayed over the same pipe ("handoff",
+"abort_prefill" and their answers: cluster/handoff_relay.py).
+
 A pipe that closes (the controller died) is a drain with no grace: no router outlives its
 controller. SIGINT and SIGTERM are ignored here: a Ctrl-C reaches the whole process group, and the
 controller is the one that orders the drain.
@@ -29,11 +32,14 @@ import signal
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ServerConfig
 from .dataplane import WorkerEndpoint
 from .interfaces import ModelDescription
+
+if TYPE_CHECKING:
+    from .handoff_relay import HandoffRelay
 
 log = logging.getLogger("kvrelay")
 
@@ -46,8 +52,10 @@ class RouterSpec:
     router_id: str  # its identity on every worker's data plane: new for each incarnation
     config: ServerConfig  # its share of the admission budget; port and http_port already bound
     model: ModelDescription
-    endpoints: tuple[WorkerEndpoint, ...]  # by rank
+    endpoints: tuple[WorkerEndpoint, ...]  # by rank (the decode workers when disaggregated)
     log_level: int = logging.INFO
+    # Disaggregated prefill/decode: submits are relayed to the controller (cluster/handoff_relay.py).
+    disaggregated: bool = False
 
 
 def router_main(spec: RouterSpec, conn: Connection) -> None:
@@ -69,19 +77,24 @@ async def _serve(spec: RouterSpec, conn: Connection) -> None:
     from .auth import load_security
     from .dataplane import DataPlanePool
     from .grpc_server import build_server
+    from .handoff_relay import HandoffRelay, RelayedDecodePool
     from .http_server import HttpServer
     from .metrics import REFRESH_S
     from .router import GenerationRouter
 
     config = spec.config
     security = load_security(config)
-    pool = DataPlanePool(spec.model, spec.endpoints, router_id=spec.router_id)
+    pool: Any = DataPlanePool(spec.model, spec.endpoints, router_id=spec.router_id)
+    relay = None
+    if spec.disaggregated:
+        relay = HandoffRelay(conn, spec.router_id)
+        pool = RelayedDecodePool(pool, relay)
     # Worker request ids are per router: this incarnation's tag keeps them apart from its
     # siblings' and from those of the process it replaced (the worker may hold those ~10 s more).
     router = GenerationRouter(pool, config, worker_id_prefix=spec.router_id.rsplit("-", 1)[-1] + ".")
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    loop.add_reader(conn.fileno(), _read_pipe, conn, inbox, loop)
+    loop.add_reader(conn.fileno(), _read_pipe, conn, inbox, loop, relay)
     server = http = None
     try:
         await router.start()
@@ -147,14 +160,26 @@ async def _next_drain(inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
 
 
 def _read_pipe(
-    conn: Connection, inbox: asyncio.Queue[tuple[Any, ...]], loop: asyncio.AbstractEventLoop
+    conn: Connection,
+    inbox: asyncio.Queue[tuple[Any, ...]],
+    loop: asyncio.AbstractEventLoop,
+    relay: HandoffRelay | None,
 ) -> None:
-    """Reader callback: one message from the controller, or (EOF) a drain with no grace."""
+    """Reader callback: one message from the controller, or (EOF) a drain with no grace. A
+    handoff's answer goes straight to the relay (it is awaited during a drain too)."""
+    from .handoff_relay import REPLIES
+
     try:
         while conn.poll():
-            inbox.put_nowait(conn.recv())
+            msg = conn.recv()
+            if relay is not None and msg[0] in REPLIES:
+                relay.on_reply(msg)
+            else:
+                inbox.put_nowait(msg)
     except (EOFError, OSError):
         log.error("the controller is gone: stopping now")
         loop.remove_reader(conn.fileno())
+        if relay is not None:
+            relay.close("the controller is gone")
         inbox.put_nowait(("drain", 0.0))
         inbox.put_nowait(("drain", 0.0))

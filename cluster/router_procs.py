@@ -20,6 +20,8 @@ signal and log handling out of the serving path.
 - A router process that dies is restarted (at most MAX_ROUTER_RESTARTS times per slot, logged), with
   a new data-plane identity: its clients' connections dropped (UNAVAILABLE), and each worker aborts
   the dead identity's requests when it stops sending keepalives (worker/dataplane.py).
+- Disaggregated prefill/decode (`DisaggregatedPool`): the routers stream from the decode workers
+  and relay each submit to this process, which orchestrates the handoff (cluster/handoff_relay.py).
 - SIGTERM/SIGINT: every router drains with `drain_grace_s` (a second signal cuts it short); then the
   pool stops and the process exits 0.
 """
@@ -32,17 +34,19 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import ServerConfig
 from .dataplane import WorkerEndpoint
+from .handoff_relay import MESSAGES as HANDOFF_MESSAGES
+from .handoff_relay import serve_handoff
 from .interfaces import ModelDescription
+from .metrics_dir import make_metrics_dir, remove_metrics_dir
 from .router_process import RouterSpec, router_main
 
 log = logging.getLogger("kvrelay")
@@ -87,6 +91,12 @@ class _Router:
     ready: asyncio.Future[tuple[int, int | None]]
     serving: bool = False
     restarts: int = 0
+    # Sends to the router, in order, off the event loop: a pipe send blocks while the router's
+    # buffer is full, and a router blocked sending a large handoff to this loop would then wait
+    # for it forever. The loop only ever reads, so every send completes.
+    sender: ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kvrelay-router-pipe")
+    )
 
 
 class RouterProcesses:
@@ -100,8 +110,13 @@ class RouterProcesses:
         endpoints: list[WorkerEndpoint],
         metrics_dir: str | None,
         on_health: Callable[[bool], None] = lambda serving: None,
+        handoff_pool: Any = None,
     ) -> None:
+        """handoff_pool: a `DisaggregatedPool` whose handoffs the routers relay here
+        (cluster/handoff_relay.py); None for colocated workers."""
         self._config = split_budget(config, n)
+        self._handoff_pool = handoff_pool
+        self._handoffs: set[asyncio.Future[None]] = set()
         self._n = n
         self._model = model
         self._endpoints = {e.rank: e for e in endpoints}  # latest known, by rank
@@ -113,6 +128,25 @@ class RouterProcesses:
         self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._all_serving = False
+
+    @classmethod
+    def for_pool(
+        cls,
+        pool: Any,
+        config: ServerConfig,
+        n: int,
+        ports: tuple[int, int | None],
+        metrics_dir: str | None,
+        on_health: Callable[[bool], None] = lambda serving: None,
+    ) -> RouterProcesses:
+        """N routers over a started pool (a `RayWorkerPool`: `endpoints`, `on_endpoint_change`),
+        serving the reserved (grpc, http) ports; the controller keeps health and metrics itself."""
+        port, http_port = ports
+        own = dataclasses.replace(config, port=port, http_port=http_port, health_port=None, metrics_port=None)
+        handoff_pool = pool if hasattr(pool, "handoff") else None  # disaggregated
+        routers = cls(own, n, pool.model, pool.endpoints(), metrics_dir, on_health, handoff_pool)
+        pool.on_endpoint_change(routers.set_endpoint)
+        return routers
 
     @property
     def routers(self) -> list[_Router]:
@@ -163,6 +197,8 @@ class RouterProcesses:
 
     def close(self) -> None:
         self._stopping = True
+        for t in self._handoffs:  # their routers are gone: nobody waits for the answers
+            t.cancel()
         for r in self._routers:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(r.conn.fileno())
@@ -171,6 +207,7 @@ class RouterProcesses:
             if r.process.is_alive():
                 r.process.kill()
                 r.process.join(5)
+            r.sender.shutdown(wait=False)  # a send still blocked fails now that the router is gone
             r.conn.close()
             self._mark_dead(r)
 
@@ -183,6 +220,7 @@ class RouterProcesses:
             model=self._model,
             endpoints=tuple(self._endpoints[rank] for rank in sorted(self._endpoints)),
             log_level=logging.getLogger().getEffectiveLevel(),
+            disaggregated=self._handoff_pool is not None,
         )
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=router_main, args=(spec, theirs), name=f"kvrelay-router-{index}")
@@ -198,8 +236,8 @@ class RouterProcesses:
         return router
 
     def _send(self, r: _Router, msg: tuple[Any, ...]) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a dead router: its exit is handled apart
-            r.conn.send(msg)
+        with contextlib.suppress(RuntimeError):  # closed: the router is gone
+            r.sender.submit(_send_now, r.conn, msg)
 
     def _on_message(self, r: _Router) -> None:
         try:
@@ -212,6 +250,12 @@ class RouterProcesses:
         elif msg[0] == "serving":
             r.serving = bool(msg[1])
             self._publish_health()
+        elif msg[0] in HANDOFF_MESSAGES and self._handoff_pool is not None:
+            task = asyncio.ensure_future(
+                serve_handoff(self._handoff_pool, msg, lambda reply: self._send(r, reply))
+            )
+            self._handoffs.add(task)
+            task.add_done_callback(self._handoffs.discard)
 
     def _on_exit(self, r: _Router) -> None:
         self._loop.remove_reader(r.process.sentinel)
@@ -220,6 +264,7 @@ class RouterProcesses:
         r.process.join(1.0)  # the sentinel closes as the process exits, a moment before it is reapable
         code = r.process.exitcode
         r.serving = False
+        r.sender.shutdown(wait=False)
         r.conn.close()
         self._mark_dead(r)
         self._publish_health()
@@ -254,6 +299,11 @@ class RouterProcesses:
             self._on_health(now)
 
 
+def _send_now(conn: Connection, msg: tuple[Any, ...]) -> None:
+    with contextlib.suppress(OSError, ValueError):  # a dead router: its exit is handled apart
+        conn.send(msg)
+
+
 async def _check_integrity(pool: Any) -> None:
     """After every router stopped: each worker's engine invariants (no KV block held by a request
     that no router owns any more). Logged, not fatal: the server is stopping either way."""
@@ -263,16 +313,6 @@ async def _check_integrity(pool: Any) -> None:
         log.error("KV block integrity after drain: %s", e)
     else:
         log.info("KV block integrity after drain: ok on every healthy worker")
-
-
-def make_metrics_dir() -> str:
-    """A fresh, empty directory for prometheus-client's multiprocess files (removed at exit)."""
-    return tempfile.mkdtemp(prefix="kvrelay-metrics-")
-
-
-def remove_metrics_dir(path: str | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _metrics_env(path: str | None) -> dict[str, str | None]:
@@ -311,8 +351,6 @@ async def serve_controller(
     from .metrics import serve_aggregated
     from .serve import _Signals, make_pool
 
-    if config.prefill_workers is not None or config.decode_workers is not None:
-        raise ValueError("router_processes > 1 serves colocated workers only: set router_processes: 1")
     signals = _Signals(asyncio.get_running_loop())
     reserved = [reserve_port(config.host, config.port, "port")]
     port = reserved[0].getsockname()[1]
@@ -345,11 +383,7 @@ async def serve_controller(
             return 0
         signals.install()
         on_health(False)
-        routers = RouterProcesses(
-            dataclasses.replace(config, port=port, http_port=http_port, health_port=None, metrics_port=None),
-            n, pool.model, pool.endpoints(), metrics_dir, on_health,
-        )  # fmt: skip
-        pool.on_endpoint_change(routers.set_endpoint)
+        routers = RouterProcesses.for_pool(pool, config, n, (port, http_port), metrics_dir, on_health)
         started = asyncio.ensure_future(routers.start())
         if not await signals.until_signal(started):
             log.info("interrupted during start-up")

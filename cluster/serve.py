@@ -231,9 +231,6 @@ async def serve(
         from .config import resolve_router_processes
 
         n = resolve_router_processes(config.router_processes)
-        disaggregated = config.prefill_workers is not None or config.decode_workers is not None
-        if disaggregated and config.router_processes == "auto":
-            n = 1  # several routers serve colocated workers only (docs/ROUTERS.md)
         if n > 1:
             from .router_procs import serve_controller
 

@@ -64,8 +64,8 @@ def reference_chat_ids(model_dir: Path, messages: list[dict[str, str]]) -> list[
 @dataclass
 class HttpServed:
     lt: LoopThread
-    router: GenerationRouter
-    http: HttpServer
+    router: GenerationRouter | None  # None (and http None): router processes serve base_url
+    http: HttpServer | None
     base_url: str
     grpc_server: Any = None  # present when start_http built one
     grpc_address: str = ""
@@ -77,7 +77,8 @@ class HttpServed:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
     def stop_http(self) -> None:
-        self.lt.run(self.http.stop())
+        if self.http is not None:
+            self.lt.run(self.http.stop())
 
 
 def add_http(lt: LoopThread, router: GenerationRouter, tokens: TokenSet | None = None) -> HttpServed:

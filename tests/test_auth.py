@@ -435,3 +435,70 @@ def test_served_over_ray_refuses_before_any_worker(tmp_path: Path, monkeypatch: 
         assert not any(TOKEN in line for line in p.stderr)
     finally:
         p.kill()
+
+
+def test_two_router_processes_serve_tls_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvrelay serve --router-processes 2` with mTLS and tokens: each router serves over TLS with
+    the token (the exact tokens, counted by that router alone), and refuses a missing or wrong
+    token; plaintext and an impostor's certificate are refused on every connection."""
+    pytest.importorskip("ray")
+    from engine_helpers import make_engine
+    from router_helpers import OWN_CONNECTION, controller_routers, spread_clients
+    from test_serve import ServeProcess
+
+    from kvrelay.worker.sampling_params import SamplingParams
+
+    pki = make_pki(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n", encoding="utf-8")
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
+    p = ServeProcess(
+        ["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", "--num-kv-blocks", "64",
+         "--dtype", "float32", "--router-processes", "2", "--tls-cert", str(pki.server_cert),
+         "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca), "--auth-token-file", str(tokens)]
+    )  # fmt: skip
+    clients: list[tuple[KvrelayClient, int]] = []
+    try:
+        address = p.wait_ready(180)
+        port = int(address.rsplit(":", 1)[1])
+        pids = controller_routers(p.proc.pid)
+        assert len(pids) == 2, pids
+
+        def client(**kw: Any) -> KvrelayClient:
+            args = {
+                "tls_root_cert": pki.ca,
+                "tls_client_cert": pki.client_cert,
+                "tls_client_key": pki.client_key,
+                "channel_options": OWN_CONNECTION,
+            }
+            return KvrelayClient(address, timeout=30.0, **{**args, **kw})
+
+        # Refused by each router: the TLS handshake succeeds, the call has no or a wrong token.
+        for token in (None, OTHER_TOKEN):
+            refused = spread_clients(lambda: client(token=token), pids, port)  # noqa: B023
+            for c, _ in refused:
+                with c, pytest.raises(Unauthenticated):
+                    c.generate([1, 2, 3], max_tokens=2)
+        # Refused at the handshake, whichever router the connection reaches (8: both, but for 2**-7).
+        for kw in ({"tls_root_cert": None, "tls_client_cert": None, "tls_client_key": None},
+                   {"tls_client_cert": pki.impostor_cert, "tls_client_key": pki.impostor_key}):  # fmt: skip
+            for _ in range(8):
+                with client(token=TOKEN, **kw) as c, pytest.raises(Unavailable):
+                    c.generate([1, 2, 3], max_tokens=2)
+        clients = spread_clients(lambda: client(token=TOKEN), pids, port, at_least=4)
+        via = {pid: c for c, pid in clients}
+        assert all(c.server_stats().num_requests_total == 0 for c in via.values()), "refused calls ran"
+        expected = make_engine(num_kv_blocks=64).generate(
+            [[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True)
+        )
+        for c, _ in clients:
+            assert (
+                list(c.generate([1, 2, 3], max_tokens=4, ignore_eos=True).token_ids) == expected[0].token_ids
+            )
+        counts = {pid: sum(1 for _, q in clients if q == pid) for pid in pids}
+        assert {pid: c.server_stats().num_requests_total for pid, c in via.items()} == counts
+        assert not any(TOKEN in line for line in p.stderr)
+    finally:
+        for c, _ in clients:
+            c.close()
+        p.kill()

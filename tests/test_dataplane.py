@@ -356,6 +356,31 @@ def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
     loop.check_integrity()
 
 
+def test_a_claim_for_a_router_that_is_gone_is_aborted_and_a_live_ones_streams(
+    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+) -> None:
+    """A controller's reserve can land after the router it names died and was forgotten: the
+    request would run to its end unobserved. The heartbeat aborts it; a live router's claim and
+    unclaimed work run on."""
+    loop, server = served
+    endpoint = WorkerEndpoint(0, server.address, "inc-1")
+
+    async def scenario() -> None:
+        a = Router(model_of(engine), endpoint, "router-a")
+        await a.start()
+        server.claim(["orphan"], "router-gone")
+        server.claim(["mine"], "router-a")
+        assert loop.submit([WorkRequest("orphan", [5, 6], LONG), WorkRequest("mine", [7, 8], GREEDY)]) == {}
+        await a.until(lambda: a.finished(["mine"]))
+        assert len(a.deltas["mine"].token_ids) == GREEDY.max_tokens and "orphan" not in a.deltas
+        await a.until(lambda: loop.load.num_running == 0, timeout_s=5.0)  # 3000 tokens take far longer
+        await a.pool.stop()
+
+    asyncio.run(scenario())
+    loop.check_integrity()
+    assert engine.allocator.num_used_blocks == 0
+
+
 def test_a_stalled_engine_is_down_although_its_heartbeats_continue(
     engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
 ) -> None:

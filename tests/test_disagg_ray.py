@@ -1,30 +1,35 @@
 """Disaggregated serving end to end on the CPU: a real gRPC server, the router, and a
 DisaggregatedPool of 1 prefill + 1 decode worker actor (separate processes, handing KV blocks
 over through shared memory with the memory_model protocol). Streams equal one in-process
-engine; a prefill worker killed mid-handoff costs no stream and leaks no block."""
+engine; a prefill worker killed mid-handoff costs no stream and leaks no block. Each test runs
+through the in-process router and through 2 router processes (which relay their submits to the
+controller's pool: cluster/handoff_relay.py)."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from engine_helpers import make_engine, random_prompts
 from ray_helpers import ray_local  # noqa: F401
+from router_helpers import spread_clients
 from serve_helpers import VOCAB, Served, start_served
 
 from kvrelay.cluster.pool import PoolTimeouts
 from kvrelay.worker.sampling_params import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def served(ray_local: None) -> Iterator[Served]:  # noqa: F811
+@pytest.fixture(scope="module", params=[1, 2], ids=["1router", "2routers"])
+def served(ray_local: None, request: pytest.FixtureRequest) -> Iterator[Served]:  # noqa: F811
     s = start_served(
         disaggregated=(1, 1),
         engine={"handoff_timeout_s": 5.0},
         max_restarts=2,
         timeouts=PoolTimeouts(stall_s=20.0, no_progress_s=60.0),
+        routers=request.param,
     )
     yield s
     s.stop()
@@ -38,17 +43,38 @@ def _expected(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
 def test_streams_equal_the_colocated_engine(served: Served) -> None:
     prompts = random_prompts(16, [3, 16, 31, 50], VOCAB, seed=41)
     before = served.pool.num_handoffs
-    with served.client() as c, ThreadPoolExecutor(16) as ex:
-        got = list(ex.map(lambda p: c.generate(p, max_tokens=10, ignore_eos=True).token_ids, prompts))
+    pids = served.router_pids()
+    clients = spread_clients(lambda: served.client(own_connection=True), pids, served.port)
+    try:
+        via = {pid: c for c, pid in clients}
+        counted = {pid: c.server_stats().num_requests_total for pid, c in via.items()}
+        with ThreadPoolExecutor(16) as ex:
+            got = list(
+                ex.map(
+                    lambda i: (
+                        clients[i % len(clients)][0]
+                        .generate(prompts[i], max_tokens=10, ignore_eos=True)
+                        .token_ids
+                    ),
+                    range(16),
+                )
+            )
+        sent = Counter(clients[i % len(clients)][1] for i in range(16))
+        counted = {pid: c.server_stats().num_requests_total - counted[pid] for pid, c in via.items()}
+    finally:
+        for c, _ in clients:
+            c.close()
     assert [list(g) for g in got] == _expected(prompts, 10)
+    assert counted == dict(sent) and set(sent) == set(pids), "each router served its connections"
     assert served.pool.num_handoffs - before == 16, "every request went through a prefill worker"
-    registry = served.router.metrics.registry
-    received = registry.get_sample_value(
-        "kvrelay_worker_kv_handoffs_total", {"worker": "0", "result": "received"}
-    )
-    assert received is not None and received >= 16, received
-    waits = registry.get_sample_value("kvrelay_worker_kv_handoff_wait_seconds_count", {"worker": "0"})
-    assert waits == received, (waits, received)
+    if served.router is not None:  # the in-process router's registry (router processes: their own)
+        registry = served.router.metrics.registry
+        received = registry.get_sample_value(
+            "kvrelay_worker_kv_handoffs_total", {"worker": "0", "result": "received"}
+        )
+        assert received is not None and received >= 16, received
+        waits = registry.get_sample_value("kvrelay_worker_kv_handoff_wait_seconds_count", {"worker": "0"})
+        assert waits == received, (waits, received)
     decode_stats, prefill_stats = served.lt.run(served.pool.stats())
     assert decode_stats is not None and prefill_stats is not None
     assert prefill_stats.num_steps > 0 and decode_stats.num_steps > 0

@@ -1,6 +1,7 @@
-"""The OpenAI HTTP API over a real Ray pool of tiny-model CPU workers (one server for the module):
+"""The OpenAI HTTP API over a real Ray pool of tiny-model CPU workers (one server per parameter):
 the official `openai` client's greedy answers equal the gRPC path's token ids, and a client that
-goes away mid-stream or mid-response frees its KV blocks on the worker."""
+goes away mid-stream or mid-response frees its KV blocks on the worker. Served by the in-process
+router, and by 2 router processes sharing the HTTP port (`--router-processes 2`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from http_helpers import HttpServed, add_http, chat_model_dir, reference_chat_ids
 from ray_helpers import ray_local  # noqa: F401
+from router_helpers import spread_clients
 from serve_helpers import Served, start_served
 
 from kvrelay.worker.text.tokenizer import Tokenizer
@@ -23,13 +25,26 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return chat_model_dir(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module")
-def served(ray_local: None, model_dir: Path) -> Iterator[tuple[Served, HttpServed]]:  # noqa: F811
-    s = start_served(num_workers=1, num_kv_blocks=256, engine={"model": str(model_dir), "dtype": "float32"})
+@pytest.fixture(scope="module", params=[1, 2], ids=["1router", "2routers"])
+def served(
+    ray_local: None,  # noqa: F811
+    model_dir: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[Served, HttpServed]]:
+    engine = {"model": str(model_dir), "dtype": "float32"}
+    if request.param == 1:
+        s = start_served(num_workers=1, num_kv_blocks=256, engine=engine)
+        assert s.router is not None
+        try:
+            yield s, add_http(s.lt, s.router)
+        finally:
+            s.lt.run(s.router.drain(0.0))
+            s.stop()
+        return
+    s = start_served(num_workers=1, num_kv_blocks=256, engine=engine, routers=2, config={"http_port": 0})
     try:
-        yield s, add_http(s.lt, s.router)
+        yield s, HttpServed(s.lt, None, None, f"http://{s.http_address}")
     finally:
-        s.lt.run(s.router.drain(0.0))
         s.stop()
 
 
@@ -94,4 +109,12 @@ def test_disconnect_frees_the_workers_kv_blocks(served: tuple[Served, HttpServed
     finally:
         sock.close()
     s.wait_idle(timeout_s=3.0)  # 3000 tokens would take far longer
-    assert s.router._streams == {}
+    if s.router is not None:
+        assert s.router._streams == {}
+    else:  # every router process: no stream left open
+        clients = spread_clients(lambda: s.client(own_connection=True), s.router_pids(), s.port)
+        try:
+            assert [c.server_stats().num_in_flight for c, _ in clients] == [0] * len(clients)
+        finally:
+            for c, _ in clients:
+                c.close()

@@ -22,6 +22,7 @@ import psutil
 import pytest
 from engine_helpers import make_engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from router_helpers import OWN_CONNECTION, controller_routers, router_of_port
 from test_serve import ServeProcess
 
 from kvrelay.cluster.config import ServerConfig, resolve_router_processes
@@ -44,8 +45,7 @@ engine:
   dtype: float32
 """
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
-# One connection per channel: without a local subchannel pool, channels to one address share one.
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+CHANNEL_OPTIONS = OWN_CONNECTION
 
 
 class Server:
@@ -55,23 +55,11 @@ class Server:
 
     def routers(self) -> list[psutil.Process]:
         """The router processes: the controller's multiprocessing-spawned children (Ray's are not)."""
-        out = []
-        for c in psutil.Process(self.proc.proc.pid).children():
-            try:
-                if c.status() != psutil.STATUS_ZOMBIE and any("spawn_main" in a for a in c.cmdline()):
-                    out.append(c)
-            except psutil.Error:  # it exited meanwhile
-                pass
-        return out
+        return [psutil.Process(pid) for pid in controller_routers(self.proc.proc.pid)]
 
     def router_of_port(self) -> dict[int, int]:
         """client port -> pid of the router process holding that connection."""
-        out = {}
-        for r in self.routers():
-            for c in r.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port and c.raddr:
-                    out[c.raddr.port] = r.pid
-        return out
+        return router_of_port([r.pid for r in self.routers()], self.port)
 
     def health_status(self) -> int:
         with grpc.insecure_channel(self.health) as ch:

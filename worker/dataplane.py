@@ -13,7 +13,8 @@ traffic. One I/O thread owns the socket (zmq sockets are single-threaded) and:
 - sends LOAD(load, incarnation) every heartbeat_s to every router, idle or not, and ERROR(message)
   instead once the loop is broken, so routers take the worker down at once;
 - forgets a router that has sent nothing for router_timeout_s and aborts its requests (their
-  streams died with it; routers send HELLO as a keepalive).
+  streams died with it; routers send HELLO as a keepalive), and aborts requests `claim`ed for a
+  router it does not know (a controller's reserve for a router that died: docs/ROUTERS.md).
 
 Nothing a router sent is unpickled: frames are msgpack, decoded into our dataclasses, and a
 malformed frame is logged and dropped. The loop thread's only extra work per step is the hook
@@ -103,6 +104,10 @@ class DataPlaneServer:
         # Guarded by _owner_lock: request id -> the identity of the router that submitted it.
         self._owner_lock = threading.Lock()
         self._owners: dict[str, bytes] = {}
+        # Claims not yet checked against the routers this server knows: id -> (identity, when).
+        # A claim for a router that is gone (it died, and was forgotten, before the controller's
+        # reserve for it landed) would run unobserved to its end: the heartbeat aborts it.
+        self._claims: dict[str, tuple[bytes, float]] = {}
         # I/O thread only:
         self._routers: dict[bytes, float] = {}  # identity -> when it was last heard from
         self._answers: deque[tuple[bytes, int, Future[dict[str, str]], dict[str, str]]] = deque()
@@ -120,19 +125,23 @@ class DataPlaneServer:
         """Deltas of these ids go to `router_id` (requests added by a Ray call, not a SUBMIT: a
         decode worker's reserved handoffs)."""
         ident = router_id.encode()
+        now = time.monotonic()
         with self._owner_lock:
             for rid in request_ids:
                 self._owners[rid] = ident
+                self._claims[rid] = (ident, now)
 
     def release_all(self) -> None:
         """Forget every request's owner (the loop was reset: it holds none of them any more)."""
         with self._owner_lock:
             self._owners.clear()
+            self._claims.clear()
 
     def release(self, request_ids: Sequence[str]) -> None:
         with self._owner_lock:
             for rid in request_ids:
                 self._owners.pop(rid, None)
+                self._claims.pop(rid, None)
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
@@ -324,6 +333,8 @@ class DataPlaneServer:
         for ident, seen in list(self._routers.items()):
             if now - seen > self._router_timeout_s:
                 self._forget(ident, f"was silent for {now - seen:.1f} s")
+        if self._claims:
+            self._abort_orphan_claims(now)
         if not self._routers:
             return
         frame = (
@@ -346,6 +357,22 @@ class DataPlaneServer:
             io_cpu_s=self.io_cpu_s,
             process_cpu_s=time.process_time(),
         )
+
+    def _abort_orphan_claims(self, now: float) -> None:
+        """Claims older than one heartbeat whose router this server does not know: abort them. A
+        known router's claims need no more checking (forgetting it aborts all it owns)."""
+        orphans = []
+        with self._owner_lock:
+            for rid, (ident, at) in list(self._claims.items()):
+                if now - at < self._heartbeat_s:
+                    continue
+                del self._claims[rid]
+                if ident not in self._routers and self._owners.get(rid) == ident:
+                    del self._owners[rid]
+                    orphans.append(rid)
+        if orphans:
+            log.info("data plane: aborting %d requests claimed for routers that are gone", len(orphans))
+            self._loop.abort(orphans)
 
     def _forget(self, ident: bytes, why: str) -> None:
         self._routers.pop(ident, None)
