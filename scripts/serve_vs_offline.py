@@ -21,8 +21,10 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import signal
 import subprocess
@@ -62,15 +64,29 @@ def offline(args: argparse.Namespace) -> None:
     engine.generate(prompts[:16], params)  # warm-up
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     before = engine.stats()
-    t0 = time.perf_counter()
+    profile = cProfile.Profile() if args.profile_dir else None
+    cpu0, t0 = time.thread_time(), time.perf_counter()
+    if profile is not None:
+        profile.enable()
     outs = engine.generate(prompts, params)
-    dt = time.perf_counter() - t0
+    if profile is not None:
+        profile.disable()
+    dt, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     after = engine.stats()
     tokens = sum(len(o.token_ids) for o in outs)
+    if profile is not None:
+        profile.dump_stats(str(args.profile_dir / "offline.prof"))
     steps = step_time(
         after.step_time_counts, before.step_time_counts, after.step_time_sum_s - before.step_time_sum_s
     )
-    doc = {"seconds": dt, "output_tokens": tokens, "tok_s": tokens / dt, "step_ms": steps}
+    doc = {
+        "seconds": dt,
+        "output_tokens": tokens,
+        "tok_s": tokens / dt,
+        "step_ms": steps,
+        # the stepping thread's CPU, as the served worker's loop_cpu_us_per_token
+        "loop_cpu_us_per_token": 1e6 * cpu / max(tokens, 1),
+    }
     if args.latency_requests > 0:
         doc["latency"] = offline_latency(engine, args.latency_len)
     print(json.dumps(doc))
@@ -175,6 +191,20 @@ def bench_serve(
     }
 
 
+def print_profiles(folder: Path, report: dict[str, Any]) -> None:
+    """The loop thread's hottest functions offline and served, in µs per output token (cProfile
+    slows Python-heavy code, so read the split, not the totals)."""
+    for name, key in (("offline", "offline"), ("served.*", "served")):
+        for f in sorted(folder.glob(f"{name}.prof")):
+            tokens = report.get(key, {}).get("output_tokens", 0) or 1
+            stats = pstats.Stats(str(f))
+            rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]  # type: ignore[attr-defined]
+            print(f"\n== {f.name}: top functions by own time, µs per output token (cumulative)")
+            for (file, line, fn), (_, calls, tt, ct, _) in rows:
+                where = f"{Path(file).name}:{line}({fn})"
+                print(f"{1e6 * tt / tokens:9.2f} {1e6 * ct / tokens:9.2f} {calls:>9}  {where}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="random:llama-3.2-1b")
@@ -195,10 +225,18 @@ def main() -> None:
     )
     ap.add_argument("--latency-requests", type=int, default=16, help="concurrency-1 requests (0: skip)")
     ap.add_argument("--latency-len", type=int, default=256, help="their prompt and output tokens")
+    ap.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="cProfile the offline generate and the served worker's loop thread into this folder",
+    )
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     if args.offline:
         offline(args)
         return
@@ -221,6 +259,7 @@ def main() -> None:
         str(args.latency_requests),
         "--latency-len",
         str(args.latency_len),
+        *(["--profile-dir", str(args.profile_dir)] if args.profile_dir else []),
     ]
     report: dict[str, object] = {
         "model": args.model,
@@ -235,6 +274,9 @@ def main() -> None:
             [sys.executable, __file__, "--offline", *common], capture_output=True, text=True, check=True
         )
         report["offline"] = json.loads(out.stdout.strip().splitlines()[-1])
+    env = dict(os.environ)
+    if args.profile_dir:
+        env["KVRELAY_LOOP_PROFILE"] = str(args.profile_dir.resolve() / "loop")
     serve = subprocess.Popen(
         [
             sys.executable,
@@ -260,6 +302,7 @@ def main() -> None:
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         assert serve.stdout is not None
@@ -290,6 +333,9 @@ def main() -> None:
                 time.sleep(0.5)  # the workers' counters ride on their heartbeats (every 0.1 s)
                 served.update(worker_figures(stats0, c.server_stats(), int(served["output_tokens"])))
                 report["served"] = served
+                if args.profile_dir:  # the loop dumps its profile when it goes idle, as now
+                    for f in args.profile_dir.glob("loop.*"):
+                        f.replace(args.profile_dir / f"served.{f.name.split('.')[-1]}.prof")
                 if args.latency_requests > 0:
                     report["served_latency"] = bench_serve(
                         address,
@@ -314,6 +360,8 @@ def main() -> None:
             report["tpot_vs_offline_decode"] = lat["tpot_ms_p50"] / off["decode_ms_per_token"]
             report["ttft_minus_offline_ms"] = lat["ttft_ms_p50"] - off["ttft_ms"]
     print(json.dumps(report, indent=2))
+    if args.profile_dir:
+        print_profiles(args.profile_dir, report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

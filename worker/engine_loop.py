@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import cProfile
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +51,9 @@ _STALLED_STEP_WAIT_S = 0.005
 # rather than a sleep(0) spin, which keeps a core busy and the GIL contended by the actor's RPC
 # threads; it adds at most this to noticing an arrival (no TTFT difference measured on the CPU).
 _HANDOFF_POLL_S = 50e-6
+# A diagnostic: with KVRELAY_LOOP_PROFILE=PATH the loop thread runs under cProfile and writes its
+# stats to PATH.<pid> each time it goes idle (scripts/serve_vs_offline.py --profile-dir reads them).
+_PROFILE_ENV = "KVRELAY_LOOP_PROFILE"
 
 
 class EngineLoopBroken(RuntimeError):
@@ -78,6 +83,9 @@ class EngineLoop(HandoffLoopVerbs):
         # Called on the loop thread after a step published output or the loop broke; must not block
         # (the data plane's wakes its I/O thread). Set before the first submit.
         self._on_output: Callable[[], None] | None = None
+        self._profile: cProfile.Profile | None = None  # see _PROFILE_ENV; set on the loop thread
+        self._profile_path = ""
+        self._profile_dirty = False  # a step ran since the last dump
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -208,6 +216,12 @@ class EngineLoop(HandoffLoopVerbs):
 
     # ---- the loop thread ----------------------------------------------------------------
     def _run(self) -> None:
+        path = os.environ.get(_PROFILE_ENV)
+        self._profile = cProfile.Profile() if path else None
+        self._profile_path = f"{path}.{os.getpid()}" if path else ""
+        if self._profile is not None:
+            log.info("engine loop profiled into %s", self._profile_path)
+            self._profile.enable()
         try:
             while self._iterate():
                 pass
@@ -221,6 +235,11 @@ class EngineLoop(HandoffLoopVerbs):
         """One wake-up: apply the inbox, run one step if anything is live. False = stop."""
         engine = self._engine
         with self._cond:
+            if self._profile_dirty and not self._inbox and not engine.has_unfinished_requests():
+                assert self._profile is not None
+                self._profile.dump_stats(self._profile_path)  # idle: the profile so far is whole
+                self._profile.enable()  # dump_stats disables the profiler
+                self._profile_dirty = False
             while not self._inbox and not engine.has_unfinished_requests() and not self._stopping:
                 self._cond.wait()
             if self._stopping:
@@ -237,6 +256,7 @@ class EngineLoop(HandoffLoopVerbs):
         if engine.has_unfinished_requests():
             steps = engine.num_steps
             stepped = self._step(outputs)
+            self._profile_dirty = self._profile is not None
             if self._broken is not None:
                 # `outputs` is dropped: the failed step already published a final ABORT for every
                 # live request, those aborted just above included.
@@ -395,12 +415,28 @@ def engine_load(engine: Engine) -> WorkerLoad:
 def delta_of(out: RequestOutput) -> TokenDelta:
     """One engine step's output as it crosses to the router: its own lists (later steps merge into
     it) and no text (the router makes the text)."""
-    return dataclasses.replace(out, token_ids=list(out.token_ids), logprobs=list(out.logprobs), text="")
+    return TokenDelta(
+        out.request_id,
+        list(out.token_ids),
+        list(out.logprobs),
+        out.finish_reason,
+        out.deadline_exceeded,
+        out.prompt_tokens,
+        out.completion_tokens,
+        out.cached_prompt_tokens,
+        out.error,
+    )
 
 
 def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
+    """Put one step's output into the outbox. The engine makes a fresh output object with fresh
+    lists every step and keeps no reference to it, so the first one of a request is kept as is (a
+    copy per token per step was a measurable share of the served loop's time); a later step's is
+    folded into it. The text is dropped: the router makes it."""
     d = outbox.get(out.request_id)
     if d is None:
-        outbox[out.request_id] = delta_of(out)
+        out.text = ""
+        outbox[out.request_id] = out
     else:
-        d.merge(dataclasses.replace(out, text=""))
+        d.merge(out)
+        d.text = ""
