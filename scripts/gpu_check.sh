@@ -61,6 +61,8 @@ if [[ "$what" == dataplane ]]; then
   python3 scripts/router_scaling.py --routers ${ROUTERS:-1,2,4,8} --workers 8 --step-ms 10 --streams 1024 \
     --output-len 128 --out "$out/router_scaling" 2>&1 | grep -v "^\s*$" | tee "$out/router_scaling.log"
   status[scaling]=${PIPESTATUS[0]}
+  # one file back, not one per point (the device tool returns a limited number of files)
+  tar -czf "$out/router_scaling.tar.gz" -C "$out" router_scaling && rm -rf "$out/router_scaling"
 fi
 if [[ "$what" == gemv ]]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemv.py 2>&1 | tee "$out/gemv_tests.log"
