@@ -62,7 +62,9 @@ SAMPLED = [
     SamplingParams(max_tokens=40, temperature=0.9, seed=21, ignore_eos=True),
     SamplingParams(max_tokens=40, temperature=1.2, top_p=0.8, top_k=30, seed=2**64 - 1, ignore_eos=True),
     SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True),  # seeded at admission (config.seed)
-    SamplingParams(max_tokens=40, temperature=0.7, min_p=0.1, repetition_penalty=1.2, seed=5, ignore_eos=True),
+    SamplingParams(
+        max_tokens=40, temperature=0.7, min_p=0.1, repetition_penalty=1.2, seed=5, ignore_eos=True
+    ),
 ]
 
 

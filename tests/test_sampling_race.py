@@ -121,7 +121,7 @@ def test_sampler_triton_equals_torch_for_a_mixed_batch() -> None:
         out = {}
         for impl in ("torch", "triton"):
             penalties = PenaltyState(vocab, DEVICE).batch([reqs[i] for i in rows])
-            out[impl] = Sampler(seed=0, impl=impl)(  # type: ignore[arg-type]
+            out[impl] = Sampler(seed=0, impl=impl)(
                 logits[rows], batch, seeds=[seeds[i] for i in rows], counters=[counters[i] for i in rows],
                 penalties=penalties,
             ).token_ids.tolist()  # fmt: skip

@@ -177,7 +177,9 @@ class Sampler:
         tokens each row's request generated before this one (None: all 0). penalties: the rows that
         have any (PenaltyState.batch), applied before greedy argmax and before temperature and the
         filters. Waits for the tokens: `sample` is the same without waiting."""
-        return self.sample(logits, params, seeds=seeds, counters=counters, penalties=penalties).to_host().wait()
+        return (
+            self.sample(logits, params, seeds=seeds, counters=counters, penalties=penalties).to_host().wait()
+        )
 
     def sample(
         self,
