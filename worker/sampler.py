@@ -88,23 +88,13 @@ class PendingSample:
 
 @dataclass(frozen=True)
 class BatchFlags:
-    """What one batch needs, known on the host from its params: the op sequence depends on this
-    and on the batch's shape only (a CUDA graph of the sampler would be captured per flag set)."""
+    """Which filters a batch that samples needs, known on the host from its params: the op sequence
+    depends on this and on the batch's shape only (a CUDA graph of the sampler would be captured
+    per flag set). A batch with no sampled row is one argmax and uploads nothing."""
 
-    sampled: bool  # any row with temperature > 0 (else: one argmax, nothing uploaded)
     top_k: bool  # any sampled row with 0 < top_k < V
     top_p: bool  # any sampled row with top_p < 1
     min_p: bool  # any sampled row with min_p > 0
-
-    @classmethod
-    def of(cls, params: Sequence[SamplingParams], vocab: int) -> BatchFlags:
-        sampled = [p for p in params if not p.is_greedy]
-        return cls(
-            sampled=bool(sampled),
-            top_k=any(0 < p.top_k < vocab for p in sampled),
-            top_p=any(p.top_p < 1.0 for p in sampled),
-            min_p=any(p.min_p > 0.0 for p in sampled),
-        )
 
     @property
     def filters(self) -> bool:
@@ -112,9 +102,59 @@ class BatchFlags:
 
 
 @dataclass(frozen=True)
+class HostRows:
+    """The batch's per-row params on the host, [N] numpy arrays, greedy rows and rows without a
+    filter carrying its neutral value (top_k = V, top_p = 1, min_p = 0), so every row can take the
+    same ops. Built with numpy rather than per-field Python loops: this is on the step's critical
+    path."""
+
+    temperature: np.ndarray  # [N] float32; 0 = greedy
+    top_k: np.ndarray  # [N] int64 in [1, V]
+    top_p: np.ndarray  # [N] float32 in (0, 1]
+    min_p: np.ndarray  # [N] float32 in [0, 1]
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab: int) -> HostRows:
+        n = len(params)
+        temperature = np.fromiter((p.temperature for p in params), np.float32, n)
+        greedy = temperature == 0
+        top_k = np.fromiter((p.top_k for p in params), np.int64, n)
+        top_k[greedy | (top_k <= 0) | (top_k >= vocab)] = vocab
+        top_p = np.fromiter((p.top_p for p in params), np.float32, n)
+        top_p[greedy] = 1.0
+        min_p = np.fromiter((p.min_p for p in params), np.float32, n)
+        min_p[greedy] = 0.0
+        return cls(temperature, top_k, top_p, min_p)
+
+    def flags(self, vocab: int) -> BatchFlags:
+        return BatchFlags(
+            top_k=bool((self.top_k < vocab).any()),
+            top_p=bool((self.top_p < 1.0).any()),
+            min_p=bool((self.min_p > 0.0).any()),
+        )
+
+    def upload(self, seeds: Sequence[int], counters: Sequence[int], device: torch.device) -> RowTensors:
+        """The rows and their seeds and counters in one host buffer (pinned on a GPU), copied in one
+        non-blocking copy. Layout (bytes): int64 [3, N] (seed, counter, top_k), then float32 [3, N]
+        (temperature, top_p, min_p); both regions are aligned for their dtype."""
+        n = self.temperature.shape[0]
+        host = torch.empty(36 * n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        buf = host.numpy()
+        ints = buf[: 24 * n].view(np.int64).reshape(3, n)
+        ints[0] = np.array(seeds, dtype=np.uint64).view(np.int64)  # a seed >= 2**63 reads negative
+        ints[1] = counters
+        ints[2] = self.top_k
+        floats = buf[24 * n :].view(np.float32).reshape(3, n)
+        floats[0], floats[1], floats[2] = self.temperature, self.top_p, self.min_p
+        dev = host.to(device, non_blocking=True)  # on the CPU: host itself, fresh per call
+        i64 = dev[: 24 * n].view(torch.int64).view(3, n)
+        f32 = dev[24 * n :].view(torch.float32).view(3, n)
+        return RowTensors(f32[0], i64[2], f32[1], f32[2], seed=i64[0], counter=i64[1])
+
+
+@dataclass(frozen=True)
 class RowTensors:
-    """The batch's per-row sampling params on the device, views of one uploaded buffer. Greedy rows
-    carry neutral filters (top_k = V, top_p = 1, min_p = 0), so every row can take the same ops."""
+    """HostRows with each row's seed and counter, on the device: views of one uploaded buffer."""
 
     temperature: torch.Tensor  # [N] float32; 0 = greedy
     top_k: torch.Tensor  # [N] int64 in [1, V]; V = off
@@ -122,32 +162,6 @@ class RowTensors:
     min_p: torch.Tensor  # [N] float32 in [0, 1]; 0 = off
     seed: torch.Tensor  # [N] int64: the seed's 64 bits (a uint64 seed >= 2**63 reads negative)
     counter: torch.Tensor  # [N] int64: tokens the row's request generated before this one
-
-    @classmethod
-    def upload(
-        cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
-        vocab: int, device: torch.device,
-    ) -> RowTensors:  # fmt: skip
-        """Packs the rows into one host buffer (pinned on a GPU) and copies it in one non-blocking
-        copy. Layout (bytes): int64 [3, N] (seed, counter, top_k), then float32 [3, N]
-        (temperature, top_p, min_p); both regions are aligned for their dtype."""
-        n = len(params)
-        ints = np.empty((3, n), dtype=np.int64)
-        floats = np.empty((3, n), dtype=np.float32)
-        ints[0] = np.array(seeds, dtype=np.uint64).view(np.int64)
-        ints[1] = counters
-        ints[2] = [vocab if p.is_greedy or not 0 < p.top_k < vocab else p.top_k for p in params]
-        floats[0] = [p.temperature for p in params]
-        floats[1] = [1.0 if p.is_greedy else p.top_p for p in params]
-        floats[2] = [0.0 if p.is_greedy else p.min_p for p in params]
-        host = torch.empty(ints.nbytes + floats.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        buf = host.numpy()
-        buf[: ints.nbytes] = ints.view(np.uint8).reshape(-1)
-        buf[ints.nbytes :] = floats.view(np.uint8).reshape(-1)
-        dev = host.to(device, non_blocking=True)  # on the CPU: host itself, fresh per call
-        i64 = dev[: ints.nbytes].view(torch.int64).view(3, n)
-        f32 = dev[ints.nbytes :].view(torch.float32).view(3, n)
-        return cls(temperature=f32[0], top_k=i64[2], top_p=f32[1], min_p=f32[2], seed=i64[0], counter=i64[1])
 
 
 class Sampler:
@@ -194,14 +208,12 @@ class Sampler:
         waits for the GPU, so the host can queue the next step before they are known."""
         n, vocab = _check_inputs(logits, params, seeds, counters)
         x = logits if penalties is None else _penalized(logits, penalties)
-        flags = BatchFlags.of(params, vocab)
-        if not flags.sampled:
+        if all(p.is_greedy for p in params):
             token_ids = x.argmax(dim=-1)  # [N]; the common all-greedy batch uploads nothing
         else:
-            rows = RowTensors.upload(
-                params, self._seeds(params, seeds), counters or [0] * n, vocab, logits.device
-            )
-            token_ids = self._draw(x, rows, flags)
+            host = HostRows.of(params, vocab)
+            rows = host.upload(self._seeds(params, seeds), counters or [0] * n, logits.device)
+            token_ids = self._draw(x, rows, host.flags(vocab))
         return DeviceSample(token_ids.to(torch.int64), _logprob_tensors(logits, params, token_ids))
 
     def _seeds(self, params: Sequence[SamplingParams], seeds: Sequence[int | None] | None) -> list[int]:

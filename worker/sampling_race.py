@@ -179,7 +179,7 @@ def _race_partial_kernel(
         s = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if sampled:
             if SCALE:
-                s = s / t
+                s = tl.math.div_rn(s, t)  # IEEE division, as torch's: same x / T on both paths
             # h_v = mix64(key + (v + 1) * GAMMA); U = (top 23 bits + 0.5) * 2^-23, as uniform_noise
             h = key + (cols + 1).to(tl.int64) * -7046029254386353131
             h = (h ^ ((h >> 30) & 0x3FFFFFFFF)) * -4658895280553007687
