@@ -103,6 +103,17 @@ def test_seeded_sampling_is_independent_of_batch() -> None:
     assert unseeded.token_ids != alone.token_ids
 
 
+def test_unseeded_sampling_follows_the_engine_seed() -> None:
+    """Requests without a seed get one at admission from the engine's sampler (EngineConfig.seed):
+    the same config reproduces them, another seed does not, and in one engine they differ."""
+    prompt = random_prompts(1, [20], 256, seed=5)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    first = [o.token_ids for o in make_engine(seed=3).generate([prompt] * 3, params)]
+    assert [o.token_ids for o in make_engine(seed=3).generate([prompt] * 3, params)] == first
+    assert [o.token_ids for o in make_engine(seed=4).generate([prompt] * 3, params)] != first
+    assert len({tuple(t) for t in first}) == 3
+
+
 def test_stop_conditions() -> None:
     engine = make_engine()
     prompt = random_prompts(1, [12], 256, seed=7)[0]
