@@ -229,8 +229,8 @@ class Sampler:
         """[N] int64 tokens of every row: sampled rows race, greedy rows take the argmax."""
         if not flags.filters:  # the fused path: x / T and the noise never materialize on a GPU
             return race(x, rows.temperature, rows.seed, rows.counter, scaled=False, impl=self.impl)
-        temperature = torch.where(rows.temperature > 0, rows.temperature, 1.0)  # [N]; greedy: x / 1
-        scaled = x.float() / temperature.unsqueeze(1)  # [N, V], fresh: the filters overwrite it
+        inv_t = 1.0 / torch.where(rows.temperature > 0, rows.temperature, 1.0)  # [N]; greedy: x * 1
+        scaled = x.float() * inv_t.unsqueeze(1)  # [N, V] x / T as the fused kernel computes it; fresh
         scaled = _apply_filters(scaled, rows, flags)
         return race(scaled, rows.temperature, rows.seed, rows.counter, scaled=True, impl=self.impl)
 

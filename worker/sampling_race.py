@@ -21,8 +21,9 @@ noise again. The hash is splitmix64 (Steele et al. 2014):
 
 written with int64 ops that mean the same in torch and in Triton (multiplication wraps mod 2^64;
 right shifts are arithmetic, so each one is masked to its logical result). The float mapping is
-exact in float32, so U is bit-identical on both paths; only log (and, on the GPU, division) may
-round differently, so CPU and GPU give the same tokens up to float near-ties. 23 bits bound the
+exact in float32, so U is bit-identical on both paths, and so is 1 / T (IEEE on both); only log,
+and the fused multiply-add a GPU compiler may make of x * (1 / T) + G, may round differently (by
+an ulp), so the CPU and the GPU give the same tokens up to float near-ties. 23 bits bound the
 noise: E = -log U lies in [6e-8, 16.6], which moves a token's probability by < 1e-7.
 
 `race` runs the Triton kernel on CUDA tensors (two launches: per (row, vocab split) partial
@@ -77,12 +78,12 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torc
 def race_torch(
     x: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, *, scaled: bool
 ) -> torch.Tensor:
-    """[N] int64 tokens. x: [N, V] logits (already divided by the temperature when `scaled`;
+    """[N] int64 tokens. x: [N, V] logits (already scaled, x * (1 / T), when `scaled`;
     -inf marks a filtered token); temperature: [N] float32, 0 = greedy; seed, counter: [N] int64."""
     x = x.float()
     sampled = temperature > 0  # [N]
     if not scaled:
-        x = x / torch.where(sampled, temperature, 1.0).unsqueeze(1)
+        x = x * (1.0 / torch.where(sampled, temperature, 1.0)).unsqueeze(1)  # as the kernel scales
     gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, x.shape[1])))  # [N, V]
     return torch.where(sampled, (x + gumbel).argmax(dim=-1), x.argmax(dim=-1))
 
@@ -159,6 +160,9 @@ def _race_partial_kernel(
     split = tl.program_id(1)
     t = tl.load(temp_ptr + row)
     sampled = t > 0.0
+    # x * (1 / T), the reciprocal rounded as IEEE division rounds it (torch's): x / T per entry
+    # would cost an IEEE division each, ~14% of the loop.
+    inv_t = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.where(sampled, t, 1.0))
     # key = mix64(mix64(seed) + counter * GAMMA), as row_keys
     z = tl.load(seed_ptr + row)
     z = (z ^ ((z >> 30) & 0x3FFFFFFFF)) * -4658895280553007687
@@ -179,7 +183,7 @@ def _race_partial_kernel(
         s = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if sampled:
             if SCALE:
-                s = tl.math.div_rn(s, t)  # IEEE division, as torch's: same x / T on both paths
+                s = s * inv_t
             # h_v = mix64(key + (v + 1) * GAMMA); U = (top 23 bits + 0.5) * 2^-23, as uniform_noise
             h = key + (cols + 1).to(tl.int64) * -7046029254386353131
             h = (h ^ ((h >> 30) & 0x3FFFFFFFF)) * -4658895280553007687
