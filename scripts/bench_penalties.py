@@ -56,17 +56,17 @@ def main() -> None:
         r = Request(f"r{i}", [rng.randrange(a.vocab) for _ in range(a.prompt_len)], penal)
         r.all_token_ids += [rng.randrange(a.vocab) for _ in range(a.output_len)]
         reqs.append(r)
-    sampler, gens = Sampler(seed=0), [None] * a.batch
+    sampler = Sampler(seed=0)
     state = PenaltyState(a.vocab, device)
     state.batch(reqs)  # open the slots: prompt masks and the first output_len counts
 
     def step_plain() -> object:
-        return sampler(logits, [plain] * a.batch, gens, state.batch([]))
+        return sampler(logits, [plain] * a.batch, penalties=state.batch([]))
 
     def step_incremental() -> object:
         for r in reqs:  # one new token per row, as after a decode step
             r.all_token_ids.append(rng.randrange(a.vocab))
-        return sampler(logits, [penal] * a.batch, gens, state.batch(reqs))
+        return sampler(logits, [penal] * a.batch, penalties=state.batch(reqs))
 
     def incremental_counts() -> object:  # what the engine does: add the one new token per row
         for r in reqs:

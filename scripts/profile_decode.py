@@ -70,7 +70,8 @@ def main() -> None:
         out = engine.sampler(
             logits,
             [s.request.params for s in sched.scheduled],
-            [engine.default_generator] * len(sched.scheduled),
+            seeds=[s.request.sampling_seed for s in sched.scheduled],
+            counters=[s.request.num_output_tokens for s in sched.scheduled],
         )
         toks = out.token_ids.tolist()
         phases["sample+tolist"] += time.perf_counter() - t

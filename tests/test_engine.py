@@ -58,10 +58,28 @@ def test_prefix_cache_hit_gives_identical_tokens() -> None:
     engine.check_integrity()
 
 
-def test_preemption_under_memory_pressure_keeps_outputs() -> None:
+SAMPLED = [
+    SamplingParams(max_tokens=40, temperature=0.9, seed=21, ignore_eos=True),
+    SamplingParams(max_tokens=40, temperature=1.2, top_p=0.8, top_k=30, seed=2**64 - 1, ignore_eos=True),
+    SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True),  # seeded at admission (config.seed)
+    SamplingParams(
+        max_tokens=40, temperature=0.7, min_p=0.1, repetition_penalty=1.2, seed=5, ignore_eos=True
+    ),
+]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+def test_preemption_under_memory_pressure_keeps_outputs(sampling: str) -> None:
+    """A preempted request is recomputed and continues with the same tokens: for sampled requests
+    because their noise is a function of (seed, tokens generated so far), nothing that the
+    recompute could leave behind."""
     prompts = random_prompts(8, [40, 23, 57, 31], 256, seed=4)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params: SamplingParams | list[SamplingParams] = (
+        SamplingParams(max_tokens=40, ignore_eos=True) if sampling == "greedy" else SAMPLED * 2
+    )
     reference = make_engine().generate(prompts, params)
+    if sampling == "sampled":  # distinct random streams, so the equality below is not vacuous
+        assert len({tuple(o.token_ids) for o in reference}) == 8
     # Each request needs up to 7 blocks; 8 of them at once need ~50. Give the pool 16.
     engine = make_engine(num_kv_blocks=16)
     outs = engine.generate(prompts, params)
@@ -83,6 +101,17 @@ def test_seeded_sampling_is_independent_of_batch() -> None:
     assert batch[3].token_ids == alone.token_ids
     unseeded = make_engine().generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=99))[0]
     assert unseeded.token_ids != alone.token_ids
+
+
+def test_unseeded_sampling_follows_the_engine_seed() -> None:
+    """Requests without a seed get one at admission from the engine's sampler (EngineConfig.seed):
+    the same config reproduces them, another seed does not, and in one engine they differ."""
+    prompt = random_prompts(1, [20], 256, seed=5)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    first = [o.token_ids for o in make_engine(seed=3).generate([prompt] * 3, params)]
+    assert [o.token_ids for o in make_engine(seed=3).generate([prompt] * 3, params)] == first
+    assert [o.token_ids for o in make_engine(seed=4).generate([prompt] * 3, params)] != first
+    assert len({tuple(t) for t in first}) == 3
 
 
 def test_stop_conditions() -> None:

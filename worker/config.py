@@ -58,7 +58,7 @@ class EngineConfig:
     # Their token-count buckets; None: 16..128 by 16, four per doubling after, max_num_batched_tokens.
     prefill_graph_tokens: tuple[int, ...] | None = None
     attention_backend: str = "auto"  # auto (triton on a GPU, torch on the CPU), triton, torch
-    seed: int = 0  # default generator of unseeded sampling
+    seed: int = 0  # seeds the sampling noise of requests that bring no seed
     # Overlapped scheduling (worker/overlap.py): the host schedules and prepares step N+1 while
     # the device runs step N, and learns step N's tokens one step late. None: on for CUDA, off
     # for the CPU (where nothing runs concurrently, so it only adds a step of latency).

@@ -10,8 +10,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import torch
-
 from .attention.backend import AttentionBackend
 from .attention.torch_backend import TorchPagedAttention
 from .config import EngineConfig, resolve_device, resolve_dtype
@@ -95,14 +93,13 @@ class Engine:
                 dtype=self.dtype,
                 token_buckets=token_buckets,
             )
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=config.seed)  # seeds the requests that bring none
         # Token counts of penalized requests, on the device across steps (no memory until one comes).
         self.penalties = PenaltyState(self.model_config.vocab_size, self.device)
         # A decode worker receives KV (handoff), a prefill worker sends it, a colocated one neither.
         self.role: KvRole = role(self, config, pool)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
-        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
@@ -128,12 +125,6 @@ class Engine:
                 f"max_model_len {self.config.max_model_len} exceeds the model's limit of {limit} tokens"
             )
         return self.config.max_model_len
-
-    @property
-    def default_generator(self) -> torch.Generator:
-        """The generator of requests without a seed of their own (seeded by config.seed); a
-        request's own, when it has one, is req.generator."""
-        return self._default_generator
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -172,8 +163,7 @@ class Engine:
     ) -> Request:
         """A validated request, registered but not yet scheduled."""
         req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, deadline=deadline)
-        if params.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        req.sampling_seed = params.seed if params.seed is not None else self.sampler.new_seed()
         if self.tokenizer is not None and self.config.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self.requests[request_id] = req
@@ -217,12 +207,6 @@ class Engine:
         req.num_computed_tokens = req.num_prompt_tokens
         self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         self.scheduler.admit_running(req)
-        if req.generator is not None:
-            # The producer drew this request's first V exponentials; skip them so the seeded
-            # stream continues exactly as it would have on one worker.
-            torch.empty(self.model_config.vocab_size, device=self.device).exponential_(
-                generator=req.generator
-            )
         return self.append_token(req, first[0], first[1])
 
     def requeue_locally(self, req: Request) -> None:
@@ -268,8 +252,9 @@ class Engine:
         sampled = self.sampler(
             logits,
             [s.request.params for s in sampling],
-            [s.request.generator or self._default_generator for s in sampling],
-            self.penalties.batch([s.request for s in sampling]),
+            seeds=[s.request.sampling_seed for s in sampling],
+            counters=[s.request.num_output_tokens for s in sampling],
+            penalties=self.penalties.batch([s.request for s in sampling]),
         )
         token_ids = sampled.token_ids.tolist()
         for s in sched.scheduled:

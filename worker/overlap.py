@@ -81,8 +81,9 @@ def launch(engine: Engine, sched: SchedulerOutput, prev: InflightStep | None) ->
     sample = engine.sampler.sample(
         logits,
         [r.params for r in requests],
-        [r.generator or engine.default_generator for r in requests],
-        engine.penalties.batch(requests, pending=prev_tokens),
+        seeds=[r.sampling_seed for r in requests],
+        counters=[r.num_output_tokens for r in requests],  # placeholders count: the tokens before this one
+        penalties=engine.penalties.batch(requests, pending=prev_tokens),
     )
     pending = sample.to_host()
     for s in sched.scheduled:

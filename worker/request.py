@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from .protocol import FinishReason, HandoffTarget, TokenDelta, TokenLogprobs
 from .sampling_params import SamplingParams
 
@@ -41,8 +39,9 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    # Owned by the request so its samples depend on its seed alone, whatever the batch.
-    generator: torch.Generator | None = None
+    # The seed of its sampling noise (params.seed, or one the engine drew at admission): with the
+    # count of tokens generated so far, all that its samples depend on besides its logits.
+    sampling_seed: int = 0
     detokenizer: IncrementalDetokenizer | None = None
     first_token_time: float | None = None
     # Disaggregated serving, on a prefill worker: where its KV goes once the first token is sampled.

@@ -19,7 +19,7 @@ class SamplingParams:
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
-    seed: int | None = None  # per-request generator: same seed, same tokens, whatever the batch
+    seed: int | None = None  # per-request noise seed: same seed, same tokens, whatever the batch
     stop: tuple[str, ...] = ()  # matched on detokenized text; the match is not returned
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (EOS is not banned, only not a stop)
