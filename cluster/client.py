@@ -66,6 +66,7 @@ from .client_wire import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
+    "OWN_CONNECTION",
     "TOKEN_ENV",
     "AsyncKvrelayClient",
     "Cancelled",
@@ -97,6 +98,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # logprob-heavy streams fit, and an oversized message fails at once as ResourceExhausted.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TOKEN_ENV = "KVRELAY_TOKEN"  # the token command-line clients send when no --token-file is given
+# channel_options giving a client a connection of its own: without a local subchannel pool, the
+# clients of one process with the same target and options share one connection, which
+# SO_REUSEPORT then hands to one router process (docs/ROUTERS.md).
+OWN_CONNECTION: tuple[tuple[str, Any], ...] = (("grpc.use_local_subchannel_pool", 1),)
 StreamT = TypeVar("StreamT")  # a generator of StreamChunk (sync) or an async generator of them
 ResultT = TypeVar("ResultT")  # GenerationResult (sync) or a coroutine of one (async)
 
@@ -198,10 +203,7 @@ class _ClientBase(Generic[StreamT, ResultT]):
                 raise ValueError("tls_server_name needs TLS: give tls_root_cert or tls=True")
             # The name the server's certificate must carry when the target is an IP or an alias.
             self._options.append(("grpc.ssl_target_name_override", tls_server_name))
-        # Extra gRPC channel arguments, after ours (a later duplicate wins). For example
-        # ("grpc.use_local_subchannel_pool", 1) gives this client a connection of its own: without
-        # it, clients of one process with the same target and options share one connection, which
-        # SO_REUSEPORT then hands to one router process (docs/ROUTERS.md).
+        # Extra gRPC channel arguments, after ours (a later duplicate wins), e.g. OWN_CONNECTION.
         self._options.extend((str(k), v) for k, v in channel_options)
         self._open()
 

@@ -12,8 +12,9 @@ from typing import Protocol, TypeVar
 
 import psutil
 
-# One connection per channel: without a local subchannel pool, channels to one address share one.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+from kvrelay.cluster.client import OWN_CONNECTION
+
+__all__ = ["OWN_CONNECTION", "connect_on", "controller_routers", "router_of_port", "spread_clients"]
 
 
 class _Connectable(Protocol):

@@ -16,9 +16,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from ..client import AsyncKvrelayClient, StreamChunk
-
-_OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+from ..client import OWN_CONNECTION, AsyncKvrelayClient, StreamChunk
 
 
 class GrpcConnections:
@@ -28,7 +26,7 @@ class GrpcConnections:
     def __init__(self, target: str, k: int) -> None:
         if k < 1:
             raise ValueError(f"--connections must be >= 1, got {k}")
-        self.clients = [AsyncKvrelayClient(target, channel_options=[_OWN_CONNECTION]) for _ in range(k)]
+        self.clients = [AsyncKvrelayClient(target, channel_options=OWN_CONNECTION) for _ in range(k)]
         self._next = 0
 
     def _pick(self) -> AsyncKvrelayClient:
