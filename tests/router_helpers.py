@@ -7,14 +7,24 @@ router holds at least one; a test then reads each router's own ServerStats throu
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
 from kvrelay.cluster.client import OWN_CONNECTION
 
-__all__ = ["OWN_CONNECTION", "connect_on", "controller_routers", "router_of_port", "spread_clients"]
+__all__ = [
+    "OWN_CONNECTION",
+    "connect_on",
+    "controller_routers",
+    "generate_spread",
+    "router_of_port",
+    "spread_clients",
+]
 
 
 class _Connectable(Protocol):
@@ -60,6 +70,46 @@ def spread_clients(
         assert len(out) < most, f"{most} connections reached only routers {sorted({p for _, p in out})}"
         out.append(connect_on(open_client, pids, port))
     return out
+
+
+@dataclass(frozen=True)
+class SpreadRun:
+    """`generate_spread`'s result: the token ids of every prompt (in order), how many requests
+    each router pid was sent, and how many each router's own ServerStats counted meanwhile."""
+
+    token_ids: list[list[int]]
+    sent: dict[int, int]
+    counted: dict[int, int]
+
+
+def generate_spread(
+    open_client: Callable[[], Any],
+    pids: Sequence[int],
+    port: int,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    *,
+    at_least: int = 2,
+) -> SpreadRun:
+    """Greedy generations of `prompts` (ignore_eos), all at once, round-robin over clients spread
+    on every router (`spread_clients`); each router's count is read through a connection it holds."""
+    clients = spread_clients(open_client, pids, port, at_least=at_least)
+    try:
+        via = {pid: c for c, pid in clients}
+        before = {pid: c.server_stats().num_requests_total for pid, c in via.items()}
+
+        def one(i: int) -> list[int]:
+            result = clients[i % len(clients)][0].generate(prompts[i], max_tokens=max_tokens, ignore_eos=True)
+            return list(result.token_ids)
+
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            got = list(ex.map(one, range(len(prompts))))
+        sent = Counter(clients[i % len(clients)][1] for i in range(len(prompts)))
+        counted = {pid: c.server_stats().num_requests_total - before[pid] for pid, c in via.items()}
+    finally:
+        for c, _ in clients:
+            c.close()
+    return SpreadRun(got, dict(sent), counted)
 
 
 def controller_routers(controller_pid: int) -> list[int]:

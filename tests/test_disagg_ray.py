@@ -8,14 +8,13 @@ controller's pool: cluster/handoff_relay.py)."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from engine_helpers import make_engine, random_prompts
 from ray_helpers import ray_local  # noqa: F401
-from router_helpers import spread_clients
+from router_helpers import generate_spread
 from serve_helpers import VOCAB, Served, start_served
 
 from kvrelay.cluster.pool import PoolTimeouts
@@ -44,28 +43,9 @@ def test_streams_equal_the_colocated_engine(served: Served) -> None:
     prompts = random_prompts(16, [3, 16, 31, 50], VOCAB, seed=41)
     before = served.pool.num_handoffs
     pids = served.router_pids()
-    clients = spread_clients(lambda: served.client(own_connection=True), pids, served.port)
-    try:
-        via = {pid: c for c, pid in clients}
-        counted = {pid: c.server_stats().num_requests_total for pid, c in via.items()}
-        with ThreadPoolExecutor(16) as ex:
-            got = list(
-                ex.map(
-                    lambda i: (
-                        clients[i % len(clients)][0]
-                        .generate(prompts[i], max_tokens=10, ignore_eos=True)
-                        .token_ids
-                    ),
-                    range(16),
-                )
-            )
-        sent = Counter(clients[i % len(clients)][1] for i in range(16))
-        counted = {pid: c.server_stats().num_requests_total - counted[pid] for pid, c in via.items()}
-    finally:
-        for c, _ in clients:
-            c.close()
-    assert [list(g) for g in got] == _expected(prompts, 10)
-    assert counted == dict(sent) and set(sent) == set(pids), "each router served its connections"
+    run = generate_spread(lambda: served.client(own_connection=True), pids, served.port, prompts, 10)
+    assert run.token_ids == _expected(prompts, 10)
+    assert run.counted == run.sent and set(run.sent) == set(pids), "each router served its connections"
     assert served.pool.num_handoffs - before == 16, "every request went through a prefill worker"
     if served.router is not None:  # the in-process router's registry (router processes: their own)
         registry = served.router.metrics.registry

@@ -12,13 +12,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from engine_helpers import make_engine, random_prompts
 from ray_helpers import ray_local  # noqa: F401
-from router_helpers import spread_clients
+from router_helpers import generate_spread
 from serve_helpers import VOCAB, Served, start_served
 
 from kvrelay.cluster.client import DeadlineExceeded, KvrelayError, Unavailable
@@ -37,29 +36,13 @@ def test_64_concurrent_streams_equal_the_in_process_engine(served: Served) -> No
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     expected = [o.token_ids for o in make_engine(detokenize=False).generate(prompts, params)]
     pids = served.router_pids()
-    clients = spread_clients(lambda: served.client(own_connection=True), pids, served.port, at_least=4)
-    try:
-        # Each router's own count, read through a connection that it holds.
-        via = {pid: c for c, pid in reversed(clients)}
-        before = {pid: c.server_stats().num_requests_total for pid, c in via.items()}
-        with ThreadPoolExecutor(64) as ex:
-            got = list(
-                ex.map(
-                    lambda i: (
-                        clients[i % len(clients)][0]
-                        .generate(prompts[i], max_tokens=12, ignore_eos=True)
-                        .token_ids
-                    ),
-                    range(64),
-                )
-            )
-        sent = Counter(clients[i % len(clients)][1] for i in range(64))
-        served_by = {pid: c.server_stats().num_requests_total - before[pid] for pid, c in via.items()}
-    finally:
-        for c, _ in clients:
-            c.close()
-    assert [list(g) for g in got] == expected
-    assert served_by == dict(sent) and set(sent) == set(pids), "each router served its connections' streams"
+    run = generate_spread(
+        lambda: served.client(own_connection=True), pids, served.port, prompts, 12, at_least=4
+    )
+    assert run.token_ids == expected
+    assert run.counted == run.sent and set(run.sent) == set(pids), (
+        "each router served its connections' streams"
+    )
     stats = served.lt.run(served.pool.stats())
     assert all(s is not None and s.num_steps > 0 for s in stats), "both actors served"
     served.wait_idle()
