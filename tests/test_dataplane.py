@@ -4,6 +4,8 @@ DataPlanePools of two routers (each gets exactly its own deltas, token-identical
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +24,7 @@ from kvrelay.worker import wire
 from kvrelay.worker.dataplane import DataPlaneServer
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.engine_loop import EngineLoop
+from kvrelay.worker.loop_link import LoopLink
 from kvrelay.worker.protocol import (
     EngineStats,
     FinishReason,
@@ -35,6 +38,7 @@ from kvrelay.worker.protocol import (
 from kvrelay.worker.sampling_params import SamplingParams
 from kvrelay.worker.wire import Kind, WireError
 
+ServedPlane = DataPlaneServer | LoopLink
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 LONG = SamplingParams(max_tokens=3000, ignore_eos=True)
 FAST = PoolTimeouts(poll_s=0.05, stall_s=1.0, probe_interval_s=0.1, no_progress_s=30.0)
@@ -105,15 +109,25 @@ def engine() -> Engine:
     return make_engine(detokenize=False)
 
 
-@pytest.fixture
-def served(engine: Engine) -> Iterator[tuple[EngineLoop, DataPlaneServer]]:
+@pytest.fixture(params=["in-process", "own-process"])
+def served(engine: Engine, request: pytest.FixtureRequest) -> Iterator[tuple[EngineLoop, ServedPlane]]:
+    """The data plane beside the loop (its I/O thread in the loop's process), or in a process of its
+    own behind the loop link, as a worker actor runs it: every scenario holds for both."""
     loop = EngineLoop(engine)
-    server = DataPlaneServer(loop, "127.0.0.1", incarnation="inc-1", heartbeat_s=0.05)
+    server: ServedPlane
+    if request.param == "in-process":
+        server = DataPlaneServer(loop, "127.0.0.1", incarnation="inc-1", heartbeat_s=0.05)
+    else:
+        server = LoopLink(loop, "127.0.0.1", incarnation="inc-1", heartbeat_s=0.05)
     try:
         yield loop, server
     finally:
-        server.close()
-        loop.shutdown()
+        if isinstance(server, DataPlaneServer):
+            server.close()
+            loop.shutdown()
+        else:
+            loop.shutdown()
+            server.close()
 
 
 def model_of(engine: Engine) -> ModelDescription:
@@ -157,7 +171,7 @@ class Router:
 
 
 def test_two_routers_get_exactly_their_own_deltas_token_identical(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     loop, server = served
     prompts = random_prompts(6, [3, 17, 40], engine.model_config.vocab_size, seed=3)
@@ -204,7 +218,7 @@ def test_two_routers_get_exactly_their_own_deltas_token_identical(
 
 
 def test_abort_frees_kv_and_a_router_that_leaves_takes_its_requests(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     loop, server = served
     endpoint = WorkerEndpoint(0, server.address, "inc-1")
@@ -230,7 +244,7 @@ def test_abort_frees_kv_and_a_router_that_leaves_takes_its_requests(
 
 
 def test_worker_error_and_silence_take_the_client_down(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     loop, server = served
     endpoint = WorkerEndpoint(0, server.address, "inc-1")
@@ -266,9 +280,11 @@ def test_worker_error_and_silence_take_the_client_down(
 
 
 def test_malformed_messages_are_dropped_and_the_server_keeps_serving(
-    served: tuple[EngineLoop, DataPlaneServer],
+    served: tuple[EngineLoop, ServedPlane],
 ) -> None:
     _, server = served
+    if not isinstance(server, DataPlaneServer):
+        pytest.skip("reads the server's own counter; the data plane's process runs the same server")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, b"prober")
@@ -309,9 +325,7 @@ def test_step_time_summary_reads_mean_exactly_and_percentiles_off_the_buckets() 
     assert summarize([0] * len(timer.counts), 0.0).steps == 0
 
 
-def test_heartbeats_carry_step_times_and_cpu(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
-) -> None:
+def test_heartbeats_carry_step_times_and_cpu(engine: Engine, served: tuple[EngineLoop, ServedPlane]) -> None:
     _, server = served
     endpoint = WorkerEndpoint(0, server.address, "inc-1")
 
@@ -331,7 +345,7 @@ def test_heartbeats_carry_step_times_and_cpu(
 
 
 def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     """A decode worker's handoffs arrive by a Ray call (reserve), not SUBMIT: `claim` names their
     router. Output of a request nobody claimed goes to every router (each ignores ids not its own)."""
@@ -357,7 +371,7 @@ def test_claimed_requests_stream_to_their_router_and_unowned_ones_to_all(
 
 
 def test_a_claim_for_a_router_that_is_gone_is_aborted_and_a_live_ones_streams(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     """A controller's reserve can land after the router it names died and was forgotten: the
     request would run to its end unobserved. The heartbeat aborts it; a live router's claim and
@@ -382,7 +396,7 @@ def test_a_claim_for_a_router_that_is_gone_is_aborted_and_a_live_ones_streams(
 
 
 def test_a_stalled_engine_is_down_although_its_heartbeats_continue(
-    engine: Engine, served: tuple[EngineLoop, DataPlaneServer]
+    engine: Engine, served: tuple[EngineLoop, ServedPlane]
 ) -> None:
     """The I/O thread keeps heartbeating (its CPU clocks tick) while the engine stops stepping: only
     progress counts, so a submit left waiting takes the worker down after no_progress_s."""
@@ -514,3 +528,45 @@ def test_a_hook_firing_while_the_io_thread_drains_wake_ups_is_not_lost() -> None
         sock.close(0)
         ctx.term()
         server.close()
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_data_plane_process_exits_with_its_worker_and_on_shutdown(engine: Engine) -> None:
+    """A worker SIGKILLed (Ray kills a hung actor so) leaves no data plane process behind, and a
+    shut-down link stops its process. The worker here is a child process owning a LoopLink."""
+    script = (
+        "import sys, time\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from engine_helpers import make_engine\n"
+        "from kvrelay.worker.engine_loop import EngineLoop\n"
+        "from kvrelay.worker.loop_link import LoopLink\n"
+        "link = LoopLink(EngineLoop(make_engine(detokenize=False)), '127.0.0.1', incarnation='k')\n"
+        "print(link.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        front = int(worker.stdout.readline())
+        assert not _gone(front)
+        worker.kill()
+        worker.wait()
+        end = time.monotonic() + 5
+        while not _gone(front):
+            assert time.monotonic() < end, "the data plane process outlived its worker"
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+    loop = EngineLoop(engine)
+    link = LoopLink(loop, "127.0.0.1", incarnation="k2")
+    loop.shutdown()
+    link.close()
+    assert _gone(link.pid) and not link.alive()

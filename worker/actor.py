@@ -3,8 +3,9 @@
 A plain class, so importing it needs no Ray; `cluster/pool.py` wraps it with `ray.remote` as a
 threaded actor. Ray is the control plane (ready, reset, stats, integrity, the KV handoff verbs,
 liveness through `watch`); submits, aborts, deltas and load go over the actor's data plane
-(`worker/dataplane.py`: a zmq socket whose address `data_plane()` gives). `submit`, `abort` and
-`poll` stay as Ray methods for tools and tests.
+(`worker/dataplane.py`: a zmq socket whose address `data_plane()` gives), which runs in a process
+of its own linked to the engine loop (`worker/loop_link.py`), or beside it with
+KVRELAY_DATAPLANE_INPROCESS=1.
 
 Only our own dataclasses (`worker/protocol.py`) cross its methods: the router converts what a
 client sent into them, so nothing a client sent is ever unpickled here.
@@ -25,11 +26,17 @@ from .dataplane import DataPlaneServer
 from .disagg.verbs import HandoffActorVerbs
 from .engine import Engine, EngineStats
 from .engine_loop import EngineLoop
+from .loop_link import LoopLink
 from .model.loader import resolve_model
 from .model.presets import is_random_model
-from .protocol import HandoffTarget, ModelDescription, StepBatch, WorkRequest
+from .protocol import HandoffTarget, ModelDescription, WorkRequest
 
 log = logging.getLogger("kvrelay")
+
+# KVRELAY_DATAPLANE_INPROCESS=1: the data plane's I/O thread runs in the actor's process, beside the
+# engine loop (as before issue 14 item 2; for comparisons). By default it has a process of its own
+# (worker/loop_link.py), so its Python work never holds the engine loop's GIL.
+INPROCESS_ENV = "KVRELAY_DATAPLANE_INPROCESS"
 
 
 def pick_device(config: EngineConfig, rank: int) -> EngineConfig:
@@ -100,16 +107,23 @@ class WorkerActor(HandoffActorVerbs):
             model_dir=None if is_random_model(config.model) else str(resolve_model(config.model)),
         )
         self._loop = EngineLoop(engine, name=f"kvrelay-engine-{rank}")
-        self._dataplane = DataPlaneServer(
-            self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
-        )
+        self._dataplane: DataPlaneServer | LoopLink
+        if os.environ.get(INPROCESS_ENV) == "1":
+            self._dataplane = DataPlaneServer(
+                self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
+            )
+        else:
+            self._dataplane = LoopLink(
+                self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
+            )
         log.info(
-            "worker %d ready on %s: %d KV blocks of %d tokens; data plane at %s",
+            "worker %d ready on %s: %d KV blocks of %d tokens; data plane at %s (%s)",
             rank,
             engine.device,
             engine.allocator.num_blocks,
             config.block_size,
             self._dataplane.address,
+            "in this process" if isinstance(self._dataplane, DataPlaneServer) else "its own process",
         )
 
     def ready(self) -> ModelDescription:
@@ -144,21 +158,19 @@ class WorkerActor(HandoffActorVerbs):
 
         return self._device, torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-    def submit(self, requests: Sequence[WorkRequest]) -> dict[str, str]:
-        return self._loop.submit(requests)
-
-    def abort(self, request_ids: Sequence[str]) -> None:
-        self._loop.abort(request_ids)
-
-    def poll(self, timeout_s: float) -> StepBatch:
-        return self._loop.poll(timeout_s)
-
     def reset(self) -> None:
         self._loop.reset()
         self._dataplane.release_all()
 
     def stats(self) -> EngineStats:
-        return self._dataplane.with_cpu(self._loop.stats())
+        if isinstance(self._dataplane, DataPlaneServer):
+            return self._dataplane.with_cpu(self._loop.stats())
+        io_cpu_s = self._dataplane.cpu_s()
+        return dataclasses.replace(
+            self._loop.stats(),  # loop_cpu_s read on the loop thread
+            io_cpu_s=io_cpu_s,
+            process_cpu_s=time.process_time() + io_cpu_s,
+        )
 
     def check_integrity(self) -> None:
         self._loop.check_integrity()
@@ -174,7 +186,8 @@ class WorkerActor(HandoffActorVerbs):
     def shutdown(self) -> None:
         self._closed.set()
         self._loop.shutdown()  # its final ABORT deltas, then ERROR, go out before the socket closes
-        time.sleep(0.05)
+        if isinstance(self._dataplane, DataPlaneServer):
+            time.sleep(0.05)
         self._dataplane.close()
 
 

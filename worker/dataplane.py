@@ -36,8 +36,7 @@ from typing import Any, Protocol
 import zmq
 
 from . import wire
-from .engine_loop import EngineLoopBroken
-from .protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .protocol import SHUT_DOWN, EngineLoopBroken, EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .wire import Kind, WireError
 
 log = logging.getLogger("kvrelay")
@@ -73,12 +72,14 @@ class DataPlaneServer:
         incarnation: str = "",
         heartbeat_s: float = 0.1,
         router_timeout_s: float = 10.0,
+        process_cpu_s: Callable[[], float] = time.process_time,
     ) -> None:
         if not heartbeat_s > 0 or not router_timeout_s > heartbeat_s:
             raise ValueError(
                 f"heartbeat_s ({heartbeat_s}) must be > 0 and < router_timeout_s ({router_timeout_s})"
             )
         self._loop = loop
+        self._process_cpu_s = process_cpu_s  # the worker's CPU (its processes, when the loop is in another)
         self.incarnation = incarnation
         self._heartbeat_s = heartbeat_s
         self._router_timeout_s = router_timeout_s
@@ -300,7 +301,7 @@ class DataPlaneServer:
             if self._broken is None:
                 self._broken = str(e)
                 # A loop shut down on purpose (the actor stops) is not an error worth paging on.
-                shut_down = str(e) == "the engine loop is shut down"
+                shut_down = str(e) == SHUT_DOWN
                 (log.info if shut_down else log.error)("data plane: the engine loop stopped: %s", e)
                 for ident in self._routers:
                     self._send(ident, wire.pack(Kind.ERROR, self._broken))
@@ -355,7 +356,7 @@ class DataPlaneServer:
             stats,
             loop_cpu_s=self._loop.thread_cpu_s(),
             io_cpu_s=self.io_cpu_s,
-            process_cpu_s=time.process_time(),
+            process_cpu_s=self._process_cpu_s(),
         )
 
     def _abort_orphan_claims(self, now: float) -> None:
@@ -368,7 +369,8 @@ class DataPlaneServer:
                     continue
                 del self._claims[rid]
                 if ident not in self._routers and self._owners.get(rid) == ident:
-                    del self._owners[rid]
+                    # Its owner stays the router that is gone: the final ABORT delta is then
+                    # unroutable and dropped, not sent to every router as an unowned one.
                     orphans.append(rid)
         if orphans:
             log.info("data plane: aborting %d requests claimed for routers that are gone", len(orphans))

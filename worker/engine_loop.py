@@ -29,13 +29,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from .disagg.verbs import HandoffLoopVerbs, LoopCall
 from .engine import Engine
-from .protocol import EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .protocol import SHUT_DOWN, EngineLoopBroken, EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
@@ -56,8 +56,17 @@ _HANDOFF_POLL_S = 50e-6
 _PROFILE_ENV = "KVRELAY_LOOP_PROFILE"
 
 
-class EngineLoopBroken(RuntimeError):
-    """The engine raised and is no longer consistent, or the loop was shut down."""
+class OutputSink(Protocol):
+    """Where a loop's outputs go instead of its outbox (worker/loop_link.py: to the data plane's own
+    process). Called on the loop thread; must not block."""
+
+    def publish(self, outputs: list[RequestOutput], load: WorkerLoad) -> None:
+        """One iteration's outputs (possibly none) and the load after it."""
+        ...
+
+    def broken(self, why: str) -> None:
+        """The loop broke, or was shut down (why == SHUT_DOWN), after its final outputs."""
+        ...
 
 
 class EngineLoop(HandoffLoopVerbs):
@@ -83,6 +92,8 @@ class EngineLoop(HandoffLoopVerbs):
         # Called on the loop thread after a step published output or the loop broke; must not block
         # (the data plane's wakes its I/O thread). Set before the first submit.
         self._on_output: Callable[[], None] | None = None
+        # Set instead of a hook by a consumer in another process: outputs bypass the outbox.
+        self._sink: OutputSink | None = None
         self._profile: cProfile.Profile | None = None  # see _PROFILE_ENV; set on the loop thread
         self._profile_path = ""
         self._profile_dirty = False  # a step ran since the last dump
@@ -106,12 +117,17 @@ class EngineLoop(HandoffLoopVerbs):
     def set_output_hook(self, hook: Callable[[], None] | None) -> None:
         self._on_output = hook
 
+    def set_output_sink(self, sink: OutputSink | None) -> None:
+        """Every iteration's outputs go to `sink.publish` on the loop thread, not to the outbox
+        (`poll` and `take` then see none). Set before the first submit."""
+        self._sink = sink
+
     def take(self) -> StepBatch:
         """`poll` without waiting (for a consumer woken by the output hook); once the outbox is
         empty, raises EngineLoopBroken for a shut-down loop too (its consumer has nothing to wait for)."""
         with self._cond:
             if not self._outbox and (self._broken is not None or self._stopping):
-                raise EngineLoopBroken(self._broken or "the engine loop is shut down")
+                raise EngineLoopBroken(self._broken or SHUT_DOWN)
             deltas = list(self._outbox.values())
             self._outbox.clear()
             return StepBatch(deltas=deltas, load=self._load)
@@ -198,7 +214,7 @@ class EngineLoop(HandoffLoopVerbs):
             if self._broken is not None:
                 raise EngineLoopBroken(self._broken)
             if self._stopping:
-                raise EngineLoopBroken("the engine loop is shut down")
+                raise EngineLoopBroken(SHUT_DOWN)
             self._inbox.append((fn, fut))
             self._cond.notify_all()
         return fut
@@ -364,6 +380,11 @@ class EngineLoop(HandoffLoopVerbs):
             else:
                 self._live[out.request_id] = out
         load = engine_load(self._engine)
+        if self._sink is not None:
+            with self._cond:
+                self._load = load
+            self._sink.publish(outputs, load)
+            return
         with self._cond:
             for out in outputs:
                 _merge(self._outbox, out)
@@ -381,6 +402,8 @@ class EngineLoop(HandoffLoopVerbs):
         for _, fut in pending:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineLoopBroken(why))
+        if self._sink is not None:
+            self._sink.broken(why)
         if self._on_output is not None:
             self._on_output()
 
@@ -388,11 +411,13 @@ class EngineLoop(HandoffLoopVerbs):
         """Abort what is live so pollers see every request end, then refuse further calls."""
         outputs = [out for rid in list(self._live) if (out := self._engine.abort_request(rid)) is not None]
         self._publish(outputs)
+        if self._sink is not None:  # after the final deltas, as take() raises only once they are taken
+            self._sink.broken(SHUT_DOWN)
         with self._cond:
             pending, self._inbox = self._inbox, []
         for _, fut in pending:
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(EngineLoopBroken("the engine loop is shut down"))
+                fut.set_exception(EngineLoopBroken(SHUT_DOWN))
 
 
 def engine_load(engine: Engine) -> WorkerLoad:

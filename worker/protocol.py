@@ -140,6 +140,15 @@ class TokenDelta:
         self.error = later.error
 
 
+# Why a loop stopped on purpose (EngineLoopBroken's message; the data plane logs it as no error).
+SHUT_DOWN = "the engine loop is shut down"
+
+
+class EngineLoopBroken(RuntimeError):
+    """The engine raised and is no longer consistent, or the loop was shut down (worker/engine_loop.py;
+    defined here so the data plane's own process imports no engine)."""
+
+
 _HANDOFFS = "kvrelay_worker_kv_handoffs"
 _HANDOFFS_DOC = "Disaggregated serving: prompts whose KV a decode worker received or gave up on."
 

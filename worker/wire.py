@@ -10,6 +10,9 @@ the receiver logs and drops it.
     worker -> router   SUBMITTED(seq, {id: message})  DELTAS([delta], load)
                        LOAD(load, incarnation)  ERROR(message)
 
+and, inside one worker, between its engine loop and its data plane's process (worker/loop_link.py)
+the kinds from OUT on (a router that sends one is refused like any malformed frame).
+
 The field order of each array is the dataclass's field order; a change to a dataclass that
 crosses here bumps VERSION (peers of different versions refuse each other's frames).
 """
@@ -47,6 +50,17 @@ class Kind(enum.IntEnum):
     DELTAS = 11
     LOAD = 12
     ERROR = 13
+    # Between a worker's engine loop and its data plane's own process (worker/loop_link.py), on a
+    # local ipc link; never accepted from a router. Loop -> data plane:
+    OUT = 20  # [delta], load (engine counters or None), loop thread CPU s, loop process CPU s
+    ANSWER = 21  # token, {request_id: refusal}: a SUBMIT applied
+    BROKEN = 22  # message: the loop broke or was shut down, after its final OUT
+    STOP = 23  # close the data plane and exit
+    CLAIM = 24  # [request_id], router_id (WorkerActor.reserve)
+    RELEASE = 25  # [request_id]
+    RELEASE_ALL = 26
+    # Data plane -> loop: READY(address) once bound, then SUBMIT(token, [request]) and ABORT([id]).
+    READY = 27
 
 
 class WireError(ValueError):
