@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvrelay.proto import kvrelay_pb2 as pb
+from kvrelay.worker import hop_trace
 from kvrelay.worker.protocol import TokenDelta, WorkerLoad
 from kvrelay.worker.sampling_params import SamplingParams
 
@@ -255,6 +256,7 @@ class RouterCore:
         s.queued = True
         self._num_queued += 1
         self._submits.add(rank, s)
+        hop_trace.mark("router_open", (s.worker_request_id,))
         return s
 
     async def _admit(
@@ -321,6 +323,7 @@ class RouterCore:
             if s.first_token_at is None:
                 s.first_token_at = now
                 self.metrics.ttft.observe(now - s.arrival)
+                hop_trace.mark("router_yield_first", (s.worker_request_id,))
             else:
                 self.metrics.inter_token.observe((now - s.last_token_at) / len(resp.token_ids))
             s.last_token_at = now
@@ -416,6 +419,7 @@ class RouterCore:
             requests.append(work_request(s.worker_request_id, s.prompt_ids, s.params, timeout))
         if not batch:
             return
+        hop_trace.mark("router_submit", [s.worker_request_id for s in batch])
         try:
             rejected = await worker.submit(requests)
         except ConnectionError:
@@ -443,6 +447,8 @@ class RouterCore:
                 balancer.confirmed(rank, s.worker_request_id)
             if d.finish_reason is not None:
                 s.worker_done = True
+            if hop_trace.ENABLED and s.first_token_at is None and d.token_ids:
+                hop_trace.mark("router_recv_first", (s.worker_request_id,))
             s.events.put_nowait(d)
 
     def on_worker_down(self, rank: int, why: str) -> None:

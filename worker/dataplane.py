@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from . import wire
+from . import hop_trace, wire
 from .protocol import SHUT_DOWN, EngineLoopBroken, EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
 from .wire import Kind, WireError
 
@@ -273,6 +273,7 @@ class DataPlaneServer:
         if not requests:
             self._send(ident, wire.pack(Kind.SUBMITTED, seq, refused))
             return
+        hop_trace.mark("worker_recv", [r.request_id for r in requests])
         try:
             fut = self._loop.submit_future(requests)
         except EngineLoopBroken as e:
@@ -323,6 +324,8 @@ class DataPlaneServer:
                 by_router.setdefault(ident, []).extend(orphans)
         for ident, ds in by_router.items():
             self._send(ident, wire.deltas(ds, batch.load))
+        if hop_trace.ENABLED:
+            hop_trace.mark("worker_send_first", [d.request_id for d in batch.deltas if _has_first(d)])
         if batch.load.num_running + batch.load.num_waiting == 0:
             # Gone idle: the counters (which ride on heartbeats only) go out now, so a scrape right
             # after the last stream ended sees its final figures.
@@ -396,3 +399,8 @@ class DataPlaneServer:
             self._sock.send_multipart([ident, frame], zmq.NOBLOCK)
         except zmq.Again:  # unroutable is silently dropped by ROUTER; Again only under a full pipe
             log.warning("data plane: a message to router %r was dropped (its pipe is full)", ident[:64])
+
+
+def _has_first(d: TokenDelta) -> bool:
+    """The delta carries its request's first token."""
+    return bool(d.token_ids) and d.completion_tokens == len(d.token_ids)

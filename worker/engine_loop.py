@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from . import hop_trace
 from .disagg.verbs import HandoffLoopVerbs, LoopCall
 from .engine import Engine
 from .protocol import SHUT_DOWN, EngineLoopBroken, EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
@@ -306,6 +307,7 @@ class EngineLoop(HandoffLoopVerbs):
             r.request_id, r.prompt_token_ids, r.params, deadline=deadline, handoff=r.handoff
         )
         self._live[r.request_id] = TokenDelta.empty(r.request_id, len(r.prompt_token_ids))
+        hop_trace.mark("loop_add", (r.request_id,))
 
     def _abort_all(self, ids: list[str], outputs: list[RequestOutput]) -> None:
         outputs += [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
@@ -379,6 +381,8 @@ class EngineLoop(HandoffLoopVerbs):
                 self._live.pop(out.request_id, None)
             else:
                 self._live[out.request_id] = out
+        if hop_trace.ENABLED:
+            hop_trace.mark("loop_first_token", [o.request_id for o in outputs if o.completion_tokens == 1])
         load = engine_load(self._engine)
         if self._sink is not None:
             with self._cond:
