@@ -20,7 +20,7 @@ from engine_helpers import make_engine, random_prompts
 from kvrelay.cluster.dataplane import DataPlanePool, WorkerEndpoint
 from kvrelay.cluster.interfaces import ModelDescription
 from kvrelay.cluster.pool_timeouts import PoolTimeouts
-from kvrelay.worker import wire
+from kvrelay.worker import hop_trace, wire
 from kvrelay.worker.dataplane import DataPlaneServer
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.engine_loop import EngineLoop
@@ -570,3 +570,41 @@ def test_the_data_plane_process_exits_with_its_worker_and_on_shutdown(engine: En
     loop.shutdown()
     link.close()
     assert _gone(link.pid) and not link.alive()
+
+
+@pytest.mark.parametrize("layout", ["in-process", "own-process"])
+def test_hop_trace_marks_each_worker_hop_once_and_in_order(
+    layout: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVRELAY_HOP_TRACE (worker/hop_trace.py): a served request's worker-side hops, each once, in
+    the order it meets them, whichever process the data plane runs in (the child reads the env)."""
+    path = str(tmp_path / "trace")
+    monkeypatch.setenv("KVRELAY_HOP_TRACE", path)
+    monkeypatch.setattr(hop_trace, "_PATH", path)
+    monkeypatch.setattr(hop_trace, "ENABLED", True)
+    engine = make_engine(detokenize=False)
+    loop = EngineLoop(engine)
+    server: ServedPlane = (
+        DataPlaneServer(loop, "127.0.0.1", incarnation="inc-t")
+        if layout == "in-process"
+        else LoopLink(loop, "127.0.0.1", incarnation="inc-t")
+    )
+    ids = ["t0", "t1"]
+
+    async def scenario() -> None:
+        a = Router(model_of(engine), WorkerEndpoint(0, server.address, "inc-t"), "router-t")
+        await a.start()
+        assert await a.pool.workers[0].submit([WorkRequest(i, [3, 4, 5], GREEDY) for i in ids]) == {}
+        await a.until(lambda: a.finished(ids))
+        await a.pool.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        loop.shutdown()
+        server.close()
+    lines = [ln.split("\t") for f in tmp_path.glob("trace.*") for ln in f.read_text().splitlines()]
+    worker_stages = ["worker_recv", "loop_add", "loop_first_token", "worker_send_first"]
+    for rid in ids:
+        mine = sorted((float(t), stage) for r, stage, t in lines if r == rid)
+        assert [stage for _, stage in mine] == worker_stages, mine
