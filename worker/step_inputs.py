@@ -85,7 +85,9 @@ class InputBuffers:
         self.block_tables = torch.zeros((b, max_blocks_per_seq), dtype=torch.int32, device=device)
         # Host mirror of the device block table, and per row how many leading columns may be nonzero.
         self.np_block_tables = np.zeros((b, max_blocks_per_seq), dtype=np.int32)
-        self._row_width = np.zeros(b, dtype=np.int64)
+        # The same memory as memoryviews: a scalar write through one costs a fraction of numpy's.
+        self._mv_block_tables = self.np_block_tables.data
+        self._row_width = [0] * b
         self.num_updates = 0
         self.begin_step()
 
@@ -108,15 +110,41 @@ class InputBuffers:
         self.np_query_start_loc = self._view(host, "query_start_loc").numpy()
         self.np_seq_lens = self._view(host, "seq_lens").numpy()
         self._np_updates = self._view(host, "table_updates").numpy().reshape(-1, 2)
+        self._mv_updates = self._np_updates.data  # [U, 2] int32, the same memory
         self.num_updates = 0
 
     def set_block_row(self, row: int, blocks: list[int]) -> None:
         """Row `row` of the block table becomes `blocks` (entries after them 0); only the entries
         that differ from what the device holds are queued for this step's upload."""
         n = len(blocks)
-        width = max(n, int(self._row_width[row]))
+        width = self._row_width[row]
+        if width <= n and (width == 0 or self.np_block_tables[row, :width].tolist() == blocks[:width]):
+            self._append_to_row(row, blocks, width)
+        else:
+            self._diff_row(row, blocks, max(n, width))
+        self._row_width[row] = n
+
+    def _append_to_row(self, row: int, blocks: list[int], width: int) -> None:
+        """The common case (a request gained blocks, or a row filled from empty): the first `width`
+        entries are unchanged, so only blocks[width:] can differ. Pure Python, no numpy
+        temporaries; the same updates, in the same order, as `_diff_row` would queue."""
+        mirror, upd = self._mv_block_tables, self._mv_updates
+        base = row * self.np_block_tables.shape[1]
+        u = self.num_updates
+        for col in range(width, len(blocks)):
+            block = blocks[col]
+            if block != 0:  # the mirror holds 0 past `width`: an appended block 0 changes nothing
+                upd[u, 0] = base + col
+                upd[u, 1] = block
+                mirror[row, col] = block
+                u += 1
+        self.num_updates = u
+
+    def _diff_row(self, row: int, blocks: list[int], width: int) -> None:
+        """Any other change (a new request in the row, a shorter row): a numpy diff of the first
+        `width` entries against the mirror."""
         new = np.zeros(width, dtype=np.int32)
-        new[:n] = blocks
+        new[: len(blocks)] = blocks
         mirror = self.np_block_tables[row, :width]
         changed = np.flatnonzero(mirror != new)
         k = changed.shape[0]
@@ -126,7 +154,6 @@ class InputBuffers:
             upd[:, 1] = new[changed]
             self.num_updates += k
             mirror[:] = new
-        self._row_width[row] = n
 
     def upload(self) -> None:
         """One copy of this step's packed inputs to the device, then the block-table scatter."""
