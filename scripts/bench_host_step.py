@@ -4,10 +4,14 @@
     python scripts/bench_host_step.py --batch 32,256 --before main   # also main's code, side by side
     python scripts/bench_host_step.py --batch 256 --profile out.prof # cProfile of the timed window
 
-Each batch size: `batch` requests of `--prompt-len` random tokens and `--output-len` tokens
-(greedy, ignore_eos) are added at once to an engine over the built-in tiny model (detokenize
-off, as on a served worker; overlapped scheduling on, as on a GPU, unless --sync). Prefill
-steps run untimed; the decode steps that follow are timed, every request in them is decoding.
+Each batch size, two workloads (--workload) over the built-in tiny model (detokenize off, as
+on a served worker; overlapped scheduling on, as on a GPU, unless --sync):
+    offline  `batch` requests of --prompt-len random tokens and --output-len tokens (greedy,
+             ignore_eos) added at once, as `Engine.generate`; prefill runs untimed, then every
+             step to the end is timed (the last ones finish requests and shrink the batch).
+    steady   `batch` requests kept live, output lengths drawn from [L/2, 3L/2], a new request
+             added for each one that finishes, as on a served worker: after 2 L warm-up steps,
+             --steps steps are timed (decodes mixed with arriving prompts' prefill chunks).
 
 Phases are timed by wrapping the engine's per-step calls (one wrapper call per step, so the
 wrapping itself costs ~1 µs a step, not per token):
@@ -22,9 +26,9 @@ wrapping itself costs ~1 µs a step, not per token):
 launching kernels. µs/token = phase seconds / output tokens delivered in the timed steps; the
 best (minimum) of --repeats rounds per phase.
 
---before REF extracts REF's kvrelay package (`git archive` of kvrelay/ and the folders it links to) to a temporary directory and runs
-this same script against it in a subprocess, so both columns come from one machine and one
-run of the script.
+--before REF extracts REF's kvrelay package (`git archive` of kvrelay/ and the folders it
+links to) to a temporary directory and runs this same script against it in a subprocess, so
+both columns come from one machine and one run of the script.
 """
 
 from __future__ import annotations
@@ -106,31 +110,61 @@ def _instrument(engine: Any, clock: _Clock, stub_model: bool) -> None:
 
 
 def _round(engine: Any, clock: _Clock, args: argparse.Namespace, batch: int, seed: int, prof: Any) -> dict:
+    """One timed window: {tokens, steps, seconds per phase}."""
     from kvrelay.worker.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"b{seed}-{i}", [rng.randrange(3, vocab) for _ in range(args.prompt_len)], params)
-    # Prefill (untimed): until every request has sampled its first token.
-    delivered = 0
-    while any(r.num_output_tokens == 0 for r in engine.requests.values()) or engine.scheduler.waiting:
-        delivered += sum(len(o.token_ids) for o in engine.step())
+    serial = iter(range(1 << 30))
+
+    bench_s = [0.0]  # the bench's own time inside the timed window (drawing prompts), not counted
+
+    def add(max_tokens: int) -> None:
+        t0 = time.perf_counter()
+        prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
+        bench_s[0] += time.perf_counter() - t0
+        engine.add_request(
+            f"b{seed}-{next(serial)}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        )
+
+    def output_len() -> int:  # steady: spread over [L/2, 3L/2], so requests finish on different steps
+        n = args.output_len
+        return n if args.workload == "offline" else rng.randint(max(1, n // 2), n + n // 2)
+
+    def step() -> int:
+        outs = engine.step()
+        if args.workload == "steady":  # a new request for every one that finished
+            for _ in range(sum(o.finish_reason is not None for o in outs)):
+                add(output_len())
+        return sum(len(o.token_ids) for o in outs)
+
+    for _ in range(batch):
+        add(output_len())
+    if args.workload == "offline":
+        # Prefill (untimed): until every request has sampled its first token.
+        while any(r.num_output_tokens == 0 for r in engine.requests.values()) or engine.scheduler.waiting:
+            step()
+    else:
+        for _ in range(2 * args.output_len):  # until arrivals and finishes are spread out
+            step()
     clock.seconds.clear()
+    bench_s[0] = 0.0
     clock.on = True
     if prof is not None:
         prof.enable()
     tokens, steps = 0, 0
     t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        tokens += sum(len(o.token_ids) for o in engine.step())
+    while engine.has_unfinished_requests() and (args.workload == "offline" or steps < args.steps):
+        tokens += step()
         steps += 1
-    total = time.perf_counter() - t0
+    total = time.perf_counter() - t0 - bench_s[0]
     if prof is not None:
         prof.disable()
     clock.on = False
-    assert delivered + tokens == batch * args.output_len, (delivered, tokens)
+    for rid in list(engine.requests):  # steady: what is still running is not timed
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
     engine.check_integrity()
     phases = {p: clock.seconds[p] for p in PHASES[:-1]}
     phases["other"] = total - sum(phases.values())
@@ -147,7 +181,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {}
     for batch in args.batches:
-        blocks_per_req = -(-(args.prompt_len + args.output_len + 1) // 16)
+        max_len = args.prompt_len + args.output_len + args.output_len // 2 + 16  # steady's longest
+        blocks_per_req = -(-max_len // 16)
         engine = Engine(
             EngineConfig(
                 model="tiny",
@@ -156,7 +191,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 num_kv_blocks=batch * blocks_per_req + 64,
                 max_num_seqs=batch,
                 max_num_batched_tokens=max(2048, batch),
-                max_model_len=args.prompt_len + args.output_len + 16,
+                max_model_len=max_len,
                 async_scheduling=not args.sync,
                 detokenize=False,
             )
@@ -202,6 +237,7 @@ def _env_with_path(path: str) -> dict[str, str]:
 def _common_args(args: argparse.Namespace) -> list[str]:
     out = ["--batch", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len)]
     out += ["--output-len", str(args.output_len), "--repeats", str(args.repeats)]
+    out += ["--workload", args.workload, "--steps", str(args.steps)]
     out += ["--threads", str(args.threads)] + (["--sync"] if args.sync else [])
     out += ["--stub-model"] if args.stub_model else []
     return out
@@ -224,6 +260,14 @@ def main() -> None:
     ap.add_argument("--batch", default="32,256", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument(
+        "--workload",
+        choices=("offline", "steady"),
+        default="offline",
+        help="offline: every request at once, decode steps timed to the end (Engine.generate); "
+        "steady: `batch` requests kept live, staggered lengths, a new one per finish (a served worker)",
+    )
+    ap.add_argument("--steps", type=int, default=256, help="steady: steps timed")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per batch size; best per phase kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a served worker runs with 1)")
     ap.add_argument("--sync", action="store_true", help="the synchronous step instead of the overlapped one")

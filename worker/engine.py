@@ -257,12 +257,13 @@ class Engine:
             penalties=self.penalties.batch([s.request for s in sampling]),
         )
         token_ids = sampled.token_ids.tolist()
+        cache_full_blocks, append_token = self.allocator.cache_full_blocks, self.append_token
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
-            outputs.append(self.append_token(s.request, tok, lp))
+            outputs.append(append_token(s.request, tok, lp))
         # Prepare to the last token appended (the tolist() above waits for the device).
         self.step_timer.record(time.perf_counter() - started)
         return outputs
@@ -291,8 +292,9 @@ class Engine:
         # Runs once per output token: the request's lengths are read once, its params bound once.
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff).
-        handoff_error = self.role.export(self.allocator, req, token, lp)
+        # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff;
+        # export returns None without a handoff, so the common case skips the call).
+        handoff_error = None if req.handoff is None else self.role.export(self.allocator, req, token, lp)
         ids, params = req.all_token_ids, req.params
         ids.append(token)
         num_tokens = len(ids)

@@ -198,8 +198,9 @@ class ModelRunner:
     def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> None:
         """Row i of the block table is rewritten only when its request or block count changed:
         a decode step appends a block every block_size tokens, so most rows stay as they were,
-        and of a rewritten row only the entries that changed travel (InputBuffers.set_block_row)."""
+        and of a rewritten row only the entries that changed travel (InputBuffers.set_block_rows)."""
         owners, bs, view = self._row_owner, self.block_size, allocator.block_ids_view
+        changed: list[tuple[int, list[int]]] = []
         for i, s in enumerate(sched.scheduled):
             req = s.request
             blocks = view(req.request_id)
@@ -214,8 +215,10 @@ class ModelRunner:
                 and owner[1] == req.num_preemptions
             ):
                 continue
-            self.buffers.set_block_row(i, list(blocks))
+            changed.append((i, list(blocks)))
             owners[i] = (req, req.num_preemptions, num_blocks)
+        if changed:
+            self.buffers.set_block_rows(changed)
 
     def _fill_decode(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
         """Token-level inputs of a step of one token per sequence; -> (seq_lens, sample_rows).
@@ -242,25 +245,39 @@ class ModelRunner:
         return [start + 1 for start in starts], sample_rows
 
     def _fill_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
-        """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows)."""
+        """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows).
+
+        A served worker's usual step (decodes plus an arriving prompt's chunk): one Python pass
+        over the rows gathers ids and lengths, numpy then expands them to the T token rows."""
         buf, bs = self.buffers, self.block_size
+        num_seqs = len(scheduled)
+        ids: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         t = 0
-        buf.np_query_start_loc[0] = 0
-        for i, s in enumerate(scheduled):
-            n, start = s.num_new_tokens, s.start
+        for s in scheduled:
+            n, start, tokens = s.num_new_tokens, s.start, s.request.all_token_ids
             end = start + n
-            pos = np.arange(start, end, dtype=np.int64)
-            buf.np_input_ids[t : t + n] = s.request.all_token_ids[start:end]
-            buf.np_positions[t : t + n] = pos
-            buf.np_slot_mapping[t : t + n] = buf.np_block_tables[i, pos // bs] * bs + pos % bs
-            buf.np_seq_lens[i] = end
-            t += n
-            buf.np_query_start_loc[i + 1] = t
+            ids += tokens[start:end]
+            starts.append(start)
+            query_lens.append(n)
             seq_lens.append(end)
-            if s.samples:
+            t += n
+            if end == len(tokens):  # ScheduledRequest.samples
                 sample_rows.append(t - 1)
+        lens = np.array(query_lens, dtype=np.int64)  # [S]
+        ends = np.cumsum(lens)  # [S]: query_start_loc[1:]
+        # Token row j of sequence i sits at position starts[i] + (j - query_start_loc[i]).
+        pos = np.arange(t, dtype=np.int64) + np.repeat(np.array(starts, dtype=np.int64) - (ends - lens), lens)
+        seq_of_row = np.repeat(np.arange(num_seqs), lens)  # [T]
+        buf.np_input_ids[:t] = ids
+        buf.np_positions[:t] = pos
+        buf.np_slot_mapping[:t] = buf.np_block_tables[seq_of_row, pos // bs] * bs + pos % bs
+        buf.np_seq_lens[:num_seqs] = seq_lens
+        buf.np_query_start_loc[0] = 0
+        buf.np_query_start_loc[1 : num_seqs + 1] = ends
         return seq_lens, sample_rows
 
     def _pad_rows(self, start: int, end: int) -> None:

@@ -82,7 +82,8 @@ def launch(engine: Engine, sched: SchedulerOutput, prev: InflightStep | None) ->
         logits,
         [r.params for r in requests],
         seeds=[r.sampling_seed for r in requests],
-        counters=[r.num_output_tokens for r in requests],  # placeholders count: the tokens before this one
+        # num_output_tokens, placeholders included: the tokens before this one.
+        counters=[len(r.all_token_ids) - len(r.prompt_token_ids) for r in requests],
         penalties=engine.penalties.batch(requests, pending=prev_tokens),
     )
     pending = sample.to_host()
