@@ -159,11 +159,19 @@ class InputBuffers:
         pure Python; rows rewritten otherwise (another request moved into the row: in a served
         batch, every row after a finished request shifts up) are diffed in one numpy pass."""
         rewritten: list[tuple[int, list[int], int]] = []
-        widths, tables = self._row_width, self.np_block_tables
+        widths, tables, mirror = self._row_width, self.np_block_tables, self._mv_block_tables
         for row, blocks in rows:
             n = len(blocks)
             width = widths[row]
-            if width <= n and (width == 0 or tables[row, :width].tolist() == blocks[:width]):
+            # Kept entries unchanged? The last one first: a row that another request moved into
+            # differs there (even one that shares its prefix blocks), so it skips the full compare.
+            if width <= n and (
+                width == 0
+                or (
+                    mirror[row, width - 1] == blocks[width - 1]
+                    and tables[row, :width].tolist() == blocks[:width]
+                )
+            ):
                 self._append_to_row(row, blocks, width)
             else:
                 rewritten.append((row, blocks, max(n, width)))
