@@ -201,7 +201,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         best: dict[str, float] = {}
         prof = cProfile.Profile() if args.profile and batch == max(args.batches) else None
         for r in range(args.repeats):
+            t0 = time.perf_counter()
             res = _round(engine, clock, args, batch, seed=r, prof=prof if r == args.repeats - 1 else None)
+            print(
+                f"  batch {batch} round {r + 1}/{args.repeats}: {res['tokens']} tokens timed over "
+                f"{res['steps']} steps ({time.perf_counter() - t0:.2f} s with warm-up)",
+                file=sys.stderr,
+                flush=True,
+            )
             for p, s in res["seconds"].items():
                 us = 1e6 * s / res["tokens"]
                 best[p] = min(best.get(p, us), us)
