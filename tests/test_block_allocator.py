@@ -359,6 +359,34 @@ def test_bad_calls_raise_value_error_and_change_nothing() -> None:
     alloc.check_integrity()
 
 
+def test_calls_that_change_nothing_return_early_and_bad_input_still_raises() -> None:
+    """allocate_slots with enough blocks held and cache_full_blocks with nothing new to hash return
+    before the rest of their work (a decode step's usual calls): no state changes, and bad input
+    reaching them raises the same errors as before."""
+    alloc = make_alloc(num_blocks=8, block_size=4)
+    prompt = toks(8)
+    assert admit(alloc, "a", prompt) == ids(0, 1)
+    before = snapshot(alloc)
+    for num_tokens in (0, 1, 5, 8):  # ceil(n / 4) <= 2 blocks held, 8 exactly fills them
+        assert alloc.allocate_slots("a", num_tokens)
+    for num_computed in (0, 3, 7, 8):  # at most 2 full blocks: both already hashed
+        alloc.cache_full_blocks("a", prompt, num_computed)
+    assert snapshot(alloc) == before
+    with pytest.raises(ValueError, match="num_tokens must be >= 0, got -1"):
+        alloc.allocate_slots("a", -1)
+    with pytest.raises(ValueError, match="already holds blocks"):
+        alloc.allocate_slots("a", 4, ids(0))
+    with pytest.raises(ValueError, match=r"in \[0, len\(token_ids\)=8\], got 9"):
+        alloc.cache_full_blocks("a", prompt, 9)
+    with pytest.raises(ValueError, match=r"got -1"):
+        alloc.cache_full_blocks("a", prompt, -1)
+    assert snapshot(alloc) == before
+    # One token past the held blocks: the full path, which takes block 2.
+    assert alloc.allocate_slots("a", 9)
+    assert alloc.get_block_ids("a") == ids(0, 1, 2)
+    alloc.check_integrity()
+
+
 def _tamper_ref(a: BlockAllocator) -> None:
     a._blocks[0].ref_cnt += 1
 

@@ -257,12 +257,13 @@ class Engine:
             penalties=self.penalties.batch([s.request for s in sampling]),
         )
         token_ids = sampled.token_ids.tolist()
+        cache_full_blocks, append_token = self.allocator.cache_full_blocks, self.append_token
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            self.allocator.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         for s, tok, lp in zip(sampling, token_ids, sampled.logprobs, strict=True):
-            outputs.append(self.append_token(s.request, tok, lp))
+            outputs.append(append_token(s.request, tok, lp))
         # Prepare to the last token appended (the tolist() above waits for the device).
         self.step_timer.record(time.perf_counter() - started)
         return outputs
@@ -288,16 +289,21 @@ class Engine:
         Package-internal: called for every sampled token by the synchronous step, the overlapped
         step's resolve (worker/overlap.py) and admit_handed_off, between steps, on the stepping
         thread. req's computed-token count must already cover the step that sampled token."""
+        # Runs once per output token: the request's lengths are read once, its params bound once.
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff).
-        handoff_error = self.role.export(self.allocator, req, token, lp)
-        req.all_token_ids.append(token)
+        # A prefill worker's request: its KV goes to the decode worker (None: sent, or no handoff;
+        # export returns None without a handoff, so the common case skips the call).
+        handoff_error = None if req.handoff is None else self.role.export(self.allocator, req, token, lp)
+        ids, params = req.all_token_ids, req.params
+        ids.append(token)
+        num_tokens = len(ids)
+        num_output = num_tokens - len(req.prompt_token_ids)
         logprobs = [lp] if lp is not None else []
         reason: FinishReason | None = None
-        if token in req.params.stop_token_ids or (token in req.eos_token_ids and not req.params.ignore_eos):
+        if token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos):
             reason = FinishReason.STOP
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+        elif num_output >= params.max_tokens or num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         text = ""
         if req.detokenizer is not None:  # the router's ResponseBuilder makes the same step call
@@ -340,16 +346,20 @@ class Engine:
         logprobs: list[TokenLogprobs],
         reason: FinishReason | None,
     ) -> RequestOutput:
+        # Once per output token: positional (TokenDelta's field order, as TokenDelta.empty) costs
+        # half of the keyword form, and the counts are read without the properties.
+        num_prompt = len(req.prompt_token_ids)
         return RequestOutput(
-            request_id=req.request_id,
-            token_ids=tokens,
-            logprobs=logprobs,
-            finish_reason=reason,
-            deadline_exceeded=False,
-            prompt_tokens=req.num_prompt_tokens,
-            completion_tokens=req.num_output_tokens,
-            cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0),
-            text=text,
+            req.request_id,
+            tokens,
+            logprobs,
+            reason,
+            False,  # deadline_exceeded
+            num_prompt,  # prompt_tokens
+            len(req.all_token_ids) - num_prompt,  # completion_tokens
+            max(req.num_cached_prompt_tokens, 0),  # cached_prompt_tokens
+            None,  # error
+            text,
         )
 
     # ---- offline use ------------------------------------------------------------------

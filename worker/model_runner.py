@@ -150,7 +150,7 @@ class ModelRunner:
         prev_sampled: [S] int64 on the device, the previous step's sampled tokens, when some
         scheduled token is still a placeholder -(1 + j) on the host (overlapped scheduling):
         those input rows are filled from it on the device."""
-        buf, bs = self.buffers, self.block_size
+        buf = self.buffers
         buf.begin_step()
         scheduled = sched.scheduled
         num_seqs = len(scheduled)
@@ -160,14 +160,7 @@ class ModelRunner:
         query_lens = [s.num_new_tokens for s in scheduled]
         t = sum(query_lens)
         if t == num_seqs:  # decode only: vectorized over the batch
-            pos = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=num_seqs)
-            buf.np_input_ids[:t] = [s.request.all_token_ids[s.start] for s in scheduled]
-            buf.np_positions[:t] = pos
-            buf.np_slot_mapping[:t] = buf.np_block_tables[np.arange(num_seqs), pos // bs] * bs + pos % bs
-            buf.np_seq_lens[:num_seqs] = pos + 1
-            buf.np_query_start_loc[: num_seqs + 1] = np.arange(num_seqs + 1)
-            seq_lens = (pos + 1).tolist()
-            sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+            seq_lens, sample_rows = self._fill_decode(scheduled)
         else:
             seq_lens, sample_rows = self._fill_tokens(scheduled)
         has_placeholders = t > 0 and int(buf.np_input_ids[:t].min()) < 0
@@ -205,37 +198,86 @@ class ModelRunner:
     def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> None:
         """Row i of the block table is rewritten only when its request or block count changed:
         a decode step appends a block every block_size tokens, so most rows stay as they were,
-        and of a rewritten row only the entries that changed travel (InputBuffers.set_block_row)."""
+        and of a rewritten row only the entries that changed travel (InputBuffers.set_block_rows)."""
+        owners, bs, view = self._row_owner, self.block_size, allocator.block_ids_view
+        changed: list[tuple[int, list[int]]] = []
         for i, s in enumerate(sched.scheduled):
             req = s.request
-            blocks = allocator.block_ids_view(req.request_id)
-            assert len(blocks) * self.block_size >= s.start + s.num_new_tokens, (req.request_id, len(blocks))
-            key = (req, req.num_preemptions, len(blocks))
-            if self._row_owner[i] == key:
+            blocks = view(req.request_id)
+            num_blocks = len(blocks)
+            assert num_blocks * bs >= s.start + s.num_new_tokens, (req.request_id, num_blocks)
+            owner = owners[i]
+            # Field by field rather than a key tuple built per row: the same test, cheaper.
+            if (
+                owner is not None
+                and owner[0] is req
+                and owner[2] == num_blocks
+                and owner[1] == req.num_preemptions
+            ):
                 continue
-            self.buffers.set_block_row(i, list(blocks))
-            self._row_owner[i] = key
+            changed.append((i, list(blocks)))
+            owners[i] = (req, req.num_preemptions, num_blocks)
+        if changed:
+            self.buffers.set_block_rows(changed)
+
+    def _fill_decode(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
+        """Token-level inputs of a step of one token per sequence; -> (seq_lens, sample_rows).
+
+        One Python pass over the rows (the per-row work of a batch-256 decode step is most of
+        the host's cost), then numpy over the batch."""
+        buf, bs = self.buffers, self.block_size
+        num_seqs = len(scheduled)
+        starts: list[int] = []
+        ids: list[int] = []
+        sample_rows: list[int] = []
+        for i, s in enumerate(scheduled):
+            start, tokens = s.start, s.request.all_token_ids
+            starts.append(start)
+            ids.append(tokens[start])
+            if start + 1 == len(tokens):  # ScheduledRequest.samples, with num_new_tokens == 1
+                sample_rows.append(i)
+        pos = np.array(starts, dtype=np.int64)  # [S]
+        buf.np_input_ids[:num_seqs] = ids
+        buf.np_positions[:num_seqs] = pos
+        buf.np_slot_mapping[:num_seqs] = buf.np_block_tables[np.arange(num_seqs), pos // bs] * bs + pos % bs
+        buf.np_seq_lens[:num_seqs] = pos + 1
+        buf.np_query_start_loc[: num_seqs + 1] = np.arange(num_seqs + 1)
+        return [start + 1 for start in starts], sample_rows
 
     def _fill_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
-        """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows)."""
+        """Token-level inputs of a step with prefill chunks; -> (seq_lens, sample_rows).
+
+        A served worker's usual step (decodes plus an arriving prompt's chunk): one Python pass
+        over the rows gathers ids and lengths, numpy then expands them to the T token rows."""
         buf, bs = self.buffers, self.block_size
+        num_seqs = len(scheduled)
+        ids: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         t = 0
-        buf.np_query_start_loc[0] = 0
-        for i, s in enumerate(scheduled):
-            n, start = s.num_new_tokens, s.start
+        for s in scheduled:
+            n, start, tokens = s.num_new_tokens, s.start, s.request.all_token_ids
             end = start + n
-            pos = np.arange(start, end, dtype=np.int64)
-            buf.np_input_ids[t : t + n] = s.request.all_token_ids[start:end]
-            buf.np_positions[t : t + n] = pos
-            buf.np_slot_mapping[t : t + n] = buf.np_block_tables[i, pos // bs] * bs + pos % bs
-            buf.np_seq_lens[i] = end
-            t += n
-            buf.np_query_start_loc[i + 1] = t
+            ids += tokens[start:end]
+            starts.append(start)
+            query_lens.append(n)
             seq_lens.append(end)
-            if s.samples:
+            t += n
+            if end == len(tokens):  # ScheduledRequest.samples
                 sample_rows.append(t - 1)
+        lens = np.array(query_lens, dtype=np.int64)  # [S]
+        ends = np.cumsum(lens)  # [S]: query_start_loc[1:]
+        # Token row j of sequence i sits at position starts[i] + (j - query_start_loc[i]).
+        pos = np.arange(t, dtype=np.int64) + np.repeat(np.array(starts, dtype=np.int64) - (ends - lens), lens)
+        seq_of_row = np.repeat(np.arange(num_seqs), lens)  # [T]
+        buf.np_input_ids[:t] = ids
+        buf.np_positions[:t] = pos
+        buf.np_slot_mapping[:t] = buf.np_block_tables[seq_of_row, pos // bs] * bs + pos % bs
+        buf.np_seq_lens[:num_seqs] = seq_lens
+        buf.np_query_start_loc[0] = 0
+        buf.np_query_start_loc[1 : num_seqs + 1] = ends
         return seq_lens, sample_rows
 
     def _pad_rows(self, start: int, end: int) -> None:

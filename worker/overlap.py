@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .request import Request, RequestOutput
+from .request import Request, RequestOutput, RequestStatus
 from .sampler import PendingSample
 from .scheduler import ScheduledRequest, SchedulerOutput
 
@@ -82,21 +82,28 @@ def launch(engine: Engine, sched: SchedulerOutput, prev: InflightStep | None) ->
         logits,
         [r.params for r in requests],
         seeds=[r.sampling_seed for r in requests],
-        counters=[r.num_output_tokens for r in requests],  # placeholders count: the tokens before this one
+        # num_output_tokens, placeholders included: the tokens before this one.
+        counters=[len(r.all_token_ids) - len(r.prompt_token_ids) for r in requests],
         penalties=engine.penalties.batch(requests, pending=prev_tokens),
     )
     pending = sample.to_host()
+    scheduled: list[tuple[ScheduledRequest, int]] = []
     for s in sched.scheduled:
-        s.request.num_computed_tokens += s.num_new_tokens
+        req = s.request
+        req.num_computed_tokens += s.num_new_tokens
+        scheduled.append((s, req.num_preemptions))
     placed: list[int] = []
+    max_model_len = engine.max_model_len
     for j, req in enumerate(requests):
-        placed.append(req.num_tokens)
-        req.all_token_ids.append(-1 - j)
+        ids = req.all_token_ids
+        placed.append(len(ids))
+        ids.append(-1 - j)
+        num_tokens = len(ids)
         # Whatever the token, it ends the request: no slot for it in the next step.
         req.final_token_pending = (
-            req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= engine.max_model_len
+            num_tokens - len(req.prompt_token_ids) >= req.params.max_tokens  # num_output_tokens
+            or num_tokens >= max_model_len
         )
-    scheduled = [(s, s.request.num_preemptions) for s in sched.scheduled]
     return InflightStep(scheduled, sampling, placed, sample.token_ids, pending)
 
 
@@ -104,22 +111,28 @@ def resolve(engine: Engine, step: InflightStep) -> list[RequestOutput]:
     """Wait for a launched step's tokens; hash its full blocks, append its tokens, check stops."""
     out = step.pending.wait()
     tokens = out.token_ids.tolist()
+    # Per request per step, hence locals and `status is FINISHED` for the is_finished property.
+    finished = RequestStatus.FINISHED
+    cache_full_blocks = engine.allocator.cache_full_blocks
     for s, preemptions in step.scheduled:
         req = s.request
-        if req.is_finished or req.num_preemptions != preemptions:
+        if req.status is finished or req.num_preemptions != preemptions:
             continue
-        engine.allocator.cache_full_blocks(req.request_id, req.all_token_ids, s.start + s.num_new_tokens)
+        cache_full_blocks(req.request_id, req.all_token_ids, s.start + s.num_new_tokens)
     outputs: list[RequestOutput] = []
+    append_token = engine.append_token
+    logprobs = out.logprobs
     for j, (s, at) in enumerate(zip(step.sampling, step.placed, strict=True)):
         req = s.request
-        if req.is_finished:  # stopped at the previous step, aborted or expired: the token is dropped
+        if req.status is finished:  # stopped at the previous step, aborted or expired: the token is dropped
             continue
-        assert req.all_token_ids[at] == -1 - j, (req.request_id, at, req.all_token_ids[at:])
+        ids = req.all_token_ids
+        assert ids[at] == -1 - j, (req.request_id, at, ids[at:])
         # The request as the synchronous path sees it: known tokens only, then this one appended.
-        later = req.all_token_ids[at + 1 :]  # the next step's placeholder, if it was scheduled
-        del req.all_token_ids[at:]
-        outputs.append(engine.append_token(req, tokens[j], out.logprobs[j]))
-        if not req.is_finished:
+        later = ids[at + 1 :]  # the next step's placeholder, if it was scheduled
+        del ids[at:]
+        outputs.append(append_token(req, tokens[j], logprobs[j]))
+        if later and req.status is not finished:
             # (final_token_pending, when set, is about that later placeholder: it stays.)
-            req.all_token_ids += later
+            ids += later
     return outputs

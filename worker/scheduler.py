@@ -24,7 +24,7 @@ from .kv_cache.block_allocator import BlockAllocator
 from .request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     # This step computes all_token_ids[start : start + num_new_tokens].
@@ -34,7 +34,7 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the request's tokens, so a token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens == len(self.request.all_token_ids)  # num_tokens
 
 
 @dataclass
@@ -110,21 +110,26 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # Runs for every running request every step: locals, not attribute and property lookups.
+        running, scheduled, allocate = self.running, out.scheduled, self.allocator.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(running) and budget > 0:  # `running` shrinks when a request is preempted
+            req = running[i]
             if req.final_token_pending:  # finishes when its in-flight step resolves
                 i += 1
                 continue
-            num_new = min(req.num_tokens_to_compute, budget)
+            computed = req.num_computed_tokens
+            num_new = len(req.all_token_ids) - computed  # req.num_tokens_to_compute
+            if num_new > budget:
+                num_new = budget
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
-            while not self.allocator.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
-                victim = self.running[-1]
+            while not allocate(req.request_id, computed + num_new):
+                victim = running[-1]
                 self._preempt(victim, out)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
+                scheduled.append(ScheduledRequest(req, computed, num_new))
                 budget -= num_new
                 i += 1
                 continue

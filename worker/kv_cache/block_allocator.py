@@ -133,9 +133,14 @@ class BlockAllocator:
         (from get_computed_blocks) are accepted only on the request's first call and become its first
         blocks. Returns False, with no state changed, when the free supply cannot cover the need.
         """
+        held = self._req_blocks.get(req_id)
+        # Fast path, a decode step's usual case: the request already holds enough blocks (a new one
+        # is needed once every block_size tokens). Exactly the cases the checks below pass and
+        # change nothing in; every other call (bad input included) takes the full path.
+        if held is not None and not computed_blocks and 0 <= num_tokens <= len(held) * self._block_size:
+            return True
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens} (req_id={req_id!r})")
-        held = self._req_blocks.get(req_id)
         if held is not None and computed_blocks:
             raise ValueError(f"computed_blocks given for req_id={req_id!r}, which already holds blocks")
         num_required = -(-num_tokens // self._block_size)
@@ -217,12 +222,16 @@ class BlockAllocator:
             )
         bs = self._block_size
         num_full = num_computed_tokens // bs
+        hashes = self._req_hashes[req_id]
+        if num_full <= len(hashes):
+            # Nothing new to hash (the usual call: a block fills once every block_size tokens).
+            # len(hashes) <= len(held) always, so the span check below cannot fail here.
+            return
         if num_full > len(held):
             raise ValueError(
                 f"num_computed_tokens={num_computed_tokens} spans {num_full} blocks but req_id={req_id!r} "
                 f"holds {len(held)}"
             )
-        hashes = self._req_hashes[req_id]
         for i in range(len(hashes), num_full):
             block_hash = hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
             hashes.append(block_hash)
