@@ -4,6 +4,7 @@ rows (against positions and slots computed entry by entry from the block tables)
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -181,3 +182,53 @@ def test_mixed_step_token_rows_match_the_block_tables() -> None:
     for s in scheduled:
         alloc.free(s.request.request_id)
     alloc.check_integrity()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_requests_keep_their_rows_as_others_finish_and_tokens_match(async_scheduling: bool) -> None:
+    """Rows are stable (ModelRunner._stable_rows): a request keeps last step's row while it is in
+    range, so a finish moves one request (the last row's) instead of shifting every later one, and
+    only moved or grown rows are rewritten. Tokens match a run with the scheduler's order."""
+    from engine_helpers import random_prompts
+
+    from kvrelay.worker.model_runner import ModelRunner
+
+    engine = make_engine(max_num_seqs=8, async_scheduling=async_scheduling)
+    vocab = engine.model_config.vocab_size
+    prompts = random_prompts(12, [5, 9, 14], vocab, seed=7)
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), ignore_eos=True) for i in range(12)]
+    runner = engine.runner
+    rows_seen: list[dict[str, int]] = []
+    rewritten: list[int] = []
+    stable = runner._stable_rows
+
+    def record(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+        out = stable(scheduled)
+        rows_seen.append({s.request.request_id: i for i, s in enumerate(out)})
+        return out
+
+    set_rows = runner.buffers.set_block_rows
+
+    def count(changed: list[tuple[int, list[int]]]) -> None:
+        rewritten.append(len(changed))
+        set_rows(changed)
+
+    runner._stable_rows = record  # type: ignore[method-assign]
+    runner.buffers.set_block_rows = count  # type: ignore[method-assign]
+    got = [o.token_ids for o in engine.generate(prompts, params)]
+
+    # Against the scheduler's own order (the identity permutation), token for token.
+    reference = make_engine(max_num_seqs=8, async_scheduling=async_scheduling)
+    reference.runner._stable_rows = lambda scheduled: scheduled  # type: ignore[method-assign]
+    assert got == [o.token_ids for o in reference.generate(prompts, params)]
+    moves = 0
+    for before, after in itertools.pairwise(rows_seen):
+        n = len(after)
+        for rid, row in after.items():
+            old = before.get(rid)
+            if old is not None and old < n:
+                assert row == old, (rid, old, row)  # kept while in range
+            elif old is not None:
+                moves += 1
+    assert moves > 0  # finishes did move requests from the tail into holes
+    assert isinstance(runner, ModelRunner) and sum(rewritten) < sum(len(r) for r in rows_seen)

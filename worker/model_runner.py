@@ -60,6 +60,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphRunner | None = None  # steps with prefill chunks
         # (request, its preemption count, blocks written) per host block-table row; None = unknown.
         self._row_owner: list[tuple[Request, int, int] | None] = [None] * max_num_seqs
+        self._row_of: dict[Request, int] = {}  # each request's row in the last step (_stable_rows)
         self._graph_rows = torch.empty(0, dtype=torch.int64, device=device)  # unused: graphs sample every row
         self.num_eager_steps = 0
 
@@ -152,7 +153,9 @@ class ModelRunner:
         those input rows are filled from it on the device."""
         buf = self.buffers
         buf.begin_step()
-        scheduled = sched.scheduled
+        # The step's rows in the order that keeps each request in last step's row: what the
+        # sampler, launch and resolve read from here on (they follow sched.scheduled).
+        sched.scheduled = scheduled = self._stable_rows(sched.scheduled)
         num_seqs = len(scheduled)
         for req in sched.preempted:  # its blocks were freed: rows it owned are stale
             self._row_owner = [o if o is None or o[0] is not req else None for o in self._row_owner]
@@ -194,6 +197,35 @@ class ModelRunner:
             return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, self._graph_rows, bucket)
         rows = buf.sample_rows[: len(sample_rows)]
         return ModelInput(buf.input_ids[:t], buf.positions[:t], meta, rows)
+
+    def _stable_rows(self, scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+        """The step's requests by row: each keeps the row it had in the last step when that row is
+        still in range; the others (arrivals, and requests whose row is past the shrunk batch)
+        fill the free rows in scheduling order.
+
+        The scheduler's order is its running list, so a request that finishes shifts every later
+        request up one row, and each shifted row's block table had to be rewritten and uploaded:
+        in a served batch, where requests finish a few at a time, most rows every few steps. Kept
+        rows leave one row moved per finish (the last row's request fills the hole), as vLLM's
+        persistent batch does. The order of rows changes nothing a row computes."""
+        n = len(scheduled)
+        row_of = self._row_of
+        rows: list[ScheduledRequest | None] = [None] * n
+        movers: list[ScheduledRequest] = []
+        for s in scheduled:
+            r = row_of.get(s.request)
+            if r is not None and r < n and rows[r] is None:
+                rows[r] = s
+            else:
+                movers.append(s)
+        if movers:
+            it = iter(movers)
+            for i in range(n):
+                if rows[i] is None:
+                    rows[i] = next(it)
+        ordered: list[ScheduledRequest] = rows  # type: ignore[assignment]  # every row is filled
+        self._row_of = {s.request: i for i, s in enumerate(ordered)}
+        return ordered
 
     def _write_block_tables(self, sched: SchedulerOutput, allocator: BlockAllocator) -> None:
         """Row i of the block table is rewritten only when its request or block count changed:
