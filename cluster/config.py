@@ -118,6 +118,12 @@ class ServerConfig:
     # Requests arriving within this window that go to one worker are submitted in one call;
     # 0: those arriving within one event-loop iteration.
     batch_window_s: float = 0.0
+    # Tokens a stream's response waits to gather before it is sent (SGLang's and vLLM's
+    # --stream-interval): 1 sends every step's token at once; N > 1 sends a message per N tokens
+    # (the first token and the last response always at once), which divides the router's and the
+    # client's per-message CPU by about N at the cost of a coarser stream. Stop strings are then
+    # seen up to N - 1 tokens later (the text is cut at the stop all the same).
+    stream_interval: int = 1
     # Bearer tokens, one a line; None: the KVRELAY_AUTH_TOKENS variable, else no authentication.
     auth_token_file: str | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -141,7 +147,7 @@ class ServerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         positive = (
             "max_queued_requests", "max_queued_tokens", "max_message_bytes", "max_metadata_bytes",
-            "max_concurrent_streams", "default_max_tokens",
+            "max_concurrent_streams", "default_max_tokens", "stream_interval",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

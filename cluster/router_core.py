@@ -299,13 +299,47 @@ class RouterCore:
 
     async def responses(self, s: _Stream) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The stream's responses until its last (finish reason and usage); RouterError on failure."""
+        interval = self.config.stream_interval
+        pending: TokenDelta | None = None
         while True:
             event = await s.events.get()
             if isinstance(event, RouterError):
+                if pending is not None:  # what was gathered goes out first
+                    resp, _ = self._respond(s, pending)
+                    if resp is not None:
+                        yield resp
                 raise event
+            if pending is None:
+                pending = event
+            else:
+                pending.merge(event)
+            error = None
+            # Deltas that queued up while this reader was busy (writing to its client, or waiting
+            # for the event loop under load) go out as one response, as vLLM's output collector
+            # merges a request's outputs its consumer has not taken yet: per-message costs (the
+            # protobuf, the gRPC write, the client's read) then fall as load rises, instead of
+            # the backlog growing. A reader that keeps up still sends every delta on its own.
+            while not s.events.empty() and pending.finish_reason is None:
+                later = s.events.get_nowait()
+                if isinstance(later, RouterError):
+                    error = later  # after what came before it
+                    break
+                pending.merge(later)
+            if (
+                error is None
+                and len(pending.token_ids) < interval
+                and s.first_token_at is not None  # the first token goes at once (TTFT)
+                and pending.finish_reason is None
+                and not pending.deadline_exceeded
+                and pending.error is None
+            ):
+                continue  # stream_interval: gather more tokens first
+            event, pending = pending, None
             resp, finished = self._respond(s, event)
             if resp is not None:
                 yield resp
+            if error is not None:
+                raise error
             if finished:
                 return
 

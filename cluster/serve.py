@@ -52,6 +52,7 @@ _TOP_LEVEL_FLAGS = (
     "model", "host", "port", "workers", "prefill_workers", "decode_workers", "device", "ray_address",
     "metrics_port", "health_port", "http_port", "max_queued_requests", "max_queued_tokens", "max_message_bytes", "drain_grace_s",
     "default_max_tokens", "auth_token_file", "max_restarts", "gpus_per_worker", "router_processes",
+    "stream_interval",
 )  # fmt: skip
 # A signal this soon after the first is the same request delivered twice (a wrapper such as
 # `timeout` signals both its child and its process group), not a second Ctrl-C.
@@ -102,6 +103,12 @@ def add_serve_args(subparsers: Any) -> argparse.ArgumentParser:
         type=_router_processes,
         help="router processes sharing the ports (SO_REUSEPORT): N, or auto (default: 1 up to 4 "
         "cores, else min(cores // 4, 8)); docs/ROUTERS.md",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        help="tokens a stream gathers per response after its first (default 1: every token at once; "
+        "larger cuts the router's and clients' CPU per token)",
     )
     p.add_argument("--max-restarts", type=int, help="restarts per worker actor before it stays down")
     p.add_argument(

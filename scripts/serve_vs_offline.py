@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--router-processes", default="auto", help="kvrelay serve --router-processes")
+    ap.add_argument("--stream-interval", type=int, default=1, help="kvrelay serve --stream-interval")
     ap.add_argument("--client-processes", default="4", help="load-generator processes (N or auto)")
     ap.add_argument(
         "--connections",
@@ -268,6 +269,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
+        "stream_interval": args.stream_interval,
     }
     if not args.skip_offline:
         out = subprocess.run(
@@ -299,6 +301,8 @@ def main() -> None:
             str(args.requests + 64),
             "--router-processes",
             str(args.router_processes),
+            "--stream-interval",
+            str(args.stream_interval),
         ],
         stdout=subprocess.PIPE,
         text=True,

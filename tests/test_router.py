@@ -159,11 +159,12 @@ def test_stream_token_prompt(main: Server, ref: Engine) -> None:
     expected = ref.generate([prompt], greedy(16))[0]
     with main.client() as c:
         chunks = list(c.stream(prompt, max_tokens=16, ignore_eos=True, request_id="tok-1"))
-    assert [len(ch.token_ids) for ch in chunks] == [1] * 16  # one message per engine step
+    # A message per engine step, or fewer when the reader fell behind (queued deltas go together).
+    assert len(chunks[0].token_ids) == 1 and all(ch.token_ids for ch in chunks) and len(chunks) <= 16
     assert [t for ch in chunks for t in ch.token_ids] == expected.token_ids
     assert {ch.request_id for ch in chunks} == {"tok-1"}
-    assert [ch.finish_reason for ch in chunks] == [None] * 15 + ["length"]
-    assert [ch.usage for ch in chunks[:-1]] == [None] * 15
+    assert [ch.finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert [ch.usage for ch in chunks[:-1]] == [None] * (len(chunks) - 1)
     usage = chunks[-1].usage
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (7, 16)
     main.wait_idle()
