@@ -32,7 +32,7 @@ from kvrelay.proto import kvrelay_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .interfaces import WorkerPool
 from .metrics import add_worker_stats
-from .router_core import RouterCore, RouterError, Status, _Stream, internal_error
+from .router_core import RouterCore, RouterError, Status, Stream, internal_error
 from .validation import model_info, prompt_of
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "kvrelay.v1.Generation"
@@ -64,7 +64,7 @@ class GenerationRouter(RouterCore, pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
-        stream: _Stream | None = None
+        stream: Stream | None = None
         failure: RouterError | None = None
         status = Status.OK
         try:

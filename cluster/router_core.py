@@ -13,12 +13,13 @@ model's template and tokenizes text off the event loop, admits or refuses (RESOU
 picks a worker (`routing.Balancer`; UNAVAILABLE when none is healthy) and queues the request for
 submission: every request bound for one worker within one event-loop iteration (or
 `batch_window_s`) goes in one `submit` call. The worker's deltas come back through `on_deltas`
-into the stream's queue; `responses` turns each into one `pb.GenerateResponse` (new tokens, text,
-logprobs; on the last, finish reason and usage).
+into the stream's queue (`cluster/stream.py`); `responses` turns what `stream.gather` takes from it
+(one delta, or those that queued up, or `stream_interval` tokens) into one `pb.GenerateResponse`
+(new tokens, text, logprobs; on the last, finish reason and usage).
 
 Request ids: the client's (empty: a uuid) is echoed in every response; a second request with the id
 of a stream still open is refused with ALREADY_EXISTS. Workers see ids of the router's own
-(`_Stream.worker_request_id`), so a client reusing an id right after cancelling it never meets the
+(`Stream.worker_request_id`), so a client reusing an id right after cancelling it never meets the
 old request.
 
 Ending a stream, whatever way, releases its admission ticket and, if the worker still runs the
@@ -40,7 +41,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvrelay.proto import kvrelay_pb2 as pb
@@ -54,6 +54,7 @@ from .interfaces import WorkerClient, WorkerPool
 from .metrics import ServerMetrics
 from .router_errors import RouterError, Status, internal_error
 from .routing import Balancer, PerWorkerBatcher
+from .stream import Stream, gather
 from .text import ResponseBuilder, TextCodec
 from .validation import (
     ChatPrompt,
@@ -73,37 +74,6 @@ log = logging.getLogger("kvrelay")
 _MAX_BYTES_PER_TOKEN_ID = 5
 
 
-@dataclass(eq=False)
-class _Stream:
-    """One request from admission to its end; touched on the event loop only."""
-
-    request_id: str  # the client's
-    worker_request_id: str  # the router's id for it on the worker, unique for the router's lifetime
-    prompt_ids: list[int]
-    params: SamplingParams
-    ticket: Ticket
-    arrival: float  # time.monotonic()
-    deadline: float | None  # time.monotonic() after which the request is over; None = none
-    out: ResponseBuilder
-    events: asyncio.Queue[TokenDelta | RouterError] = field(default_factory=asyncio.Queue)
-    rank: int = -1
-    queued: bool = False  # in a pending submit batch (counted in num_queued)
-    sent: bool = False  # handed to a worker's submit (the worker may hold it)
-    submit_returned: bool = False  # that submit answered, so an abort now cannot overtake it
-    worker_done: bool = False  # nothing left on the worker: it finished, died, or was told to abort
-    failed: bool = False  # a failure is queued; later deltas are ignored
-    closed: bool = False  # the adapter ended it; the ticket is released
-    first_token_at: float | None = None
-    last_token_at: float = 0.0
-
-    @property
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-
-Stream = _Stream
-
-
 class RouterCore:
     def __init__(self, pool: WorkerPool, config: ServerConfig, *, worker_id_prefix: str = "") -> None:
         """worker_id_prefix: set when several routers share the workers (router processes), so
@@ -116,8 +86,8 @@ class RouterCore:
         self._codec: TextCodec | None = None
         self._limits: Limits | None = None
         self._balancer: Balancer | None = None
-        self._streams: dict[str, _Stream] = {}  # by client request id
-        self._by_worker_id: dict[str, _Stream] = {}  # by worker_request_id
+        self._streams: dict[str, Stream] = {}  # by client request id
+        self._by_worker_id: dict[str, Stream] = {}  # by worker_request_id
         self._seq = 0
         self._num_queued = 0  # admitted, not yet sent to a worker
         self._num_requests_total = 0
@@ -212,7 +182,7 @@ class RouterCore:
         arrival: float | None = None,
         *,
         max_tokens_to_context: bool = False,
-    ) -> _Stream:
+    ) -> Stream:
         """Validate, tokenize, admit, register and route; raises RouterError when refused.
         sampling: the wire-neutral params (proto zeros are defaults), checked against the model's
         limits here. deadline: time.monotonic() after which the request is over (None: none).
@@ -230,7 +200,7 @@ class RouterCore:
             prompt, sampling, request_id, limits, codec, to_context
         )
         self._seq += 1
-        s = _Stream(
+        s = Stream(
             request_id=request_id,
             worker_request_id=f"{self._worker_id_prefix}{self._seq:x}",
             prompt_ids=ids,
@@ -297,53 +267,22 @@ class RouterCore:
             raise RouterError(Status.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
         return request_id, params, ids, ticket
 
-    async def responses(self, s: _Stream) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The stream's responses until its last (finish reason and usage); RouterError on failure."""
-        interval = self.config.stream_interval
-        pending: TokenDelta | None = None
+    async def responses(self, s: Stream) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The stream's responses until its last (finish reason and usage); RouterError on failure.
+        Each response carries what `gather` collected: one delta, or several (a busy reader, or
+        `stream_interval`)."""
         while True:
-            event = await s.events.get()
-            if isinstance(event, RouterError):
-                if pending is not None:  # what was gathered goes out first
-                    resp, _ = self._respond(s, pending)
-                    if resp is not None:
-                        yield resp
-                raise event
-            if pending is None:
-                pending = event
-            else:
-                pending.merge(event)
-            error = None
-            # Deltas that queued up while this reader was busy (writing to its client, or waiting
-            # for the event loop under load) go out as one response, as vLLM's output collector
-            # merges a request's outputs its consumer has not taken yet: per-message costs (the
-            # protobuf, the gRPC write, the client's read) then fall as load rises, instead of
-            # the backlog growing. A reader that keeps up still sends every delta on its own.
-            while not s.events.empty() and pending.finish_reason is None:
-                later = s.events.get_nowait()
-                if isinstance(later, RouterError):
-                    error = later  # after what came before it
-                    break
-                pending.merge(later)
-            if (
-                error is None
-                and len(pending.token_ids) < interval
-                and s.first_token_at is not None  # the first token goes at once (TTFT)
-                and pending.finish_reason is None
-                and not pending.deadline_exceeded
-                and pending.error is None
-            ):
-                continue  # stream_interval: gather more tokens first
-            event, pending = pending, None
-            resp, finished = self._respond(s, event)
-            if resp is not None:
-                yield resp
+            d, error = await gather(s, self.config.stream_interval)
+            if d is not None:
+                resp, finished = self._respond(s, d)
+                if resp is not None:
+                    yield resp
+                if finished:
+                    return
             if error is not None:
                 raise error
-            if finished:
-                return
 
-    def _respond(self, s: _Stream, d: TokenDelta) -> tuple[pb.GenerateResponse | None, bool]:
+    def _respond(self, s: Stream, d: TokenDelta) -> tuple[pb.GenerateResponse | None, bool]:
         """The response for one delta, and whether it is the last."""
         if d.deadline_exceeded:
             raise RouterError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -364,7 +303,7 @@ class RouterCore:
             self.metrics.generated_tokens.inc(len(resp.token_ids))
         return resp, s.out.finished
 
-    def close(self, s: _Stream | None, outcome: Status, arrival: float) -> None:
+    def close(self, s: Stream | None, outcome: Status, arrival: float) -> None:
         """The adapter is done with the request, whatever way (s None: it never opened): release
         everything the stream holds. outcome is what the client was told (for the logs and metrics
         the adapter keeps; the worker is aborted whatever it is)."""
@@ -384,7 +323,7 @@ class RouterCore:
         if not self._streams:
             self._idle.set()
 
-    def cancel(self, s: _Stream) -> None:
+    def cancel(self, s: Stream) -> None:
         """The client went away while the reader waits: wake it with CANCELLED and abort the request
         on its worker now, not when the reader next runs."""
         if s.closed:
@@ -392,7 +331,7 @@ class RouterCore:
         self._fail(s, Status.CANCELLED, "the client went away")
         self._release_worker(s)
 
-    def _fail(self, s: _Stream, status: Status, message: str) -> None:
+    def _fail(self, s: Stream, status: Status, message: str) -> None:
         """Queue a failure for the stream's reader, and release what it holds now (the reader may be
         blocked writing to a slow client)."""
         if s.failed or s.closed:
@@ -404,12 +343,12 @@ class RouterCore:
         if self._balancer is not None:
             self._balancer.confirmed(s.rank, s.worker_request_id)
 
-    def _dequeue(self, s: _Stream) -> None:
+    def _dequeue(self, s: Stream) -> None:
         if s.queued:
             s.queued = False
             self._num_queued -= 1
 
-    def _release_worker(self, s: _Stream) -> None:
+    def _release_worker(self, s: Stream) -> None:
         """Abort the request on its worker unless nothing is left there."""
         if not s.sent or s.worker_done:
             return
@@ -431,11 +370,11 @@ class RouterCore:
     async def _abort(self, rank: int, worker_request_ids: list[str]) -> None:
         await self._worker(rank).abort(worker_request_ids)
 
-    async def _submit(self, rank: int, streams: list[_Stream]) -> None:
+    async def _submit(self, rank: int, streams: list[Stream]) -> None:
         """One submit call for the streams routed to `rank` since the last one."""
         worker = self._worker(rank)
         now = time.monotonic()
-        batch: list[_Stream] = []
+        batch: list[Stream] = []
         requests = []
         for s in streams:
             self._dequeue(s)

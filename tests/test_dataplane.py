@@ -4,8 +4,6 @@ DataPlanePools of two routers (each gets exactly its own deltas, token-identical
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,12 +13,12 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from dataplane_helpers import FAST, GREEDY, LONG, Router, ServedPlane, model_of
 from engine_helpers import make_engine, random_prompts
 
-from kvrelay.cluster.dataplane import DataPlanePool, WorkerEndpoint
-from kvrelay.cluster.interfaces import ModelDescription
+from kvrelay.cluster.dataplane import WorkerEndpoint
 from kvrelay.cluster.pool_timeouts import PoolTimeouts
-from kvrelay.worker import hop_trace, wire
+from kvrelay.worker import wire
 from kvrelay.worker.dataplane import DataPlaneServer
 from kvrelay.worker.engine import Engine
 from kvrelay.worker.engine_loop import EngineLoop
@@ -37,11 +35,6 @@ from kvrelay.worker.protocol import (
 )
 from kvrelay.worker.sampling_params import SamplingParams
 from kvrelay.worker.wire import Kind, WireError
-
-ServedPlane = DataPlaneServer | LoopLink
-GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
-LONG = SamplingParams(max_tokens=3000, ignore_eos=True)
-FAST = PoolTimeouts(poll_s=0.05, stall_s=1.0, probe_interval_s=0.1, no_progress_s=30.0)
 
 
 # ---- wire ---------------------------------------------------------------------------------------
@@ -128,46 +121,6 @@ def served(engine: Engine, request: pytest.FixtureRequest) -> Iterator[tuple[Eng
         else:
             loop.shutdown()
             server.close()
-
-
-def model_of(engine: Engine) -> ModelDescription:
-    return ModelDescription(
-        "tiny", engine.model_config.vocab_size, engine.max_model_len, (), 16, 1 << 20, None
-    )
-
-
-class Router:
-    """One router process's view: a DataPlanePool and what its callbacks saw."""
-
-    def __init__(
-        self, model: ModelDescription, endpoint: WorkerEndpoint, router_id: str, timeouts: PoolTimeouts = FAST
-    ) -> None:
-        self.pool = DataPlanePool(model, [endpoint], router_id=router_id, timeouts=timeouts)
-        self.deltas: dict[str, TokenDelta] = {}
-        self.events: list[tuple[str, int]] = []
-
-    def on_deltas(self, rank: int, deltas: list[TokenDelta]) -> None:
-        for d in deltas:
-            if d.request_id in self.deltas:
-                self.deltas[d.request_id].merge(d)
-            else:
-                self.deltas[d.request_id] = d
-
-    async def start(self) -> None:
-        await self.pool.start(
-            self.on_deltas,
-            lambda r, why: self.events.append(("down", r)),
-            lambda r: self.events.append(("up", r)),
-        )
-
-    async def until(self, done: object, timeout_s: float = 30.0) -> None:
-        end = time.monotonic() + timeout_s
-        while not done():  # type: ignore[operator]
-            assert time.monotonic() < end, f"timed out: {self.deltas.keys()} {self.events}"
-            await asyncio.sleep(0.01)
-
-    def finished(self, ids: list[str]) -> bool:
-        return all(i in self.deltas and self.deltas[i].finished for i in ids)
 
 
 def test_two_routers_get_exactly_their_own_deltas_token_identical(
@@ -528,83 +481,3 @@ def test_a_hook_firing_while_the_io_thread_drains_wake_ups_is_not_lost() -> None
         sock.close(0)
         ctx.term()
         server.close()
-
-
-def _gone(pid: int) -> bool:
-    """The process ended (a zombie nobody reaped yet counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def test_the_data_plane_process_exits_with_its_worker_and_on_shutdown(engine: Engine) -> None:
-    """A worker SIGKILLed (Ray kills a hung actor so) leaves no data plane process behind, and a
-    shut-down link stops its process. The worker here is a child process owning a LoopLink."""
-    script = (
-        "import sys, time\n"
-        "sys.path.insert(0, 'tests')\n"
-        "from engine_helpers import make_engine\n"
-        "from kvrelay.worker.engine_loop import EngineLoop\n"
-        "from kvrelay.worker.loop_link import LoopLink\n"
-        "link = LoopLink(EngineLoop(make_engine(detokenize=False)), '127.0.0.1', incarnation='k')\n"
-        "print(link.pid, flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert worker.stdout is not None
-        front = int(worker.stdout.readline())
-        assert not _gone(front)
-        worker.kill()
-        worker.wait()
-        end = time.monotonic() + 5
-        while not _gone(front):
-            assert time.monotonic() < end, "the data plane process outlived its worker"
-            time.sleep(0.05)
-    finally:
-        worker.kill()
-    loop = EngineLoop(engine)
-    link = LoopLink(loop, "127.0.0.1", incarnation="k2")
-    loop.shutdown()
-    link.close()
-    assert _gone(link.pid) and not link.alive()
-
-
-@pytest.mark.parametrize("layout", ["in-process", "own-process"])
-def test_hop_trace_marks_each_worker_hop_once_and_in_order(
-    layout: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """KVRELAY_HOP_TRACE (worker/hop_trace.py): a served request's worker-side hops, each once, in
-    the order it meets them, whichever process the data plane runs in (the child reads the env)."""
-    path = str(tmp_path / "trace")
-    monkeypatch.setenv("KVRELAY_HOP_TRACE", path)
-    monkeypatch.setattr(hop_trace, "_PATH", path)
-    monkeypatch.setattr(hop_trace, "ENABLED", True)
-    engine = make_engine(detokenize=False)
-    loop = EngineLoop(engine)
-    server: ServedPlane = (
-        DataPlaneServer(loop, "127.0.0.1", incarnation="inc-t")
-        if layout == "in-process"
-        else LoopLink(loop, "127.0.0.1", incarnation="inc-t")
-    )
-    ids = ["t0", "t1"]
-
-    async def scenario() -> None:
-        a = Router(model_of(engine), WorkerEndpoint(0, server.address, "inc-t"), "router-t")
-        await a.start()
-        assert await a.pool.workers[0].submit([WorkRequest(i, [3, 4, 5], GREEDY) for i in ids]) == {}
-        await a.until(lambda: a.finished(ids))
-        await a.pool.stop()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        loop.shutdown()
-        server.close()
-    lines = [ln.split("\t") for f in tmp_path.glob("trace.*") for ln in f.read_text().splitlines()]
-    worker_stages = ["worker_recv", "loop_add", "loop_first_token", "worker_send_first"]
-    for rid in ids:
-        mine = sorted((float(t), stage) for r, stage, t in lines if r == rid)
-        assert [stage for _, stage in mine] == worker_stages, mine

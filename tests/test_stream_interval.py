@@ -1,4 +1,4 @@
-"""How a stream's deltas become responses (RouterCore.responses): deltas that queued up while the
+"""How a stream's deltas become responses (cluster/stream.py `gather`, through RouterCore.responses): deltas that queued up while the
 reader was busy go out as one response, and `stream_interval` gathers N tokens per response after
 the first. Deterministic: the deltas are queued by hand before the reader runs; no pool runs."""
 
@@ -22,22 +22,27 @@ def delta(i: int, *, last: bool = False) -> TokenDelta:
     return TokenDelta("w1", [100 + i], [], FinishReason.LENGTH if last else None, False, 3, i + 1, 0)
 
 
+def make_stream(max_tokens: int) -> Stream:
+    """A routed stream as RouterCore.open leaves it (prompt [1, 2, 3], no detokenizer)."""
+    return Stream(
+        request_id="r1",
+        worker_request_id="w1",
+        prompt_ids=[1, 2, 3],
+        params=SamplingParams(max_tokens=max_tokens),
+        ticket=Ticket(3 + max_tokens),
+        arrival=0.0,
+        deadline=None,
+        out=ResponseBuilder("r1", None),
+    )
+
+
 def responses_of(interval: int, events: list[TokenDelta | RouterError]) -> tuple[list[list[int]], str]:
     """Token ids per response, and how the stream ended ("ok" or the error's status), when every
     event is queued before the reader first runs."""
 
     async def run() -> tuple[list[list[int]], str]:
         core = RouterCore(FakePool(1), load_config(None, {"stream_interval": interval}))
-        s = Stream(
-            request_id="r1",
-            worker_request_id="w1",
-            prompt_ids=[1, 2, 3],
-            params=SamplingParams(max_tokens=len(events)),
-            ticket=Ticket(3 + len(events)),
-            arrival=0.0,
-            deadline=None,
-            out=ResponseBuilder("r1", None),
-        )
+        s = make_stream(len(events))
         for e in events:
             s.events.put_nowait(e)
         got: list[list[int]] = []
@@ -64,16 +69,7 @@ def test_stream_interval_gathers_tokens_after_the_first(interval: int) -> None:
 
     async def run() -> list[list[int]]:
         core = RouterCore(FakePool(1), load_config(None, {"stream_interval": interval}))
-        s = Stream(
-            request_id="r1",
-            worker_request_id="w1",
-            prompt_ids=[1, 2, 3],
-            params=SamplingParams(max_tokens=10),
-            ticket=Ticket(13),
-            arrival=0.0,
-            deadline=None,
-            out=ResponseBuilder("r1", None),
-        )
+        s = make_stream(10)
         got: list[list[int]] = []
 
         async def feed() -> None:
@@ -108,16 +104,7 @@ def test_an_error_after_gathered_tokens_sends_them_first() -> None:
 def test_tokens_gathered_for_the_interval_go_out_before_a_later_error() -> None:
     async def run() -> tuple[list[list[int]], str]:
         core = RouterCore(FakePool(1), load_config(None, {"stream_interval": 8}))
-        s = Stream(
-            request_id="r1",
-            worker_request_id="w1",
-            prompt_ids=[1, 2, 3],
-            params=SamplingParams(max_tokens=10),
-            ticket=Ticket(13),
-            arrival=0.0,
-            deadline=None,
-            out=ResponseBuilder("r1", None),
-        )
+        s = make_stream(10)
         got: list[list[int]] = []
 
         async def feed() -> None:
