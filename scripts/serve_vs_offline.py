@@ -26,13 +26,14 @@ import json
 import os
 import pstats
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from serve_process import serving
 
 
 def requests(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -279,46 +280,32 @@ def main() -> None:
     env = dict(os.environ)
     if args.profile_dir:
         env["KVRELAY_LOOP_PROFILE"] = str(args.profile_dir.resolve() / "loop")
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvrelay.cli",
-            "serve",
-            "--model",
-            args.model,
-            "--device",
-            args.device,
-            "--workers",
-            str(args.workers),
-            "--port",
-            "0",
-            "--max-num-seqs",
-            str(args.concurrency),
-            "--max-model-len",
-            str(args.max_model_len),
-            "--max-queued-requests",
-            str(args.requests + 64),
-            "--router-processes",
-            str(args.router_processes),
-            "--stream-interval",
-            str(args.stream_interval),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert serve.stdout is not None
-        line = serve.stdout.readline().strip()
-        if not line.startswith("kvrelay serving on "):
-            raise SystemExit(f"serve did not start: {line!r}")
-        address = line.removeprefix("kvrelay serving on ")
+    serve_args = [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--workers",
+        str(args.workers),
+        "--port",
+        "0",
+        "--max-num-seqs",
+        str(args.concurrency),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-queued-requests",
+        str(args.requests + 64),
+        "--router-processes",
+        str(args.router_processes),
+        "--stream-interval",
+        str(args.stream_interval),
+    ]
+    with serving(serve_args, env) as (address, serve_pid):
         from kvrelay.cluster.client import KvrelayClient
 
         with KvrelayClient(address) as c:
             stats0 = c.server_stats()  # includes bench serve's 16 warm-up requests
-            cpu0 = tree_cpu_seconds(serve.pid)
+            cpu0 = tree_cpu_seconds(serve_pid)
             with tempfile.TemporaryDirectory() as tmp:
                 served = bench_serve(
                     address,
@@ -332,7 +319,7 @@ def main() -> None:
                 )
                 # The server's processes and their children (router processes), from /proc.
                 served["serve_cpu_ms_per_token"] = (
-                    1e3 * (tree_cpu_seconds(serve.pid) - cpu0) / served["output_tokens"]
+                    1e3 * (tree_cpu_seconds(serve_pid) - cpu0) / served["output_tokens"]
                 )
                 time.sleep(0.5)  # the workers' counters ride on their heartbeats (every 0.1 s)
                 served.update(worker_figures(stats0, c.server_stats(), int(served["output_tokens"])))
@@ -350,9 +337,6 @@ def main() -> None:
                         client_processes=1,
                         out=Path(tmp) / "latency.json",
                     )
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=120)
     if "offline" in report:
         report["served_vs_offline"] = report["served"]["tok_s"] / report["offline"]["tok_s"]  # type: ignore[index]
         served_step = report["served"]["step_ms"]["mean"]  # type: ignore[index]

@@ -15,13 +15,14 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from serve_process import serving
 
 from kvrelay.worker.hop_trace import STAGES
 
@@ -66,22 +67,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         env = dict(os.environ, KVRELAY_HOP_TRACE=str(folder / "trace"))
-        serve_cmd = [
-            sys.executable, "-m", "kvrelay.cli", "serve", "--model", args.model, "--device", args.device,
-            "--workers", "1", "--port", "0", "--router-processes", args.router_processes,
+        serve_args = [
+            "--model", args.model, "--device", args.device, "--workers", "1", "--port", "0",
+            "--router-processes", args.router_processes,
         ]  # fmt: skip
-        serve = subprocess.Popen(
-            serve_cmd,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        try:
-            assert serve.stdout is not None
-            line = serve.stdout.readline().strip()
-            if not line.startswith("kvrelay serving on "):
-                raise SystemExit(f"serve did not start: {line!r}")
-            address = line.removeprefix("kvrelay serving on ")
+        with serving(serve_args, env) as (address, _):
             report = folder / "bench.json"
             bench_cmd = [
                 sys.executable, "-m", "kvrelay.cli", "bench", "serve", "--server", address,
@@ -91,9 +81,6 @@ def main() -> None:
             ]  # fmt: skip
             subprocess.run(bench_cmd, check=True, stdout=sys.stderr)
             metrics = json.loads(report.read_text())["points"][0]["metrics"]
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(timeout=120)
         result: dict[str, Any] = hop_medians(read_trace(folder))
     result["client_ttft_p50"] = 1e3 * metrics["ttft"]["p50"]
     result["client_minus_router"] = result["client_ttft_p50"] - result["router_open -> router_yield_first"]
