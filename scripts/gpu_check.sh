@@ -9,7 +9,7 @@
 #                                   # disaggregated vs colocated (bench disagg): not in "all"
 #   scripts/gpu_check.sh gemv       # the narrow GEMV's GPU tests, its kernel sweep, decode with it on
 #                                   # vs off, and the 1B batch-256 profile (scripts/bench_gemv.py): not in "all"
-#   scripts/gpu_check.sh dataplane  # issue 14: 1B served vs offline + router scaling 1/2/4/8 (ROUTERS=...)
+#   scripts/gpu_check.sh dataplane  # issue 14: 1B served vs offline, the c=1 TTFT hop by hop, router scaling 1/2/4/8 (ROUTERS=...)
 #   scripts/gpu_check.sh real       # the real model (smollm2, GGUF): its GPU tests, decode ms/token at
 #                                   # batch 1 and 64, and HTTP vs gRPC throughput at 64 streams: not in "all"
 # The machines reach no package registry: for `real`, put SmolLM2's GGUF in $KVRELAY_CACHE_DIR
@@ -55,9 +55,13 @@ if [[ "$what" == serve ]]; then
 fi
 if [[ "$what" == dataplane ]]; then
   # issue 14: served vs offline (1B, with a concurrency-1 TTFT/TPOT phase), then the router scaling curve
+  # 8 client processes: 4 saturate (1.0 CPU-s/s each) near 46k tok/s on the 16-core H200 host
   python3 scripts/serve_vs_offline.py --model random:llama-3.2-1b --workers 1 --requests 2048 --concurrency 256 \
-    --client-processes 4 --router-processes auto --json "$out/svo_1b.json" ${SVO_ARGS:-} 2>&1 | tee "$out/svo_1b.log"
+    --client-processes 8 --router-processes auto --json "$out/svo_1b.json" ${SVO_ARGS:-} 2>&1 | tee "$out/svo_1b.log"
   status[svo]=${PIPESTATUS[0]}
+  # the concurrency-1 TTFT, hop by hop (KVRELAY_HOP_TRACE)
+  python3 scripts/ttft_hops.py --requests 32 --json "$out/ttft_hops.json" 2>&1 | grep -v " INFO " | tee "$out/ttft_hops.log"
+  status[hops]=${PIPESTATUS[0]}
   python3 scripts/router_scaling.py --routers ${ROUTERS:-1,2,4,8} --workers 8 --step-ms 10 --streams 1024 \
     --output-len 128 --out "$out/router_scaling" 2>&1 | grep -v "^\s*$" | tee "$out/router_scaling.log"
   status[scaling]=${PIPESTATUS[0]}
