@@ -106,3 +106,15 @@ def test_hop_trace_marks_each_worker_hop_once_and_in_order(
     for rid in ids:
         mine = sorted((float(t), stage) for r, stage, t in lines if r == rid)
         assert [stage for _, stage in mine] == worker_stages, mine
+
+
+def test_a_data_plane_process_that_cannot_start_is_a_clear_error(engine: Engine) -> None:
+    """It cannot bind (no such address): the worker reads why at once, not a hang until a timeout."""
+    loop = EngineLoop(engine)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"exited with .* before READY"):
+            LoopLink(loop, "256.0.0.1", incarnation="bad")
+        assert time.monotonic() - started < 30
+    finally:
+        loop.shutdown()

@@ -113,9 +113,15 @@ class WorkerActor(HandoffActorVerbs):
                 self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
             )
         else:
-            self._dataplane = LoopLink(
-                self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
-            )
+            try:
+                self._dataplane = LoopLink(
+                    self._loop, data_plane_host(), incarnation=self._incarnation, heartbeat_s=heartbeat_s
+                )
+            except (RuntimeError, OSError) as e:  # its process did not start: ready() says why
+                log.error("worker %d cannot start its data plane: %s", rank, e)
+                self._loop.shutdown()
+                self._start_error = e
+                return
         log.info(
             "worker %d ready on %s: %d KV blocks of %d tokens; data plane at %s (%s)",
             rank,

@@ -89,8 +89,11 @@ class LoopLink:
             "tx": f"ipc://{self._dir}/to-loop",
             "parent": os.getpid(),
         }
+        # The child imports what this process could: its sys.path (a Ray runtime env may have put
+        # kvrelay there rather than in site-packages).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kvrelay.worker.dataplane_front", json.dumps(config)]
+            [sys.executable, "-m", "kvrelay.worker.dataplane_front", json.dumps(config)], env=env
         )
         try:
             self.address = self._wait_ready()
