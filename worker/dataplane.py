@@ -73,13 +73,18 @@ class DataPlaneServer:
         heartbeat_s: float = 0.1,
         router_timeout_s: float = 10.0,
         process_cpu_s: Callable[[], float] = time.process_time,
+        extra_sockets: Sequence[tuple[zmq.Socket[bytes], Callable[[], None]]] = (),
     ) -> None:
+        """extra_sockets: (socket, handler) pairs the I/O thread also polls, calling the handler
+        (on the I/O thread, which then owns the socket) when the socket is readable; the data
+        plane's own process reads its link to the engine loop so (worker/dataplane_front.py)."""
         if not heartbeat_s > 0 or not router_timeout_s > heartbeat_s:
             raise ValueError(
                 f"heartbeat_s ({heartbeat_s}) must be > 0 and < router_timeout_s ({router_timeout_s})"
             )
         self._loop = loop
         self._process_cpu_s = process_cpu_s  # the worker's CPU (its processes, when the loop is in another)
+        self._extra = list(extra_sockets)
         self.incarnation = incarnation
         self._heartbeat_s = heartbeat_s
         self._router_timeout_s = router_timeout_s
@@ -165,6 +170,8 @@ class DataPlaneServer:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        for sock, _ in self._extra:
+            poller.register(sock, zmq.POLLIN)
         next_beat = time.monotonic()
         try:
             while not self._stopping:
@@ -174,6 +181,9 @@ class DataPlaneServer:
                     self._drain_wakes()
                 if self._sock in events:
                     self._receive()
+                for sock, handle in self._extra:
+                    if sock in events:
+                        handle()
                 self._send_answers()
                 self._push()
                 now = time.monotonic()
