@@ -226,7 +226,9 @@ class RouterCore:
         s.queued = True
         self._num_queued += 1
         self._submits.add(rank, s)
-        hop_trace.mark("router_open", (s.worker_request_id,))
+        if hop_trace.ENABLED:
+            hop_trace.mark("router_arrival", (s.worker_request_id,), at=arrival)
+            hop_trace.mark("router_open", (s.worker_request_id,))
         return s
 
     async def _admit(

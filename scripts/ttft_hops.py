@@ -4,9 +4,9 @@
 
 Serves with KVRELAY_HOP_TRACE set (worker/hop_trace.py: every process appends a timestamp per
 request and hop), runs `kvrelay bench serve` at concurrency 1 (prompt --prompt-len tokens, 2 output
-tokens), and prints the median time between consecutive hops, from the router accepting the
-request to it handing the first token to gRPC; what the client measured beyond that is the
-client, gRPC both ways and the handler before the router's `open`. Writes --json when given.
+tokens), and prints the median time between consecutive hops, from the router's gRPC handler
+starting to it handing the first token to gRPC; what the client measured beyond that is the
+client and gRPC, both ways. Writes --json when given.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def hop_medians(hops: dict[str, dict[str, float]]) -> dict[str, float]:
         f"{a} -> {b}": 1e3 * statistics.median(h[b] - h[a] for h in whole)
         for a, b in itertools.pairwise(STAGES)
     }
-    out["router_open -> router_yield_first"] = 1e3 * statistics.median(
+    out["router_arrival -> router_yield_first"] = 1e3 * statistics.median(
         h[STAGES[-1]] - h[STAGES[0]] for h in whole
     )
     out["requests"] = len(whole)
@@ -83,7 +83,7 @@ def main() -> None:
             metrics = json.loads(report.read_text())["points"][0]["metrics"]
         result: dict[str, Any] = hop_medians(read_trace(folder))
     result["client_ttft_p50"] = 1e3 * metrics["ttft"]["p50"]
-    result["client_minus_router"] = result["client_ttft_p50"] - result["router_open -> router_yield_first"]
+    result["client_minus_router"] = result["client_ttft_p50"] - result["router_arrival -> router_yield_first"]
     for k, v in result.items():
         print(f"{k:45s} {v:8.3f}" if isinstance(v, float) else f"{k:45s} {v}")
     if args.json:

@@ -9,6 +9,7 @@ time between consecutive stages. Off (the default) a mark is one global read at 
 per-token call sites test `ENABLED` before looping over their outputs.
 
 Stages, in the order a request meets them (STAGES):
+    router_arrival      the protocol adapter's handler started (gRPC's Generate, the HTTP route)
     router_open         the router accepted it (validated, admitted, routed)
     router_submit       the router's submit to the worker is sent
     worker_recv         the worker's data plane read the SUBMIT
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterable
 
 STAGES = (
+    "router_arrival",
     "router_open",
     "router_submit",
     "worker_recv",
@@ -40,11 +42,12 @@ _PATH = os.environ.get(_ENV) or None
 ENABLED = _PATH is not None
 
 
-def mark(stage: str, request_ids: Iterable[str]) -> None:
-    """Append `stage` now for these requests (no-op unless KVRELAY_HOP_TRACE is set)."""
+def mark(stage: str, request_ids: Iterable[str], at: float | None = None) -> None:
+    """Append `stage` now (or at `at`, a time.monotonic() taken earlier) for these requests (no-op
+    unless KVRELAY_HOP_TRACE is set)."""
     if _PATH is None:
         return
-    now = time.monotonic()
+    now = time.monotonic() if at is None else at
     lines = "".join(f"{rid}\t{stage}\t{now:.6f}\n" for rid in request_ids)
     if lines:
         with open(f"{_PATH}.{os.getpid()}", "a") as f:
