@@ -105,7 +105,7 @@ class ServeProcess:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, str]]:
     config = tmp_path_factory.mktemp("serve") / "kvrelay.yaml"
     config.write_text(CONFIG, encoding="utf-8")
-    p = ServeProcess(["--config", str(config), "--host", "127.0.0.1"])
+    p = ServeProcess(["--config", str(config), "--host", "127.0.0.1", "--stream-interval", "3"])
     try:
         address = p.wait_ready(180)
         p.http = f"http://{p.http_address()}"
@@ -124,6 +124,10 @@ def test_one_request_streams(server: tuple[ServeProcess, str]) -> None:
     assert [t for ch in chunks for t in ch.token_ids] == expected.token_ids
     assert "".join(ch.text for ch in chunks) == expected.text
     assert chunks[-1].finish_reason == "length"
+    # --stream-interval 3: the first token alone, then at least 3 a message (more when deltas queued
+    # up behind the reader), the rest with the last.
+    sizes = [len(ch.token_ids) for ch in chunks]
+    assert sizes[0] == 1 and all(n >= 3 for n in sizes[1:-1]), sizes
 
 
 def test_sigterm_drains_then_exits_0(server: tuple[ServeProcess, str]) -> None:
