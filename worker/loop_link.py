@@ -99,6 +99,7 @@ class LoopLink:
             self.address = self._wait_ready()
         except BaseException:
             self._proc.kill()
+            self._proc.wait()
             self._close_sockets()
             raise
         # The CPU figures so far (model load, graph capture), or the first heartbeats would read 0
