@@ -124,8 +124,10 @@ def test_bench_router_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert p["failed"] == 0 and p["errors"] == {}
         assert p["output_tokens"] == 6 * p["completed"]  # every request its exact max_tokens
         assert math.isfinite(p["server_cpu"]) and 0 < p["server_cpu"] < 64
-        # Worker processes (--pool dataplane, the default): the server is all router.
-        assert p["router_cpu"] == p["server_cpu"] and 0 < p["pool_cpu"] < 64
+        # Worker processes (--pool dataplane, the default): the server is all router. Their CPU is
+        # read in /proc's 10 ms ticks, and two synthetic workers of a short point can use less than
+        # one (seen once in CI): >= 0, not > 0.
+        assert p["router_cpu"] == p["server_cpu"] and 0 <= p["pool_cpu"] < 64
         per_token_s = p["wall_s"] / p["output_tokens"]
         assert p["router_cpu_us_per_token"] == pytest.approx(1e6 * p["router_cpu"] * per_token_s)
         assert p["worker_cpu_us_per_token"] == pytest.approx(1e6 * p["pool_cpu"] * per_token_s)
