@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -118,3 +119,20 @@ def test_a_data_plane_process_that_cannot_start_is_a_clear_error(engine: Engine)
         assert time.monotonic() - started < 30
     finally:
         loop.shutdown()
+
+
+def test_a_long_temp_directory_still_gives_ipc_paths_that_fit(
+    engine: Engine, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ipc endpoints are unix-socket paths (at most 107 bytes): under a TMPDIR too long for them the
+    link's directory goes to /tmp, and the data plane starts."""
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    loop = EngineLoop(engine)
+    link = LoopLink(loop, "127.0.0.1", incarnation="deep")
+    try:
+        assert link.alive() and link.address.startswith("tcp://127.0.0.1:")
+    finally:
+        loop.shutdown()
+        link.close()

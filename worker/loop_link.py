@@ -64,7 +64,9 @@ class LoopLink:
         router_timeout_s: float = 10.0,
     ) -> None:
         self._loop = loop
-        self._dir = tempfile.mkdtemp(prefix="kvrelay-link-")
+        # ipc endpoints are unix-socket paths, at most 107 bytes: a long TMPDIR falls back to /tmp.
+        tmp = tempfile.gettempdir()
+        self._dir = tempfile.mkdtemp(prefix="kvrelay-link-", dir=tmp if len(tmp) <= 64 else "/tmp")
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         # Loop -> data plane (the loop thread's frames, the bridge's answers, the actor's claims):
         # shared by threads, so every send is under _lock.
