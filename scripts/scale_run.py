@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay.cluster.bench.disagg import ServeSubprocess, measure_point
-from kvrelay.cluster.bench.metrics import BenchMetrics, process_cpu_seconds
+from kvrelay.cluster.bench.metrics import BenchMetrics
+from kvrelay.worker.cpu_time import process_cpu_seconds
 
 DEFAULT_SPLITS = {2: ["1:1"], 4: ["1:3", "2:2"], 8: ["1:7", "2:6", "4:4"]}
 

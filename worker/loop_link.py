@@ -38,6 +38,7 @@ from concurrent.futures import Future
 import zmq
 
 from . import wire
+from .cpu_time import process_cpu_seconds
 from .engine_loop import EngineLoop
 from .protocol import EngineLoopBroken, WorkerLoad
 from .request import RequestOutput
@@ -173,10 +174,8 @@ class LoopLink:
     def cpu_s(self) -> float:
         """CPU seconds of the data plane's process so far (utime + stime, from /proc)."""
         try:
-            with open(f"/proc/{self._proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
+            return process_cpu_seconds(self._proc.pid)
+        except (OSError, IndexError, ValueError):  # it just exited
             return 0.0
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -248,12 +247,3 @@ def server_delta(before: dict[str, float], after: dict[str, float]) -> ServerDel
     return ServerDelta(
         **{k: max(0.0, after.get(name, 0.0) - before.get(name, 0.0)) for k, name in _SERVER_COUNTERS.items()}
     )
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, every thread (Linux /proc/PID/stat). The command,
-    field 2, is in parentheses and may hold spaces: utime and stime are the 12th and 13th fields
-    after the closing parenthesis."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -194,7 +194,7 @@ class ServerChild:
         """({pid: CPU seconds} of the server process and its router processes, pool CPU seconds,
         summed synthetic TTFTs, first tokens): the pool's from the worker processes when there are
         any, else `SyntheticPool.stats()`."""
-        from .metrics import process_cpu_seconds
+        from kvrelay.worker.cpu_time import process_cpu_seconds
 
         assert self.proc.pid is not None
         server_cpu = {self.proc.pid: process_cpu_seconds(self.proc.pid)}

@@ -149,7 +149,7 @@ class WorkerProcesses:
 
     def cpu_seconds(self) -> float:
         """Every worker process's CPU seconds (its tick thread, I/O thread and the rest)."""
-        from .metrics import process_cpu_seconds
+        from kvrelay.worker.cpu_time import process_cpu_seconds
 
         return sum(process_cpu_seconds(p.pid) for p in self.procs if p.pid is not None and p.is_alive())
 
