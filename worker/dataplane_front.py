@@ -4,7 +4,8 @@ Started by `worker/loop_link.py` (`python -m kvrelay.worker.dataplane_front CONF
 no engine and no torch. `RemoteLoop` is the `ServedLoop` the server drives: its submits and aborts
 go to the engine loop's process over the link, and the loop's OUT frames come back as deltas merged
 per request until the server takes them, exactly as `EngineLoop`'s outbox does in one process.
-The main thread reads the link; the server's I/O thread owns the routers' socket.
+The server's I/O thread owns the routers' socket and reads the link too; the main thread only
+watches for STOP and for the parent.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zmq
 
 from . import wire
 from .dataplane import DataPlaneServer
-from .protocol import EngineLoopBroken, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .protocol import EngineLoopBroken, StepBatch, TokenDelta, WorkerLoad, WorkRequest, fold_delta
 from .wire import Kind, WireError
 
 log = logging.getLogger("kvrelay")
@@ -37,13 +38,14 @@ class RemoteLoop:
 
     def __init__(self, tx: zmq.Socket[bytes]) -> None:
         self._tx = tx
-        self._lock = threading.Lock()  # guards everything below, and sends on _tx
+        # Guards everything below and sends on _tx: the server's I/O thread uses them all, and
+        # send_ready runs on the main thread.
+        self._lock = threading.Lock()
         self._outbox: dict[str, TokenDelta] = {}
         self._load = WorkerLoad(0, 0, 0.0, 0, 0)
         self._pending: dict[int, Future[dict[str, str]]] = {}
         self._tokens = itertools.count()
         self._broken: str | None = None  # why the loop stopped (SHUT_DOWN when on purpose)
-        self._hook: Callable[[], None] | None = None
         self._loop_cpu_s = 0.0
         self._loop_process_cpu_s = 0.0
 
@@ -54,7 +56,8 @@ class RemoteLoop:
             return self._load
 
     def set_output_hook(self, hook: Callable[[], None] | None) -> None:
-        self._hook = hook
+        """Not needed: the link's frames are handled on the server's I/O thread (`serve`), which
+        sends what they published in the same wake-up."""
 
     def submit_future(self, requests: Sequence[WorkRequest]) -> Future[dict[str, str]]:
         fut: Future[dict[str, str]] = Future()
@@ -93,7 +96,7 @@ class RemoteLoop:
         if self._broken is not None:
             raise EngineLoopBroken(self._broken)
 
-    # ---- frames from the loop (main thread) ----------------------------------------------------
+    # ---- frames from the loop (the server's I/O thread) ----------------------------------------
     def handle(self, kind: Kind, fields: list[Any]) -> None:
         if kind is Kind.OUT:
             self._out(*fields)
@@ -109,7 +112,6 @@ class RemoteLoop:
                 pending, self._pending = self._pending, {}
             for fut in pending.values():
                 fut.set_exception(EngineLoopBroken(self._broken))
-            self._wake()
         else:
             raise WireError(f"{kind.name} is not the loop's message")
 
@@ -122,20 +124,8 @@ class RemoteLoop:
             self._load = load
             self._loop_cpu_s = float(loop_cpu_s)
             self._loop_process_cpu_s = float(process_cpu_s)
-            outbox = self._outbox
             for d in deltas:
-                earlier = outbox.get(d.request_id)
-                if earlier is None:
-                    outbox[d.request_id] = d
-                else:
-                    earlier.merge(d)
-        if deltas:
-            self._wake()
-
-    def _wake(self) -> None:
-        hook = self._hook
-        if hook is not None:
-            hook()
+                fold_delta(self._outbox, d)
 
 
 def serve(config: dict[str, Any]) -> None:
@@ -190,7 +180,6 @@ def serve(config: dict[str, Any]) -> None:
         )
     )
     server = servers[0]
-    loop.set_output_hook(None)  # its frames are handled on the I/O thread, which pushes after them
     loop.send_ready(server.address)
     parent = int(config["parent"])
     try:

@@ -36,7 +36,16 @@ import torch
 from . import hop_trace
 from .disagg.verbs import HandoffLoopVerbs, LoopCall
 from .engine import Engine
-from .protocol import SHUT_DOWN, EngineLoopBroken, EngineStats, StepBatch, TokenDelta, WorkerLoad, WorkRequest
+from .protocol import (
+    SHUT_DOWN,
+    EngineLoopBroken,
+    EngineStats,
+    StepBatch,
+    TokenDelta,
+    WorkerLoad,
+    WorkRequest,
+    fold_delta,
+)
 from .request import FinishReason, RequestOutput
 
 log = logging.getLogger("kvrelay")
@@ -463,13 +472,7 @@ def delta_of(out: RequestOutput) -> TokenDelta:
 
 def _merge(outbox: dict[str, TokenDelta], out: RequestOutput) -> None:
     """Put one step's output into the outbox. The engine makes a fresh output object with fresh
-    lists every step and keeps no reference to it, so the first one of a request is kept as is (a
-    copy per token per step was a measurable share of the served loop's time); a later step's is
-    folded into it. The text is dropped: the router makes it."""
-    d = outbox.get(out.request_id)
-    if d is None:
-        out.text = ""
-        outbox[out.request_id] = out
-    else:
-        d.merge(out)
-        d.text = ""
+    lists every step and keeps no reference to it, so it goes in as is (a copy per token per step
+    was a measurable share of the served loop's time). The text is dropped: the router makes it."""
+    out.text = ""
+    fold_delta(outbox, out)

@@ -140,6 +140,17 @@ class TokenDelta:
         self.error = later.error
 
 
+def fold_delta(outbox: dict[str, TokenDelta], d: TokenDelta) -> None:
+    """Put `d` into an outbox of one delta per request: kept as it is when its request has none
+    there, else merged into the one waiting (a slow consumer gets one message per request, never
+    one per token). `d` is the outbox's from then on."""
+    earlier = outbox.get(d.request_id)
+    if earlier is None:
+        outbox[d.request_id] = d
+    else:
+        earlier.merge(d)
+
+
 # Why a loop stopped on purpose (EngineLoopBroken's message; the data plane logs it as no error).
 SHUT_DOWN = "the engine loop is shut down"
 
