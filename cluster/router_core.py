@@ -394,7 +394,8 @@ class RouterCore:
             requests.append(work_request(s.worker_request_id, s.prompt_ids, s.params, timeout))
         if not batch:
             return
-        hop_trace.mark("router_submit", [s.worker_request_id for s in batch])
+        if hop_trace.ENABLED:
+            hop_trace.mark("router_submit", [s.worker_request_id for s in batch])
         try:
             rejected = await worker.submit(requests)
         except ConnectionError:

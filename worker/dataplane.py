@@ -283,7 +283,8 @@ class DataPlaneServer:
         if not requests:
             self._send(ident, wire.pack(Kind.SUBMITTED, seq, refused))
             return
-        hop_trace.mark("worker_recv", [r.request_id for r in requests])
+        if hop_trace.ENABLED:
+            hop_trace.mark("worker_recv", [r.request_id for r in requests])
         try:
             fut = self._loop.submit_future(requests)
         except EngineLoopBroken as e:

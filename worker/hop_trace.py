@@ -6,7 +6,7 @@ one line per hop of a request to PATH.<pid>: `request_id stage seconds`, seconds
 worker request ids, so one request's lines from several processes join up.
 `scripts/ttft_hops.py` serves with it set, runs requests at concurrency 1, and prints the median
 time between consecutive stages. Off (the default) a mark is one global read at its call site:
-per-token call sites test `ENABLED` before looping over their outputs.
+call sites that would build a list of ids for it test `ENABLED` first.
 
 Stages, in the order a request meets them (STAGES):
     router_arrival      the protocol adapter's handler started (gRPC's Generate, the HTTP route)
