@@ -55,13 +55,32 @@ def _wrap(obj: Any, attr: str, label: str) -> None:
     setattr(obj, attr, wrapped)
 
 
-def instrument(engine: Engine) -> None:
-    _wrap(engine.scheduler, "schedule", "schedule")
-    _wrap(engine.runner, "prepare", "prepare")
-    _wrap(engine.runner, "execute", "execute")
-    _wrap(engine.sampler, "sample", "sample")
-    _wrap(engine_module, "resolve", "resolve")  # engine.py calls its own imported name
-    _wrap(engine, "add_request", "add_request")
+CLOCK: dict[str, float] = defaultdict(float)  # --phase-clock: host seconds per phase, unprofiled
+
+
+def _clock(obj: Any, attr: str, label: str) -> None:
+    """Add obj.attr's host time (no device sync) to CLOCK[label]."""
+    fn = getattr(obj, attr)
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            CLOCK[label] += time.perf_counter() - t
+
+    setattr(obj, attr, wrapped)
+
+
+def instrument(engine: Engine, wrap: Callable[[Any, str, str], None] = _wrap) -> None:
+    if wrap is _clock:  # the host call of every graph replay: its launch cost
+        wrap(torch.cuda.CUDAGraph, "replay", "graph_launch")
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine.runner, "prepare", "prepare")
+    wrap(engine.runner, "execute", "execute")
+    wrap(engine.sampler, "sample", "sample")
+    wrap(engine_module, "resolve", "resolve")  # engine.py calls its own imported name
+    wrap(engine, "add_request", "add_request")
 
 
 def analyse(trace: dict[str, Any], iters: int) -> dict[str, Any]:
@@ -126,23 +145,39 @@ def analyse(trace: dict[str, Any], iters: int) -> dict[str, Any]:
         "device_busy_us_per_iter": busy / iters,
         "device_idle_us_per_iter": (window - busy) / iters,
         "host_before_first_device_us": (first_start - t0) if first_start is not None else None,
-        "gap_us_per_iter_by_launcher": {k: v / iters for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])},
+        "gap_us_per_iter_by_launcher": {
+            k: v / iters for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])
+        },
         "largest_gaps": sorted(gaps, key=lambda g: -g["us"])[:12],
         "host_phase_us_per_iter": {k: v / iters for k, v in phase_us.items()},
         "kernels_per_iter": sum(kernel_calls.values()) / iters,
-        "top_kernels_us_per_iter": [{"name": n, "us": t / iters, "calls": kernel_calls[n] / iters} for n, t in top],
+        "top_kernels_us_per_iter": [
+            {"name": n, "us": t / iters, "calls": kernel_calls[n] / iters} for n, t in top
+        ],
     }
 
 
-def profiled(name: str, fn: Callable[[], None], iters: int, trace_dir: Path | None) -> dict[str, Any]:
-    """Wall per iteration unprofiled (median), then the same iterations under the profiler."""
+def profiled(
+    name: str, fn: Callable[[], None], iters: int, trace_dir: Path | None, *, clock_only: bool = False
+) -> dict[str, Any]:
+    """Wall per iteration unprofiled (median), then the same iterations under the profiler
+    (clock_only: host µs per phase from the unprofiled iterations instead)."""
     walls = []
+    CLOCK.clear()
     for _ in range(iters):
         _sync()
         t = time.perf_counter()
         fn()
         _sync()
         walls.append(1e6 * (time.perf_counter() - t))
+    if clock_only:
+        host = {k: 1e6 * v / iters for k, v in sorted(CLOCK.items(), key=lambda kv: -kv[1])}
+        print(
+            f"{name:>14}: wall {statistics.median(walls):8.1f} us | host us per iteration "
+            f"{json.dumps({k: round(v, 1) for k, v in host.items()})}",
+            flush=True,
+        )
+        return {"scenario": name, "wall_us_median": statistics.median(walls), "host_us_per_iter": host}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(iters):
             _sync()
@@ -201,6 +236,11 @@ def main() -> None:
     ap.add_argument("--mixed", default="256,64")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--trace-dir", type=Path)
+    ap.add_argument(
+        "--phase-clock",
+        action="store_true",
+        help="no profiler: host µs per phase (and per CUDA-graph launch) by the host clock",
+    )
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     engine = Engine(
@@ -211,11 +251,16 @@ def main() -> None:
             enable_prefix_caching=False,
         )
     )
-    instrument(engine)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": args.model, "scenarios": []}
+    instrument(engine, _clock if args.phase_clock else _wrap)
+    clock = args.phase_clock
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": args.model,
+        "scenarios": [],
+    }
     for b in batches:
         run = decode_scenario(engine, b, args.context, args.steps)
-        res = profiled(f"decode_b{b}", run, args.iters, args.trace_dir)
+        res = profiled(f"decode_b{b}", run, args.iters, args.trace_dir, clock_only=clock)
         res["per_step_us"] = res["wall_us_median"] / args.steps
         report["scenarios"].append(res)
         clear(engine)
@@ -228,7 +273,7 @@ def main() -> None:
             engine.generate([[rng.randrange(vocab) for _ in range(n)]], params)
 
         ttft()
-        report["scenarios"].append(profiled(f"ttft_{n}", ttft, args.iters, args.trace_dir))
+        report["scenarios"].append(profiled(f"ttft_{n}", ttft, args.iters, args.trace_dir, clock_only=clock))
     if args.mixed:
         chunk, decodes = (int(x) for x in args.mixed.split(","))
         decode_scenario(engine, decodes, args.context, 1)
@@ -236,13 +281,17 @@ def main() -> None:
 
         def mixed() -> None:
             engine.add_request(
-                f"mixed-{next(counter)}", [rng.randrange(vocab) for _ in range(chunk)], SamplingParams(max_tokens=1)
+                f"mixed-{next(counter)}",
+                [rng.randrange(vocab) for _ in range(chunk)],
+                SamplingParams(max_tokens=1),
             )
             engine.step()
 
         mixed()
         engine.step()
-        report["scenarios"].append(profiled(f"mixed_{chunk}_{decodes}", mixed, args.iters, args.trace_dir))
+        report["scenarios"].append(
+            profiled(f"mixed_{chunk}_{decodes}", mixed, args.iters, args.trace_dir, clock_only=clock)
+        )
         clear(engine)
     engine.check_integrity()
     if args.json:

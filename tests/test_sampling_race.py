@@ -24,7 +24,7 @@ from kvrelay.worker.penalties import PenaltyState
 from kvrelay.worker.request import Request
 from kvrelay.worker.sampler import Sampler
 from kvrelay.worker.sampling_params import SamplingParams
-from kvrelay.worker.sampling_race import race, race_torch, uniform_noise
+from kvrelay.worker.sampling_race import argmax_rows, race, race_torch, uniform_noise
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.gpu
@@ -200,3 +200,49 @@ def test_seeded_engine_on_gpu_matches_cpu() -> None:
     gpu = engine.generate(prompts, params)
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
     engine.check_integrity()
+
+
+@pytest.mark.parametrize(("n", "vocab", "splits"), [(5, 300, 1), (7, 3000, 3), (4, 5000, 8), (3, 50, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch_argmax(n: int, vocab: int, splits: int, dtype: torch.dtype) -> None:
+    # bf16 rounding makes ties common; rows 0 and 1 are all-equal and tied at both ends, so the
+    # first index on ties is checked across splits.
+    x = _logits(n, vocab, seed=vocab * n).to(dtype)
+    x[0] = 1.5
+    x[1] = 0.0
+    x[1, vocab - 1] = x[1, 2] = 7.0
+    got = argmax_rows(x, impl="triton", num_splits=splits)
+    assert got.dtype == torch.int64 and got.shape == (n,)
+    assert got.tolist() == x.float().argmax(dim=-1).tolist()
+    assert got[0] == 0 and got[1] == 2
+
+
+def test_greedy_sampler_reads_bf16_logits_as_their_float32_copy() -> None:
+    """The engine hands the sampler the model's dtype: greedy, sampled and logprob rows must give
+    what the same logits upcast to float32 give."""
+    x = _logits(6, 700, seed=11).to(torch.bfloat16)
+    params = [
+        SamplingParams(),
+        SamplingParams(logprobs=3),
+        SamplingParams(temperature=0.7, seed=5),
+        SamplingParams(temperature=0.9, top_k=20, seed=6),
+        SamplingParams(),
+        SamplingParams(temperature=1.1, top_p=0.8, seed=7, logprobs=2),
+    ]
+    for impl in ("torch", "triton"):
+        s = Sampler(seed=0, impl=impl)
+        got = s(x, params, counters=list(range(6)))
+        want = s(x.float(), params, counters=list(range(6)))
+        assert got.token_ids.tolist() == want.token_ids.tolist()
+        assert got.logprobs == want.logprobs
+        assert sum(lp is not None for lp in got.logprobs) == 2
+        greedy = s(x, [SamplingParams()] * 6)
+        assert greedy.token_ids.tolist() == x.float().argmax(dim=-1).tolist()
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1, 32, 256])
+def test_argmax_rows_on_gpu_at_llama3_vocab(n: int) -> None:
+    x = _logits(n, 128256, seed=n).to(torch.bfloat16)
+    assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist()

@@ -247,7 +247,7 @@ class Engine:
         self.num_steps += 1
         started = time.perf_counter()
         inp = self.runner.prepare(sched, self.allocator)
-        logits = self.runner.execute(inp)  # [S, vocab] float32
+        logits = self.runner.execute(inp)  # [S, vocab], the model dtype
         sampling = [s for s in sched.scheduled if s.samples]
         sampled = self.sampler(
             logits,

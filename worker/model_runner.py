@@ -325,7 +325,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:
-        """Run the model; returns [S, vocab] float32 logits of the sampling rows.
+        """Run the model; returns [S, vocab] logits of the sampling rows, in the model's dtype (the
+        sampler reads them as float32 where its math needs it).
 
         A decode-only step replays its batch bucket's graph (prepared in ``prepare``); a step with
         prefill chunks replays its token bucket's graph; a step that fits no graph runs eagerly."""
@@ -333,13 +334,13 @@ class ModelRunner:
         if inp.graph_bucket is not None:
             assert self.graphs is not None
             hidden = self.graphs.replay(meta.num_seqs, inp.graph_bucket)  # [B, hidden]
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden, upcast=False)
         pg = self.prefill_graphs
         bucket = None if pg is None or meta.is_decode_only else pg.bucket_for(meta.num_tokens)
         if bucket is not None:
             assert pg is not None
             hidden = pg.run(meta.num_tokens, meta.num_seqs, bucket)  # [bucket, hidden]
-            return self.model.compute_logits(hidden[inp.sample_rows])
+            return self.model.compute_logits(hidden[inp.sample_rows], upcast=False)
         self.num_eager_steps += 1
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, meta)  # [T, hidden]
-        return self.model.compute_logits(hidden[inp.sample_rows])
+        return self.model.compute_logits(hidden[inp.sample_rows], upcast=False)

@@ -75,7 +75,7 @@ def launch(engine: Engine, sched: SchedulerOutput, prev: InflightStep | None) ->
     """Queue one step on the device (nothing here waits for it) and mark its samples as placeholders."""
     prev_tokens = prev.token_ids if prev is not None else None
     inp = engine.runner.prepare(sched, engine.allocator, prev_tokens)
-    logits = engine.runner.execute(inp)  # [S, vocab] float32, on the device
+    logits = engine.runner.execute(inp)  # [S, vocab], the model dtype, on the device
     sampling = [s for s in sched.scheduled if s.samples]
     requests = [s.request for s in sampling]
     sample = engine.sampler.sample(

@@ -29,7 +29,7 @@ from .model.fused_ops import FusedImpl
 from .penalties import PenaltyBatch, apply_penalties
 from .protocol import TokenLogprobs
 from .sampling_params import SamplingParams
-from .sampling_race import race
+from .sampling_race import argmax_rows, race
 
 
 @dataclass
@@ -209,7 +209,9 @@ class Sampler:
         n, vocab = _check_inputs(logits, params, seeds, counters)
         x = logits if penalties is None else _penalized(logits, penalties)
         if all(p.is_greedy for p in params):
-            token_ids = x.argmax(dim=-1)  # [N]; the common all-greedy batch uploads nothing
+            # [N]; the common all-greedy batch uploads nothing, and reads the logits in their own
+            # dtype (an argmax of bf16 values is the argmax of their exact float32 copies)
+            token_ids = argmax_rows(x, impl=self.impl)
         else:
             host = HostRows.of(params, vocab)
             rows = host.upload(self._seeds(params, seeds), counters or [0] * n, logits.device)

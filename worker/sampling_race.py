@@ -26,6 +26,11 @@ and the fused multiply-add a GPU compiler may make of x * (1 / T) + G, may round
 an ulp), so the CPU and the GPU give the same tokens up to float near-ties. 23 bits bound the
 noise: E = -log U lies in [6e-8, 16.6], which moves a token's probability by < 1e-7.
 
+`argmax_rows` is the greedy batch's argmax by the same split-and-reduce scheme, on the logits'
+own dtype: torch.argmax reduces a row in one thread block, 28 us for one 128256-entry row on an
+H200 (2.3% of a 1B batch-1 step), and the float32 copy of a batch-256 bf16 logits tensor that it
+read cost another 96 us a step.
+
 `race` runs the Triton kernel on CUDA tensors (two launches: per (row, vocab split) partial
 maxima, then one reduction per row; the grid depends only on N and V, and nothing of shape
 [N, V] is allocated, so it can be captured in a CUDA graph); `race_torch` is the reference and the
@@ -125,6 +130,31 @@ def race(
     return out
 
 
+def argmax_rows(x: torch.Tensor, *, impl: FusedImpl = "auto", num_splits: int | None = None) -> torch.Tensor:
+    """[N] int64: each row's argmax of x [N, V] (any float dtype; the first index on ties, as
+    torch.argmax; a row with NaN gives an unspecified index), by vocab splits and a reduction.
+    The CPU path (and impl="torch") is torch.argmax itself."""
+    if not use_triton(x, impl):
+        return x.argmax(dim=-1)
+    global tl
+    if tl is None:
+        fused_ops._import_triton()
+        tl = fused_ops.tl
+    n, vocab = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    block = min(_BLOCK, _next_power_of_2(vocab))
+    splits = num_splits if num_splits is not None else _default_splits(n, x.device)
+    chunk = _cdiv(_cdiv(vocab, max(1, splits)), block) * block
+    splits = _cdiv(vocab, chunk)
+    part_val = torch.empty((n, splits), dtype=torch.float32, device=x.device)
+    part_idx = torch.empty((n, splits), dtype=torch.int32, device=x.device)
+    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    _argmax_partial[(n, splits)](x, x.stride(0), part_val, part_idx, vocab, chunk, splits, BLOCK=block)
+    _race_reduce[(n,)](part_val, part_idx, out, splits, BLOCK_S=_next_power_of_2(splits))
+    return out
+
+
 def _default_splits(n: int, device: torch.device) -> int:
     """Vocab splits per row so that the grid holds ~4 programs per SM (one SM reading a whole
     128k-entry row would take tens of microseconds at batch 1)."""
@@ -201,6 +231,30 @@ def _race_partial_kernel(
     tl.store(idx_ptr + row * num_splits + split, first)
 
 
+def _argmax_partial_kernel(x_ptr, stride_x, val_ptr, idx_ptr, vocab, chunk, num_splits, BLOCK: tl.constexpr):
+    """Program (row, split): the best value of vocab entries [split * chunk, ...) and its first
+    index, as _race_partial_kernel without the noise (the values are exact in float32)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    start = split * chunk
+    end = tl.minimum(start + chunk, vocab)
+    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], 2147483647, tl.int32)
+    off = start
+    while off < end:
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < end
+        s = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        better = mask & ((s > best_val) | (best_idx == 2147483647))
+        best_val = tl.where(better, s, best_val)
+        best_idx = tl.where(better, cols, best_idx)
+        off += BLOCK
+    top = tl.max(best_val, axis=0)
+    first = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)
+    tl.store(val_ptr + row * num_splits + split, top)
+    tl.store(idx_ptr + row * num_splits + split, first)
+
+
 def _race_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_splits, BLOCK_S: tl.constexpr):
     """One program per row: the first index among the splits' maxima (splits are in vocab order)."""
     row = tl.program_id(0).to(tl.int64)
@@ -215,3 +269,4 @@ def _race_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_splits, BLOCK_S: tl.const
 
 _race_partial = _LazyKernel(_race_partial_kernel)
 _race_reduce = _LazyKernel(_race_reduce_kernel)
+_argmax_partial = _LazyKernel(_argmax_partial_kernel)
