@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from checkpoints import make_checkpoint
 from engine_helpers import make_engine, random_prompts
 
-from kvrelay.worker.attention import triton_kernels as tk
+from kvrelay.worker.attention import triton_prefill as tp
 from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.attention.triton_backend import TritonPagedAttention
 from kvrelay.worker.config import EngineConfig
@@ -151,8 +151,8 @@ def test_padding_sequence_reads_nothing_writes_zeros_and_real_rows_are_unchanged
     tables = torch.tensor([[3, 5], [6, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([20, 7, 0, 0, 0], dtype=torch.int32)
     starts = torch.tensor([0, 5, 12, 160, 160, 160], dtype=torch.int32)
-    padded = tk.prefill_attention(q, cache, tables, seq_lens, starts, 0.3)  # [160, H, D]
-    exact = tk.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
+    padded = tp.prefill_attention(q, cache, tables, seq_lens, starts, 0.3)  # [160, H, D]
+    exact = tp.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
     assert torch.equal(padded[:12], exact)
     assert torch.equal(padded[12:], torch.zeros(148, heads, dim))
 

@@ -16,6 +16,7 @@ import torch
 from kvrelay.memory_model.verify.cuda_timing import median_cuda_ms
 
 from ..attention import triton_kernels as tk
+from ..attention import triton_prefill as tp
 from ..attention.triton_backend import TritonPagedAttention
 
 
@@ -133,7 +134,7 @@ def bench_prefill_attention(
     cfg = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
     def run() -> None:
-        tk.prefill_attention(
+        tp.prefill_attention(
             q,
             cache,
             tables,
