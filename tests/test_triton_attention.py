@@ -374,7 +374,9 @@ def test_bench_decode_attention_reports_bandwidth() -> None:
 @pytest.mark.gpu
 def test_prefill_compiles_once_for_any_batch_gpu() -> None:
     """Serving meets a new sequence count and block-table width on many steps; none of them may
-    compile a new kernel variant (a compile stalls every stream of the worker for ~1-2 s)."""
+    compile a new kernel variant (a compile stalls every stream of the worker for ~1-2 s). The
+    mixed path's decode launch (varlen mode) runs in every such step, decodes or not: widths 1
+    and 16 (Triton's integer specializations) must not compile it again either."""
     knobs = pytest.importorskip("triton").knobs
     if not hasattr(knobs.runtime, "jit_cache_hook"):
         pytest.skip("this Triton has no jit_cache_hook")
@@ -385,7 +387,15 @@ def test_prefill_compiles_once_for_any_batch_gpu() -> None:
         return False  # count, then compile as usual
 
     backend = TritonPagedAttention(prefill_impl="triton")
-    batches = [[(17, 17)], [(16, 16), (100, 100)], [(5, 40)] * 16, [(33, 33)] * 17, [(1, 300), (1000, 1000)]]
+    batches = [
+        [(17, 17)],
+        [(16, 16), (100, 100)],
+        [(5, 40)] * 16,
+        [(33, 33)] * 17,
+        [(1, 300), (1000, 1000)],
+        [(3, 3), (1, 5)],  # block-table width 1
+        [(1, 256), (40, 40), (1, 9)],  # width 16
+    ]
     shape = {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "block_size": 16, "dtype": torch.bfloat16}
     run_backend(PagedBatch(batches[0], **shape), backend, 0.125)  # type: ignore[arg-type]
     old = knobs.runtime.jit_cache_hook
@@ -396,4 +406,4 @@ def test_prefill_compiles_once_for_any_batch_gpu() -> None:
             assert rel_err(run_backend(batch, backend, 0.125), batch.reference(0.125)) <= TOL[torch.bfloat16]
     finally:
         knobs.runtime.jit_cache_hook = old
-    assert "_prefill_kernel" not in compiles, compiles
+    assert "_prefill_kernel" not in compiles and "_decode_partial_kernel" not in compiles, compiles
