@@ -72,7 +72,7 @@ class _PrefillGraphsOff:
         self.runner.prefill_graphs = self.saved
 
 
-class _MixedDecodeKernel:
+class MixedDecodeKernel:
     """Runs the block with the Triton backend's ``mixed_decode_kernel`` set to ``on``. Where that
     changes it, the prefill graphs are captured again for the block (a graph keeps the launches it
     captured), and the engine's own graphs and flag come back after. No request may be live:
@@ -191,7 +191,7 @@ def bench_prefill(
         }
         backend = triton_backend(engine)
         if backend is not None and backend.mixed_decode_kernel:
-            with _MixedDecodeKernel(engine, backend, on=False):
+            with MixedDecodeKernel(engine, backend, on=False):
                 old_on = measure_mixed_step(engine, chunk, decodes, context) if pg is not None else None
                 old_off = measure_mixed_step(engine, chunk, decodes, context, graphs=False)
             out["mixed"]["prefill_kernel_graph_ms"] = old_on and 1e3 * old_on
