@@ -1,6 +1,6 @@
 """Steps with prefill chunks: the q_len == 1 sequences through the decode kernel in varlen mode
 and the chunks through the prefill kernel (``mixed_decode_kernel=True``), or everything through
-the prefill kernel (False), both against the float64 dense reference of test_triton_attention.
+the prefill kernel (False), both against the float64 dense reference (attention_helpers.PagedBatch).
 On a CPU-only machine the kernels run in Triton's interpreter at small sizes; the ``gpu`` tests
 use realistic sizes and replay a captured mixed step at another decode/prefill split."""
 
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the import
 pytest.importorskip("triton")
 
-from test_triton_attention import DEVICE, TOL, PagedBatch, rel_err, run_backend
+from attention_helpers import DEVICE, TOL, PagedBatch, rel_err, run_backend
 
 from kvrelay.worker.attention import triton_kernels as tk
 from kvrelay.worker.attention import triton_prefill as tp

@@ -75,8 +75,9 @@ class _PrefillGraphsOff:
 class MixedDecodeKernel:
     """Runs the block with the Triton backend's ``mixed_decode_kernel`` set to ``on``. Where that
     changes it, the prefill graphs are captured again for the block (a graph keeps the launches it
-    captured), and the engine's own graphs and flag come back after. No request may be live:
-    capture overwrites the static block tables."""
+    captured) into the engine's graph pool (the KV pool leaves no room for a second one), and the
+    engine's own graphs and flag come back after. No request may be live: capture overwrites the
+    static block tables."""
 
     def __init__(self, engine: Engine, backend: TritonPagedAttention, on: bool) -> None:
         self.engine, self.backend, self.on = engine, backend, on
@@ -95,6 +96,7 @@ class MixedDecodeKernel:
                 dtype=pg.hidden.dtype,
                 capture=pg.use_graphs,
                 progress=False,
+                pool=pg.pool,
             )
 
     def __exit__(self, *_: object) -> None:
