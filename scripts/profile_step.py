@@ -126,15 +126,11 @@ def analyse(trace: dict[str, Any], iters: int) -> dict[str, Any]:
         "device_busy_us_per_iter": busy / iters,
         "device_idle_us_per_iter": (window - busy) / iters,
         "host_before_first_device_us": (first_start - t0) if first_start is not None else None,
-        "gap_us_per_iter_by_launcher": {
-            k: v / iters for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])
-        },
+        "gap_us_per_iter_by_launcher": {k: v / iters for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])},
         "largest_gaps": sorted(gaps, key=lambda g: -g["us"])[:12],
         "host_phase_us_per_iter": {k: v / iters for k, v in phase_us.items()},
         "kernels_per_iter": sum(kernel_calls.values()) / iters,
-        "top_kernels_us_per_iter": [
-            {"name": n, "us": t / iters, "calls": kernel_calls[n] / iters} for n, t in top
-        ],
+        "top_kernels_us_per_iter": [{"name": n, "us": t / iters, "calls": kernel_calls[n] / iters} for n, t in top],
     }
 
 
@@ -216,11 +212,7 @@ def main() -> None:
         )
     )
     instrument(engine)
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": args.model,
-        "scenarios": [],
-    }
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": args.model, "scenarios": []}
     for b in batches:
         run = decode_scenario(engine, b, args.context, args.steps)
         res = profiled(f"decode_b{b}", run, args.iters, args.trace_dir)
@@ -244,9 +236,7 @@ def main() -> None:
 
         def mixed() -> None:
             engine.add_request(
-                f"mixed-{next(counter)}",
-                [rng.randrange(vocab) for _ in range(chunk)],
-                SamplingParams(max_tokens=1),
+                f"mixed-{next(counter)}", [rng.randrange(vocab) for _ in range(chunk)], SamplingParams(max_tokens=1)
             )
             engine.step()
 
