@@ -88,6 +88,25 @@ def test_greedy_tokens_identical_with_and_without_prefill_graphs() -> None:
     engine.check_integrity()
 
 
+def test_greedy_tokens_identical_with_decode_rows_through_either_kernel() -> None:
+    """Mixed steps (chunks beside decodes, graphed) with the decode rows through the decode kernel
+    (the default) and through the prefill kernel (prefill graphs captured again with it off)."""
+    from kvrelay.worker.bench.prefill import MixedDecodeKernel, triton_backend
+
+    prompts = random_prompts(12, [1, 7, 16, 33, 100, 255, 600], 256, seed=37)
+    engine = gpu_engine(max_num_batched_tokens=256)
+    backend = triton_backend(engine)
+    assert backend is not None and backend.mixed_decode_kernel
+    got = engine.generate(prompts, GREEDY)
+    replays = engine.stats().num_prefill_graph_replays
+    with MixedDecodeKernel(engine, backend, on=False):
+        assert engine.runner.prefill_graphs is not None and not backend.mixed_decode_kernel
+        want = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert replays > 0 and engine.stats().num_eager_steps == 0
+    engine.check_integrity()
+
+
 def test_capture_is_reported_and_oversized_steps_run_eagerly() -> None:
     engine = gpu_engine(prefill_graph_tokens=(16, 64), max_num_batched_tokens=512)
     pg = engine.runner.prefill_graphs

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from checkpoints import make_checkpoint
 from engine_helpers import make_engine, random_prompts
 
-from kvrelay.worker.attention import triton_kernels as tk
+from kvrelay.worker.attention import triton_prefill as tp
 from kvrelay.worker.attention.torch_backend import TorchPagedAttention
 from kvrelay.worker.attention.triton_backend import TritonPagedAttention
 from kvrelay.worker.config import EngineConfig
@@ -36,9 +36,13 @@ GREEDY = SamplingParams(max_tokens=3, ignore_eos=True)
 SMALL: dict[str, Any] = {"max_num_batched_tokens": 64, "max_num_seqs": 8, "num_kv_blocks": 48}
 
 
-def padded_engine(buckets: list[int] | None = None) -> Engine:
-    """Triton attention with every step that has a prefill chunk run through its token bucket."""
+def padded_engine(buckets: list[int] | None = None, *, mixed_decode_kernel: bool = True) -> Engine:
+    """Triton attention with every step that has a prefill chunk run through its token bucket
+    (its decode rows through the decode kernel, or with everything else through the prefill one)."""
     engine = make_engine(attention_backend="triton", device="cpu", **SMALL)
+    backend = next(m.attn_backend for m in engine.model.modules() if hasattr(m, "attn_backend"))
+    assert isinstance(backend, TritonPagedAttention)
+    backend.mixed_decode_kernel = mixed_decode_kernel
     engine.runner.attach_prefill_graphs(
         buckets or default_token_buckets(SMALL["max_num_batched_tokens"]),
         hidden_size=engine.model_config.hidden_size,
@@ -96,11 +100,12 @@ def test_bad_token_buckets_are_refused(tokens: tuple[int, ...], message: str) ->
         EngineConfig(prefill_graph_tokens=tokens)
 
 
-def test_padded_buckets_equal_dense_reference_logits_tokens_and_kv() -> None:
+@pytest.mark.parametrize("mixed_decode_kernel", [True, False], ids=["decode-kernel", "prefill-kernel"])
+def test_padded_buckets_equal_dense_reference_logits_tokens_and_kv(mixed_decode_kernel: bool) -> None:
     """Prefill, mixed (chunk + decodes) and padded steps, then prefix hits, against the torch
     backend's unpadded eager path: same logits, same greedy tokens, the same KV pool bit for bit
     where written and untouched elsewhere."""
-    padded, ref = padded_engine(), make_engine(**SMALL)
+    padded, ref = padded_engine(mixed_decode_kernel=mixed_decode_kernel), make_engine(**SMALL)
     for engine in (padded, ref):  # NaN everywhere: a slot written by a padding row shows up
         for cache in engine.runner.kv_caches:
             cache.fill_(float("nan"))
@@ -151,8 +156,8 @@ def test_padding_sequence_reads_nothing_writes_zeros_and_real_rows_are_unchanged
     tables = torch.tensor([[3, 5], [6, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([20, 7, 0, 0, 0], dtype=torch.int32)
     starts = torch.tensor([0, 5, 12, 160, 160, 160], dtype=torch.int32)
-    padded = tk.prefill_attention(q, cache, tables, seq_lens, starts, 0.3)  # [160, H, D]
-    exact = tk.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
+    padded = tp.prefill_attention(q, cache, tables, seq_lens, starts, 0.3)  # [160, H, D]
+    exact = tp.prefill_attention(q[:12].clone(), cache, tables[:2], seq_lens[:2], starts[:3], 0.3)
     assert torch.equal(padded[:12], exact)
     assert torch.equal(padded[12:], torch.zeros(148, heads, dim))
 

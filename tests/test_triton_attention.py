@@ -14,117 +14,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the import
 pytest.importorskip("triton")
 
+from attention_helpers import DEVICE, TOL, PagedBatch, rel_err, run_backend
+
 from kvrelay.worker.attention import triton_kernels as tk
-from kvrelay.worker.attention.metadata import AttentionMetadata
 from kvrelay.worker.attention.triton_backend import TritonPagedAttention
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-class PagedBatch:
-    """One step's inputs over a NaN-filled paged cache (a read of any slot the step may not
-    read shows up as NaN), plus every sequence's whole context K/V, kept dense for the
-    reference. ``seqs`` holds (query_len, seq_len); seq_len 0 is a decode padding row."""
-
-    def __init__(
-        self,
-        seqs: list[tuple[int, int]],
-        *,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: torch.dtype,
-        seed: int = 0,
-        max_blocks: int | None = None,
-        num_blocks: int | None = None,
-    ) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        data_gen = torch.Generator(DEVICE).manual_seed(seed)
-
-        def randn(*shape: int) -> torch.Tensor:
-            # The offset keeps values away from zero, so a slot left unwritten cannot look right.
-            return (torch.randn(*shape, generator=data_gen, device=DEVICE) + 0.3).to(dtype)
-
-        self.seqs = seqs
-        nblocks = [-(-seq_len // block_size) for _, seq_len in seqs]
-        num_blocks = num_blocks or sum(nblocks) + 3  # spare blocks stay unwritten
-        max_blocks = max_blocks or max(max(nblocks), 1)
-        ids = torch.randperm(num_blocks, generator=gen)  # shuffled, non-contiguous block ids
-        self.block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        self.kv_cache = torch.full(
-            (2, num_blocks, block_size, num_kv_heads, head_dim), math.nan, dtype=dtype, device=DEVICE
-        )
-        self.ctx_k = [randn(seq_len, num_kv_heads, head_dim) for _, seq_len in seqs]
-        self.ctx_v = [randn(seq_len, num_kv_heads, head_dim) for _, seq_len in seqs]
-        self.q = randn(sum(q for q, _ in seqs), num_heads, head_dim)
-        k_new, v_new, slots, used = [], [], [], 0
-        for s, (query_len, seq_len) in enumerate(seqs):
-            table = ids[used : used + nblocks[s]]
-            used += nblocks[s]
-            self.block_tables[s, : nblocks[s]] = table
-            pos = torch.arange(seq_len)
-            seq_slots = (table[pos // block_size] * block_size + pos % block_size).to(DEVICE)
-            prefix = seq_len - query_len
-            flat = self.kv_cache.view(2, -1, num_kv_heads, head_dim)
-            flat[0, seq_slots[:prefix]] = self.ctx_k[s][:prefix]
-            flat[1, seq_slots[:prefix]] = self.ctx_v[s][:prefix]
-            if seq_len == 0:  # padding: its token must not be written anywhere
-                k_new.append(randn(query_len, num_kv_heads, head_dim))
-                v_new.append(randn(query_len, num_kv_heads, head_dim))
-                slots.append(torch.full((query_len,), -1, dtype=torch.int64, device=DEVICE))
-            else:
-                k_new.append(self.ctx_k[s][prefix:])
-                v_new.append(self.ctx_v[s][prefix:])
-                slots.append(seq_slots[prefix:])
-        self.k, self.v = torch.cat(k_new), torch.cat(v_new)
-        query_lens = [q for q, _ in seqs]
-        seq_lens = [n for _, n in seqs]
-        qsl = [0]
-        for n in query_lens:
-            qsl.append(qsl[-1] + n)
-        self.meta = AttentionMetadata(
-            num_seqs=len(seqs),
-            num_tokens=qsl[-1],
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            block_tables=self.block_tables.to(DEVICE),
-            slot_mapping=torch.cat(slots),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
-
-    def reference(self, scale: float) -> torch.Tensor:
-        """[T, H, D] float64: row i of a sequence is position seq_len - query_len + i."""
-        out = torch.zeros(self.q.shape, dtype=torch.float64, device=DEVICE)
-        group = self.q.shape[1] // self.ctx_k[0].shape[1] if self.ctx_k else 1
-        start = 0
-        for s, (query_len, seq_len) in enumerate(self.seqs):
-            rows = slice(start, start + query_len)
-            start += query_len
-            if seq_len == 0:
-                continue
-            q = self.q[rows].double()  # [L, H, D]
-            k = self.ctx_k[s].double().repeat_interleave(group, dim=1)  # [S, H, D]
-            v = self.ctx_v[s].double().repeat_interleave(group, dim=1)
-            scores = torch.einsum("lhd,shd->hls", q, k) * scale
-            pos = torch.arange(query_len, device=DEVICE)[:, None] + (seq_len - query_len)
-            visible = torch.arange(seq_len, device=DEVICE)[None, :] <= pos  # [L, S]
-            probs = scores.masked_fill(~visible, -math.inf).softmax(dim=-1)
-            out[rows] = torch.einsum("hls,shd->lhd", probs, v)
-        return out
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-def run_backend(batch: PagedBatch, backend: TritonPagedAttention, scale: float) -> torch.Tensor:
-    return backend.forward(batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, scale)
-
 
 # ----------------------------------------------------------------------------- CPU / interpreter
 
@@ -374,7 +267,9 @@ def test_bench_decode_attention_reports_bandwidth() -> None:
 @pytest.mark.gpu
 def test_prefill_compiles_once_for_any_batch_gpu() -> None:
     """Serving meets a new sequence count and block-table width on many steps; none of them may
-    compile a new kernel variant (a compile stalls every stream of the worker for ~1-2 s)."""
+    compile a new kernel variant (a compile stalls every stream of the worker for ~1-2 s). The
+    mixed path's decode launch (varlen mode) runs in every such step, decodes or not: widths 1
+    and 16 (Triton's integer specializations) must not compile it again either."""
     knobs = pytest.importorskip("triton").knobs
     if not hasattr(knobs.runtime, "jit_cache_hook"):
         pytest.skip("this Triton has no jit_cache_hook")
@@ -385,7 +280,15 @@ def test_prefill_compiles_once_for_any_batch_gpu() -> None:
         return False  # count, then compile as usual
 
     backend = TritonPagedAttention(prefill_impl="triton")
-    batches = [[(17, 17)], [(16, 16), (100, 100)], [(5, 40)] * 16, [(33, 33)] * 17, [(1, 300), (1000, 1000)]]
+    batches = [
+        [(17, 17)],
+        [(16, 16), (100, 100)],
+        [(5, 40)] * 16,
+        [(33, 33)] * 17,
+        [(1, 300), (1000, 1000)],
+        [(3, 3), (1, 5)],  # block-table width 1
+        [(1, 256), (40, 40), (1, 9)],  # width 16
+    ]
     shape = {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "block_size": 16, "dtype": torch.bfloat16}
     run_backend(PagedBatch(batches[0], **shape), backend, 0.125)  # type: ignore[arg-type]
     old = knobs.runtime.jit_cache_hook
@@ -396,4 +299,4 @@ def test_prefill_compiles_once_for_any_batch_gpu() -> None:
             assert rel_err(run_backend(batch, backend, 0.125), batch.reference(0.125)) <= TOL[torch.bfloat16]
     finally:
         knobs.runtime.jit_cache_hook = old
-    assert "_prefill_kernel" not in compiles, compiles
+    assert "_prefill_kernel" not in compiles and "_decode_partial_kernel" not in compiles, compiles

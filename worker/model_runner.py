@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from .prefill_graph import PrefillGraphRunner
 from .request import Request
 from .scheduler import ScheduledRequest, SchedulerOutput
 from .step_inputs import InputBuffers
+
+if TYPE_CHECKING:  # torch's pool-handle type; not importable at runtime in every torch version
+    from torch.cuda import _POOL_HANDLE as GraphPool
 
 
 @dataclass
@@ -97,10 +101,12 @@ class ModelRunner:
         dtype: torch.dtype,
         capture: bool,
         progress: bool = True,
+        pool: GraphPool | None = None,
     ) -> PrefillGraphRunner:
         """Route steps with prefill chunks of <= max(token_buckets) tokens through padded token
         buckets: captured graphs (capture=True, CUDA), or the same padded forward run eagerly
-        (capture=False: what the CPU tests check). Buckets past max_num_batched_tokens are dropped."""
+        (capture=False: what the CPU tests check). Buckets past max_num_batched_tokens are dropped.
+        ``pool``: capture into an existing graph pool (graphs of one runner never replay at once)."""
         max_tokens = self.buffers.input_ids.shape[0]
         usable = [b for b in token_buckets if b <= max_tokens]
         assert usable, f"no token bucket fits max_num_batched_tokens={max_tokens}"
@@ -111,7 +117,7 @@ class ModelRunner:
             use_graphs=capture,
         )
         if capture:
-            runner.capture(progress=progress)
+            runner.capture(progress=progress, pool=pool)
         self.prefill_graphs = runner
         return runner
 

@@ -10,7 +10,7 @@ input buffers, in one launch.
 **Why one whole graph per bucket, not vLLM v1's piecewise graphs.** Piecewise capture
 (everything but attention in graphs, attention eager between the pieces) exists because
 FlashAttention's varlen launch sizes its grid from host-side lengths. Ours does not: the
-Triton varlen kernel (``attention/triton_kernels.py``, ``prefill_attention``) has the grid
+Triton varlen kernel (``attention/triton_prefill.py``, ``prefill_attention``) has the grid
 ``(num_tokens // BLOCK_Q + num_seqs, num_kv_heads)`` and reads every length
 (``query_start_loc``, ``seq_lens``, the block table) on the device, so with Tb tokens and a
 fixed sequence count it is capturable as is, and the KV write already skips slot -1. A

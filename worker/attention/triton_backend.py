@@ -2,9 +2,11 @@
 
 Decode-only steps (the shape CUDA graphs capture) pick their split count from static
 shapes alone and use a scratch buffer the backend owns, so the decode path allocates
-nothing data-dependent and never syncs with the host. Prefill and mixed steps run the
-varlen Triton kernel, or per-sequence ``scaled_dot_product_attention`` as a cross-check
-(``prefill_impl="sdpa"``).
+nothing data-dependent and never syncs with the host. Steps with prefill chunks run the
+varlen Triton kernel for the chunks and, by default, the decode kernel in varlen mode for the
+sequences that add one token (``mixed_decode_kernel``): two launches with grids from shapes
+only, so the prefill CUDA graphs capture them and replay at any decode/prefill split. Or
+per-sequence ``scaled_dot_product_attention`` as a cross-check (``prefill_impl="sdpa"``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_kernels as tk
+from . import triton_prefill as tp
 from .metadata import AttentionMetadata
 
 _PREFILL_IMPLS = ("triton", "sdpa")
@@ -23,13 +26,19 @@ _CPU_NUM_SMS = 4
 class TritonPagedAttention:
     """Implements ``AttentionBackend``; holds only the decode scratch buffer between calls."""
 
-    def __init__(self, prefill_impl: str = "triton", max_splits: int = 32) -> None:
+    def __init__(
+        self, prefill_impl: str = "triton", max_splits: int = 32, mixed_decode_kernel: bool = True
+    ) -> None:
         if prefill_impl not in _PREFILL_IMPLS:
             raise ValueError(f"prefill_impl must be one of {_PREFILL_IMPLS}, got {prefill_impl!r}")
         if max_splits < 1 or max_splits & (max_splits - 1):
             raise ValueError(f"max_splits must be a power of two >= 1, got {max_splits}")
         self.prefill_impl = prefill_impl
         self.max_splits = max_splits
+        # Steps with prefill chunks: q_len == 1 sequences through the decode kernel (True), or
+        # every sequence through the prefill kernel (False: the single-launch path, kept as the
+        # benchmark's and the tests' comparison). Read at launch: graphs keep what they captured.
+        self.mixed_decode_kernel = mixed_decode_kernel
         # Flat float32 split partials per device, shared by every layer: the layers run one
         # after another on one stream, so a layer's reduce is done before the next writes.
         self._scratch: dict[torch.device, torch.Tensor] = {}
@@ -60,8 +69,20 @@ class TritonPagedAttention:
         if self.prefill_impl == "sdpa":
             return sdpa_prefill(q, kv_cache, meta, scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return tk.prefill_attention(
-            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, out
+        # The two launches write disjoint rows of out; together every row of [0, num_tokens).
+        if self.mixed_decode_kernel:
+            tk.decode_rows_attention(
+                q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, out
+            )
+        return tp.prefill_attention(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale,
+            out,
+            skip_decode_rows=self.mixed_decode_kernel,
         )
 
     def decode(

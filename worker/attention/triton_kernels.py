@@ -2,7 +2,8 @@
 # mypy: disable-error-code="no-untyped-def"
 """Triton kernels of the paged-attention backend, and the launchers that size their grids.
 
-Three jobs, each one launch (decode adds a merge launch when it splits):
+Three jobs, each one launch (decode adds a merge launch when it splits); the prefill kernel
+lives in ``triton_prefill.py`` and shares the attention loop (``_attend_range``) here:
 
 * ``write_kv``: stores this step's K and V at ``slot_mapping`` (slot < 0: padding, skipped).
 * ``decode_attention``: flash-decoding over the paged cache. A program owns one
@@ -13,10 +14,16 @@ Three jobs, each one launch (decode adds a merge launch when it splits):
   splits) and the launch can be captured in a CUDA graph. Each program writes a partial
   (normalized output, base-2 log-sum-exp) and a second kernel merges the splits; with one
   split the program writes the output itself.
-* ``prefill_attention``: varlen flash attention over packed queries with the cached prefix
+* ``prefill_attention`` (``triton_prefill.py``): varlen flash attention over packed queries with the cached prefix
   read through the block table. Query rows are tiled as BLOCK_Q tokens x GROUP_PAD heads of
   one KV head; the flat tile index is mapped back to its sequence by a binary search over
   ``query_start_loc``, so the grid (``num_tokens // BLOCK_Q + num_seqs``) is static too.
+* ``decode_rows_attention``: the decode kernel in varlen mode, for the q_len == 1 sequences of
+  a step that also has prefill chunks (program per (sequence, KV head); any other sequence
+  returns at once), while ``prefill_attention(skip_decode_rows=True)`` takes the rest. A
+  decode row in the prefill kernel gets a whole BLOCK_M tile with GROUP of its rows live and
+  walks its context serially: on an H200 that read 64 x 512-token decodes at ~1.15 TB/s
+  where the decode kernel reaches ~3.1 TB/s.
 
 All softmax math is float32 in base 2 (``qk_scale`` already holds ``scale * log2(e)``).
 Cache addresses are computed in int64: ``block_id * stride`` overflows int32 on large caches.
@@ -213,15 +220,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 # --------------------------------------------------------------------------- decode
 
 
-@triton.jit
+# The block-table width varies between eager steps (and is 1 or a multiple of 16 now and then):
+# specialized, each would compile a variant mid-serving (see _prefill_kernel).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
-    q_ptr,  # [B, H, D]
+    q_ptr,  # [B, H, D]; VARLEN: [T, H, D], sequence b's query at token row query_start_loc[b]
     cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
+    query_start_loc_ptr,  # VARLEN: [B + 1] int32; otherwise unread
     part_out_ptr,  # [B, H, NUM_SPLITS, D] float32
     part_lse_ptr,  # [B, H, NUM_SPLITS] float32
-    out_ptr,  # [B, H, D]: written here directly when NUM_SPLITS == 1
+    out_ptr,  # [B, H, D] (VARLEN: [T, H, D]): written here directly when NUM_SPLITS == 1
     qk_scale,
     stride_qt,
     stride_qh,
@@ -238,6 +248,7 @@ def _decode_partial_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    VARLEN: tl.constexpr,  # packed [T, H, D] rows of a mixed step; only q_len == 1 sequences
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -245,6 +256,17 @@ def _decode_partial_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
+    if VARLEN:
+        row = tl.load(query_start_loc_ptr + seq)  # the sequence's first (only) query row
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - row
+    else:
+        row = seq
+        q_len = 1
+    # Prompt chunks are the prefill kernel's; q_len 0 is a prefill graph's spare sequence row.
+    # (A top-level early return, as in _prefill_kernel; without VARLEN the test folds away.)
+    if q_len != 1:
+        return
+    row = row.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     # Splits are whole BLOCK_N tiles; trailing splits of a short sequence get nothing.
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -255,7 +277,7 @@ def _decode_partial_kernel(
     g_mask = g < GROUP
     head = kv_head * GROUP + g
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None])
+    q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None])
     q = q.to(cache_ptr.dtype.element_ty)  # [GROUP_PAD, D]
     k_base = cache_ptr + kv_head * stride_ch
     v_base = k_base + stride_ckv
@@ -274,12 +296,12 @@ def _decode_partial_kernel(
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     if NUM_SPLITS == 1:  # nothing to merge: skip the reduce launch
-        o_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :]
+        o_ptrs = out_ptr + row * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
-        row = (seq * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        part = (seq * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=g_mask)
 
 
 @triton.jit
@@ -344,32 +366,100 @@ def decode_attention(
     """One query token per sequence. The launch reads no tensor contents on the host and
     allocates nothing data-dependent, so it is safe inside CUDA-graph capture."""
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    _check_cache(kv_cache, head_dim)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, f"num_splits {num_splits}"
-    assert q.stride(-1) == 1 and block_tables.stride(-1) == 1, (q.stride(), block_tables.stride())
     assert seq_lens.shape == (num_seqs,) and block_tables.shape[0] == num_seqs
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    block_n = block_n or decode_block_n(block_size, head_dim)
-    assert block_n % block_size == 0, (block_n, block_size)
-    num_warps = num_warps or DECODE_NUM_WARPS
-    num_stages = num_stages or _decode_num_stages(kv_cache.dtype)
     rows = num_seqs * num_heads * num_splits
     # One split writes the output directly and needs no scratch.
     assert num_splits == 1 or scratch.numel() >= rows * (head_dim + 1), (scratch.shape, rows)
     assert scratch.dtype == torch.float32, scratch.dtype
     part_out = scratch[: rows * head_dim]
     part_lse = scratch[rows * head_dim : rows * (head_dim + 1)]
-    _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _launch_decode(
+        q, kv_cache, block_tables, seq_lens, None, part_out, part_lse, out, scale, num_splits,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits == 1:
+        return out
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        num_warps=4 if head_dim * num_splits >= 4096 else 2,
+    )
+    return out
+
+
+def decode_rows_attention(
+    q: torch.Tensor,  # [T, H, D]: a mixed step's packed query rows
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    scale: float,
+    out: torch.Tensor,  # [T, H, D]: only the rows of q_len == 1 sequences are written
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """The decode kernel over the q_len == 1 sequences of a varlen step; every other sequence's
+    program returns at once. Grid (S, Hkv, 1) from shapes only, so a prefill graph captured at
+    one decode/prefill split replays correctly at any other.
+
+    One split, no scratch and no reduce launch: the prefill kernel beside it does not split
+    either, and the decode-only path already picks one split from 64 sequences on an H200
+    (``num_decode_splits``); a step with only a few decodes has little decode KV to read."""
+    num_seqs = seq_lens.shape[0]
+    assert q.shape == out.shape, (q.shape, out.shape)
+    assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
+    # The partial pointers are never read with one split: out stands in for them.
+    _launch_decode(
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, out, out, scale, 1,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _launch_decode(
+    q: torch.Tensor,  # [B, H, D], or [T, H, D] with query_start_loc
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,  # [B] int32: the grid's first axis
+    query_start_loc: torch.Tensor | None,  # [B + 1] int32: varlen mode
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    *,
+    block_n: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    _check_cache(kv_cache, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert q.stride(-1) == 1 and block_tables.stride(-1) == 1, (q.stride(), block_tables.stride())
+    group = num_heads // num_kv_heads
+    block_n = block_n or decode_block_n(block_size, head_dim)
+    assert block_n % block_size == 0, (block_n, block_size)
+    _decode_partial_kernel[(seq_lens.shape[0], num_kv_heads, num_splits)](
         q,
         kv_cache,
         block_tables,
         seq_lens,
+        seq_lens if query_start_loc is None else query_start_loc,  # unread without VARLEN
         part_out,
         part_lse,
         out,
@@ -390,200 +480,12 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        VARLEN=query_start_loc is not None,
         DOT_PRECISION=_dot_precision(kv_cache.dtype),
         INTERPRET=_interpreting(),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps or DECODE_NUM_WARPS,
+        num_stages=num_stages or _decode_num_stages(kv_cache.dtype),
     )
-    if num_splits == 1:
-        return out
-    _decode_reduce_kernel[(num_seqs, num_heads)](
-        part_out,
-        part_lse,
-        out,
-        out.stride(0),
-        out.stride(1),
-        HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
-        num_warps=4 if head_dim * num_splits >= 4096 else 2,
-    )
-    return out
-
-
-# --------------------------------------------------------------------------- prefill
-
-
-@triton.jit
-def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
-    # The largest s with query_start_loc[s] // BLOCK_Q + s <= tile. That key is strictly
-    # increasing in s and leaves each sequence >= cdiv(query_len, BLOCK_Q) tile slots.
-    # Annotated: loop-carried values must be int32 tensors even when num_seqs arrives as
-    # the constexpr 1 (Triton specializes integer arguments equal to 1).
-    lo: tl.int32 = 0
-    hi: tl.int32 = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-
-# The batch's sequence count and block-table width vary step to step: specialized (Triton keys
-# integers on == 1 and % 16), each new combination would compile a variant in the middle of
-# serving, seconds of stall the first time a step batches several prompts.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
-def _prefill_kernel(
-    q_ptr,  # [T, H, D]
-    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
-    block_tables_ptr,  # [num_seqs, max_blocks] int32
-    seq_lens_ptr,  # [num_seqs] int32
-    query_start_loc_ptr,  # [num_seqs + 1] int32
-    out_ptr,  # [T, H, D]
-    qk_scale,
-    num_seqs,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_ckv,
-    stride_cb,
-    stride_ct,
-    stride_ch,
-    stride_bt,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_PAD
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    t0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
-    if t0 >= q_len:  # a spare tile slot of this sequence
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    prefix = seq_len - q_len  # absolute position of query row 0
-
-    r = tl.arange(0, BLOCK_M)
-    t = t0 + r // GROUP_PAD  # query row within the sequence
-    g = r % GROUP_PAD
-    row_mask = (t < q_len) & (g < GROUP)
-    head = kv_head * GROUP + g
-    d = tl.arange(0, HEAD_DIM)
-    token = (q_start + t).to(tl.int64)
-    q = tl.load(
-        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_mask[:, None]
-    )
-    q = q.to(cache_ptr.dtype.element_ty)  # [BLOCK_M, D]
-    q_pos = prefix + t  # [BLOCK_M]; rows past q_len have q_pos >= seq_len and are never stored
-    kv_end = tl.minimum(seq_len, prefix + t0 + BLOCK_Q)  # one past the tile's last visible key
-    k_base = cache_ptr + kv_head * stride_ch
-    v_base = k_base + stride_ckv
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys before the tile's first query position are visible to every row: no causal mask
-    # there. The masked part starts at or before that position, which every row sees, so no
-    # row's running max is still -inf after its first tile.
-    # Clamped at 0 for the prefill graphs' padding sequence (context 0, so prefix < 0): its rows
-    # then attend over no key and store zeros, reading no block-table entry or KV.
-    full_end = tl.maximum((prefix + t0 + 1) // BLOCK_N * BLOCK_N, 0)
-    m_i, l_i, acc = _attend_range(
-        q, m_i, l_i, acc, q_pos, 0, full_end, k_base, v_base, table, qk_scale, stride_cb,
-        stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, INTERPRET,
-    )  # fmt: skip
-    m_i, l_i, acc = _attend_range(
-        q, m_i, l_i, acc, q_pos, full_end, kv_end, k_base, v_base, table, qk_scale, stride_cb,
-        stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, INTERPRET,
-    )  # fmt: skip
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
-
-
-def prefill_attention(
-    q: torch.Tensor,  # [T, H, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
-    scale: float,
-    out: torch.Tensor | None = None,
-    *,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int | None = None,
-) -> torch.Tensor:
-    """Causal varlen attention: query row i of sequence s sits at position
-    ``seq_lens[s] - query_len[s] + i``. The grid needs only T and num_seqs.
-
-    Tile defaults, from an H200 sweep at 4 x 4096-token bf16 prompts (~300 TFLOP/s, about
-    half of dense FlashAttention-2 there): 128 query rows x 64 keys with 3 stages; float32
-    uses 64 rows and 2 stages to fit shared memory."""
-    half = kv_cache.dtype.itemsize <= 2
-    block_m = block_m or (128 if half else 64)
-    block_n = block_n or 64
-    num_stages = num_stages or (3 if half else 2)
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    _check_cache(kv_cache, head_dim)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert q.stride(-1) == 1 and block_tables.stride(-1) == 1, (q.stride(), block_tables.stride())
-    num_seqs = seq_lens.shape[0]
-    assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
-    if out is None:
-        out = torch.empty_like(q)
-    if num_tokens == 0 or num_seqs == 0:
-        return out
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    block_q = max(1, block_m // group_pad)
-    block_n = max(block_n, block_size)
-    assert block_n % block_size == 0, (block_n, block_size)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    _prefill_kernel[grid](
-        q,
-        kv_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        out,
-        scale * _LOG2E,
-        num_seqs,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        kv_cache.stride(2),
-        kv_cache.stride(3),
-        block_tables.stride(0),
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_q * group_pad,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(kv_cache.dtype),
-        INTERPRET=_interpreting(),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
 
 
 def num_decode_splits(

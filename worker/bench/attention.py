@@ -2,7 +2,8 @@
 
 Decode attention is memory bound: each step reads every cached K/V byte of the batch
 once. The figure of merit is achieved bytes/s over what ``dst.copy_(src)`` reaches on the
-same GPU (counted as bytes read + written). Run: ``python -m kvrelay.worker.bench.attention``.
+same GPU (counted as bytes read + written). Run: ``python -m kvrelay.worker.bench.attention``;
+``--mixed --batch 64 --context 512 --chunk 256`` times a mixed step's attention both ways.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from kvrelay.memory_model.verify.cuda_timing import median_cuda_ms
 
 from ..attention import triton_kernels as tk
+from ..attention import triton_prefill as tp
 from ..attention.triton_backend import TritonPagedAttention
 
 
@@ -133,7 +135,7 @@ def bench_prefill_attention(
     cfg = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
     def run() -> None:
-        tk.prefill_attention(
+        tp.prefill_attention(
             q,
             cache,
             tables,
@@ -162,6 +164,76 @@ def bench_prefill_attention(
         f"prefill {num_seqs}x{prompt} H={num_heads}/{num_kv_heads} D={head_dim}: triton "
         f"{triton_ms:.2f} ms ({result['triton_tflops']:.0f} TFLOP/s), dense SDPA {sdpa_ms:.2f} ms "
         f"({result['sdpa_tflops']:.0f} TFLOP/s) {cfg}"
+    )
+    return result
+
+
+def bench_mixed_attention(
+    chunk: int = 256,
+    decodes: int = 64,
+    context: int = 512,
+    num_heads: int = 32,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    iters: int = 50,
+) -> dict[str, float]:
+    """One layer's attention of a mixed step (no KV write): a fresh ``chunk``-token prompt beside
+    ``decodes`` sequences decoding at ``context``, in a CUDA graph, both ways: the decode rows
+    through the decode kernel plus the chunk through the prefill kernel (the backend's
+    ``mixed_decode_kernel=True``), and everything through the prefill kernel (False). GB/s counts
+    the decode rows' KV, which dominates the bytes."""
+    device = torch.device("cuda")
+    blocks_per_seq = -(-max(chunk, context) // block_size)
+    elem = torch.finfo(dtype).bits // 8
+    decode_kv_bytes = 2 * decodes * context * num_kv_heads * head_dim * elem
+    # As in bench_decode_attention: successive steps read disjoint blocks, so the decodes' K/V
+    # does not stay in L2 between steps as it would not across a model's layers.
+    copies = max(1, min(16, -(-(512 << 20) // max(decode_kv_bytes, 1))))
+    num_seqs = decodes + 1
+    num_blocks = copies * num_seqs * blocks_per_seq
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    tables = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(
+        copies, num_seqs, blocks_per_seq
+    )
+    # Sequence 0 is the chunk (query rows 0..chunk-1), then one row per decode.
+    seq_lens = torch.tensor([chunk] + [context] * decodes, dtype=torch.int32, device=device)
+    qsl = torch.tensor([0, *range(chunk, chunk + decodes + 1)], dtype=torch.int32, device=device)
+    q = torch.randn(chunk + decodes, num_heads, head_dim, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    scale = head_dim**-0.5
+
+    def step(i: int, decode: bool, prefill: bool) -> Callable[[], object]:
+        """Step i's launches (disjoint blocks per i): the decode rows' launch and/or the prefill
+        launch, which leaves the decode rows alone exactly when the decode launch runs."""
+
+        def run() -> None:
+            if decode:
+                tk.decode_rows_attention(q, cache, tables[i], seq_lens, qsl, scale, out)
+            if prefill:
+                tp.prefill_attention(q, cache, tables[i], seq_lens, qsl, scale, out, skip_decode_rows=decode)
+
+        return run
+
+    mixed_ms = _graph_step_ms([step(i, True, True) for i in range(copies)], iters)
+    prefill_ms = _graph_step_ms([step(i, False, True) for i in range(copies)], iters)
+    decode_rows_ms = _graph_step_ms([step(i, True, False) for i in range(copies)], iters)
+    result = {
+        "mixed_ms": mixed_ms,
+        "prefill_kernel_ms": prefill_ms,
+        "speedup": prefill_ms / mixed_ms,
+        "decode_rows_ms": decode_rows_ms,
+        "decode_kv_gbps": decode_kv_bytes / mixed_ms / 1e6,
+        "prefill_kernel_decode_kv_gbps": decode_kv_bytes / prefill_ms / 1e6,
+        "decode_rows_gbps": decode_kv_bytes / decode_rows_ms / 1e6,
+    }
+    print(
+        f"mixed attention chunk={chunk} + {decodes} decodes at ctx={context} H={num_heads}/{num_kv_heads} "
+        f"D={head_dim} bs={block_size} {dtype}: decode+prefill kernels {mixed_ms * 1e3:.1f} us "
+        f"({result['decode_kv_gbps']:.0f} GB/s of decode KV; decode launch alone {decode_rows_ms * 1e3:.1f} us, "
+        f"{result['decode_rows_gbps']:.0f} GB/s), prefill kernel only {prefill_ms * 1e3:.1f} us "
+        f"({result['prefill_kernel_decode_kv_gbps']:.0f} GB/s): {result['speedup']:.2f}x"
     )
     return result
 
@@ -217,8 +289,19 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="sweep launch configs at each shape")
     parser.add_argument("--prefill", action="store_true", help="time the prefill kernel instead")
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="time a mixed step's attention (--chunk beside --batch decodes at --context) both ways",
+    )
+    parser.add_argument("--chunk", type=int, nargs="+", default=[256])
     args = parser.parse_args()
     shapes = [(batch, context) for batch in args.batch for context in args.context]
+    if args.mixed:
+        for chunk in args.chunk:
+            for batch, context in shapes:
+                bench_mixed_attention(chunk=chunk, decodes=batch, context=context, block_size=args.block_size)
+        return
     if args.prefill:
         bench_prefill_attention(block_size=args.block_size)
         return

@@ -9,7 +9,10 @@ token-bucket prefill graphs (worker/prefill_graph.py) and without, side by side 
   bf16 matmul rate.
 
 Graphs off means the same engine with its prefill graphs detached (same weights, KV pool and
-requests); decode-only steps keep their decode graphs either way.
+requests); decode-only steps keep their decode graphs either way. With the Triton backend the
+mixed step is also timed with ``mixed_decode_kernel`` off (every sequence through the prefill
+kernel, the path before issue 16), its prefill graphs captured again for that, so the
+before/after is a ratio from one run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..attention.triton_backend import TritonPagedAttention
 from ..engine import Engine
 from ..model.config import ModelConfig
 from ..sampling_params import SamplingParams
@@ -66,6 +70,47 @@ class _PrefillGraphsOff:
 
     def __exit__(self, *_: object) -> None:
         self.runner.prefill_graphs = self.saved
+
+
+class MixedDecodeKernel:
+    """Runs the block with the Triton backend's ``mixed_decode_kernel`` set to ``on``. Where that
+    changes it, the prefill graphs are captured again for the block (a graph keeps the launches it
+    captured) into the engine's graph pool (the KV pool leaves no room for a second one), and the
+    engine's own graphs and flag come back after. No request may be live: capture overwrites the
+    static block tables."""
+
+    def __init__(self, engine: Engine, backend: TritonPagedAttention, on: bool) -> None:
+        self.engine, self.backend, self.on = engine, backend, on
+        self.saved_flag, self.saved_graphs = backend.mixed_decode_kernel, engine.runner.prefill_graphs
+
+    def __enter__(self) -> None:
+        if self.on == self.saved_flag:
+            return
+        assert not self.engine.requests, list(self.engine.requests)
+        self.backend.mixed_decode_kernel = self.on
+        pg = self.saved_graphs
+        if pg is not None:
+            self.engine.runner.attach_prefill_graphs(
+                pg.buckets,
+                hidden_size=pg.hidden.shape[1],
+                dtype=pg.hidden.dtype,
+                capture=pg.use_graphs,
+                progress=False,
+                pool=pg.pool,
+            )
+
+    def __exit__(self, *_: object) -> None:
+        self.backend.mixed_decode_kernel = self.saved_flag
+        self.engine.runner.prefill_graphs = self.saved_graphs
+
+
+def triton_backend(engine: Engine) -> TritonPagedAttention | None:
+    """The engine's attention backend where it is the Triton one (every layer shares one)."""
+    for module in engine.model.modules():
+        backend = getattr(module, "attn_backend", None)
+        if backend is not None:
+            return backend if isinstance(backend, TritonPagedAttention) else None
+    return None
 
 
 def measure_ttft(engine: Engine, prompt_len: int, repeats: int = 5, *, graphs: bool = True) -> float:
@@ -146,6 +191,13 @@ def bench_prefill(
             "decode_ms": 1e3 * decode,
             "chunk_floor_ms": 1e3 * prefill_flops(engine.model_config, chunk) / flop_rate,
         }
+        backend = triton_backend(engine)
+        if backend is not None and backend.mixed_decode_kernel:
+            with MixedDecodeKernel(engine, backend, on=False):
+                old_on = measure_mixed_step(engine, chunk, decodes, context) if pg is not None else None
+                old_off = measure_mixed_step(engine, chunk, decodes, context, graphs=False)
+            out["mixed"]["prefill_kernel_graph_ms"] = old_on and 1e3 * old_on
+            out["mixed"]["prefill_kernel_eager_ms"] = 1e3 * old_off
     return out
 
 
@@ -176,3 +228,11 @@ def print_prefill(m: dict[str, Any]) -> None:
             f"{mx['decode_ms']:.3f} ms + chunk floor {mx['chunk_floor_ms']:.3f} ms = {bound:.3f} ms "
             f"(mixed / that: {best / bound:.2f}x)"
         )
+        if "prefill_kernel_eager_ms" in mx:
+            old = mx["prefill_kernel_graph_ms"] or mx["prefill_kernel_eager_ms"]
+            og = f"{mx['prefill_kernel_graph_ms']:.3f}" if mx["prefill_kernel_graph_ms"] else "-"
+            print(
+                f"  mixed step, decodes through the prefill kernel (before issue 16): graph {og} ms, "
+                f"eager {mx['prefill_kernel_eager_ms']:.3f} ms (mixed / bound: {old / bound:.2f}x; "
+                f"decode kernel saves {old / best:.2f}x)"
+            )
